@@ -1,0 +1,38 @@
+//! The paged KV cache: per layer, K and V of shape `[num_blocks, block_size, kv_heads, head_dim]`,
+//! written at the slots the router chose (`slot = block * block_size + offset`).
+
+use crate::config::ModelConfig;
+
+pub struct KvCache {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// One (K, V) pair per layer, each `num_blocks * block_size * kv_heads * head_dim` f32.
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl KvCache {
+    /// Bytes one token slot takes over all layers (K and V, f32).
+    pub fn bytes_per_slot(config: &ModelConfig) -> usize {
+        config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+    }
+
+    pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+        let n = num_blocks * block_size * config.num_key_value_heads * config.head_dim;
+        Self {
+            num_blocks,
+            block_size,
+            kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            // Zeroed allocations come from calloc: pages are only touched when written.
+            layers: (0..config.num_hidden_layers)
+                .map(|_| (vec![0f32; n], vec![0f32; n]))
+                .collect(),
+        }
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}
