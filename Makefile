@@ -1,0 +1,26 @@
+# wick's two entry points: `make serve` (the default model) and `make test` (everything CI runs).
+
+MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
+UDS ?= /tmp/wick-server
+
+.PHONY: serve test model build fmt lint
+
+model:
+	scripts/fetch-model.sh
+
+build:
+	cargo build --release
+
+serve: model build
+	./target/release/wick-shard serve --model-id $(MODEL) --uds-path $(UDS)
+
+test: model
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo test --workspace
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo clippy --workspace --all-targets -- -D warnings
