@@ -3,6 +3,9 @@
 
 use crate::config::ModelConfig;
 
+/// K and V of every layer, in blocks of `block_size` token slots. The attention
+/// ([`crate::attention`]) writes a step's K/V at the slots the router chose and reads a sequence
+/// back through its block table.
 pub struct KvCache {
     pub num_blocks: usize,
     pub block_size: usize,
@@ -18,6 +21,7 @@ impl KvCache {
         config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
     }
 
+    /// A zeroed cache of `num_blocks` blocks of `block_size` slots for every layer of `config`.
     pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
         let n = num_blocks * block_size * config.num_key_value_heads * config.head_dim;
         Self {
@@ -32,6 +36,7 @@ impl KvCache {
         }
     }
 
+    /// Token slots per layer: `num_blocks * block_size`.
     pub fn num_slots(&self) -> usize {
         self.num_blocks * self.block_size
     }
