@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "wick-bench", version, about = "Latency and throughput of wick shards")]
+#[command(
+    name = "wick-bench",
+    version,
+    about = "Latency and throughput of wick shards"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -19,7 +19,12 @@ use crate::stats::Summary;
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct ShardArgs {
     /// Socket of the rank-0 shard; the other ranks are found through ServiceDiscovery.
-    #[arg(short = 'm', long, env = "MASTER_SHARD_UDS_PATH", default_value = "/tmp/wick-server-0")]
+    #[arg(
+        short = 'm',
+        long,
+        env = "MASTER_SHARD_UDS_PATH",
+        default_value = "/tmp/wick-server-0"
+    )]
     pub master_shard_uds_path: String,
     /// Batch sizes to measure (repeat the flag or separate with commas).
     #[arg(short = 'b', long = "batch-size", value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16, 32])]
@@ -95,7 +100,12 @@ impl Shards {
     }
 
     async fn clear(&mut self) -> anyhow::Result<()> {
-        try_join_all(self.0.iter_mut().map(|c| c.clear_cache(ClearCacheRequest { id: None }))).await?;
+        try_join_all(
+            self.0
+                .iter_mut()
+                .map(|c| c.clear_cache(ClearCacheRequest { id: None })),
+        )
+        .await?;
         Ok(())
     }
 

@@ -1,1 +1,564 @@
-//! TODO
+//! The shard's gRPC edge (`generate.v1`): proto ↔ engine conversions, the engine on its own
+//! thread, and the server on the unix socket `{uds_path}-{rank}`.
+//!
+//! Candle compute never runs on a tokio worker: every engine call is a job sent to the engine
+//! thread, answered over a oneshot channel.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+use wick_proto::v1 as pb;
+use wick_proto::v1::text_generation_service_server::{
+    TextGenerationService, TextGenerationServiceServer,
+};
+
+use candle_core::DType;
+
+use crate::engine::{
+    CachedBatchInfo, Engine, EngineError, EngineOptions, Generation, NewRequest, StepOutput,
+    TokenOut, WarmupLimits,
+};
+use crate::model::LlamaModel;
+use crate::sampling::SamplingParams;
+use crate::source;
+use crate::stopping::{FinishReason, StoppingParams};
+use crate::weights::LoadOptions;
+
+/// Largest gRPC message the shard accepts or sends: `Info` carries the whole tokenizer.
+pub const MAX_MESSAGE_SIZE: usize = wick_proto::MAX_MESSAGE_SIZE;
+
+/// The socket of shard `rank`: `{base}-{rank}`.
+pub fn uds_for_rank(base: impl AsRef<Path>, rank: u32) -> PathBuf {
+    let mut path = base.as_ref().as_os_str().to_owned();
+    path.push(format!("-{rank}"));
+    PathBuf::from(path)
+}
+
+/// Everything a shard needs to start.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// A Hub id, a folder in Hugging Face layout or a `.gguf` file.
+    pub model_id: String,
+    pub revision: Option<String>,
+    /// Socket base path: this shard listens on `{uds_path}-{rank}`.
+    pub uds_path: PathBuf,
+    pub rank: u32,
+    pub world_size: u32,
+    /// The Hub cache folder (`None` = hf-hub's default).
+    pub hub_cache: Option<PathBuf>,
+    /// Never reach the Hub; use the cache only.
+    pub offline: bool,
+    pub load: LoadOptions,
+    /// Bytes of KV cache to allocate.
+    pub kv_cache_bytes: usize,
+    /// Token slots per KV block.
+    pub block_size: usize,
+}
+
+/// Facts `Info` reports; gathered once when the model loads.
+#[derive(Debug, Clone, Default)]
+pub struct ShardInfo {
+    pub model_id: String,
+    pub architecture: String,
+    pub dtype: String,
+    pub device_type: String,
+    /// Weight format of the linear layers ("f32", "f16", "q8_0", ...).
+    pub quantize: String,
+    pub vocab_size: u32,
+    pub max_position_embeddings: u32,
+    pub window_size: Option<u32>,
+    pub block_size: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    /// The tokenizer in `tokenizer.json` form.
+    pub tokenizer_json: String,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Base path of the sockets (without the `-{rank}` suffix).
+    pub uds_path: PathBuf,
+    pub rank: u32,
+    pub world_size: u32,
+}
+
+type Job = Box<dyn FnOnce(&mut Engine) + Send>;
+
+/// The engine's own thread and the channel to it. Cloning shares the same thread; the thread
+/// ends when every handle is dropped.
+#[derive(Clone)]
+pub struct EngineHandle {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl EngineHandle {
+    /// Moves `engine` onto a new thread that runs jobs one at a time.
+    pub fn spawn(engine: Engine) -> std::io::Result<Self> {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("wick-engine".into())
+            .spawn(move || {
+                let mut engine = engine;
+                while let Ok(job) = rx.recv() {
+                    // A panicking job must not take the shard down: its caller gets an error
+                    // (its reply sender is dropped) and the next job runs.
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut engine))).is_err() {
+                        tracing::error!("engine job panicked");
+                    }
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `f` on the engine thread and waits for its result without blocking the runtime.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Engine) -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |engine: &mut Engine| {
+                // The caller may have gone (request cancelled); the result is then dropped.
+                let _ = tx.send(f(engine));
+            }))
+            .map_err(|_| Status::unavailable("the engine thread has stopped"))?;
+        rx.await
+            .map_err(|_| Status::internal("the engine failed while running this call"))
+    }
+}
+
+/// The `generate.v1` service over one engine.
+pub struct ShardService {
+    engine: EngineHandle,
+    info: ShardInfo,
+}
+
+impl ShardService {
+    pub fn new(engine: EngineHandle, info: ShardInfo) -> Self {
+        Self { engine, info }
+    }
+
+    /// The tonic server for this service, with message limits large enough for `Info`.
+    pub fn into_server(self) -> TextGenerationServiceServer<Self> {
+        TextGenerationServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+}
+
+fn status(e: EngineError) -> Status {
+    match e {
+        EngineError::BatchNotFound(_) => Status::not_found(e.to_string()),
+        EngineError::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
+        EngineError::OutOfMemory(_) => Status::resource_exhausted(e.to_string()),
+        EngineError::Model(_) | EngineError::Tokenizer(_) => Status::internal(e.to_string()),
+    }
+}
+
+/// Zero means "off" for the multiplicative parameters.
+fn or_one(x: f32) -> f32 {
+    if x == 0.0 {
+        1.0
+    } else {
+        x
+    }
+}
+
+fn sampling_params(p: Option<pb::NextTokenChooserParameters>) -> SamplingParams {
+    let p = p.unwrap_or_default();
+    SamplingParams {
+        temperature: or_one(p.temperature),
+        top_k: p.top_k,
+        top_p: or_one(p.top_p),
+        typical_p: or_one(p.typical_p),
+        do_sample: p.do_sample,
+        seed: p.seed,
+        repetition_penalty: or_one(p.repetition_penalty),
+        frequency_penalty: p.frequency_penalty,
+        presence_penalty: p.presence_penalty,
+    }
+}
+
+/// Converts a proto request on the engine thread (it may need the tokenizer).
+fn new_request(engine: &Engine, r: pb::Request) -> Result<NewRequest, EngineError> {
+    let params = r.parameters.unwrap_or_default();
+    if params.grammar_type != pb::GrammarType::None as i32 || !params.grammar.is_empty() {
+        return Err(EngineError::InvalidRequest(format!(
+            "request {}: grammars are not supported",
+            r.id
+        )));
+    }
+    let mut input_ids = if r.input_ids.is_empty() {
+        engine.tokenize(&r.inputs, r.add_special_tokens)?
+    } else {
+        r.input_ids
+    };
+    let truncate = r.truncate as usize;
+    if truncate > 0 && input_ids.len() > truncate {
+        input_ids.drain(..input_ids.len() - truncate);
+    }
+    let stopping = r.stopping_parameters.unwrap_or_default();
+    Ok(NewRequest {
+        id: r.id,
+        input_ids,
+        sampling: sampling_params(Some(params)),
+        stopping: StoppingParams {
+            max_new_tokens: stopping.max_new_tokens,
+            stop_sequences: stopping.stop_sequences,
+            ignore_eos: stopping.ignore_eos_token,
+        },
+        prefill_logprobs: r.prefill_logprobs,
+        top_n_tokens: r.top_n_tokens,
+        blocks: r.blocks,
+        slots: r.slots,
+        cache_len: r.cache_len,
+        chunk_len: r.chunk_len,
+    })
+}
+
+fn new_requests(engine: &Engine, batch: pb::Batch) -> Result<Vec<NewRequest>, EngineError> {
+    batch
+        .requests
+        .into_iter()
+        .map(|r| new_request(engine, r))
+        .collect()
+}
+
+fn tokens(ts: &[TokenOut]) -> pb::Tokens {
+    pb::Tokens {
+        ids: ts.iter().map(|t| t.id).collect(),
+        logprobs: ts.iter().map(|t| t.logprob).collect(),
+        texts: ts.iter().map(|t| t.text.clone()).collect(),
+        is_special: ts.iter().map(|t| t.special).collect(),
+    }
+}
+
+fn finish_reason(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Length => pb::FinishReason::Length,
+        FinishReason::EosToken => pb::FinishReason::EosToken,
+        FinishReason::StopSequence => pb::FinishReason::StopSequence,
+    }
+}
+
+fn generation(g: Generation) -> pb::Generation {
+    pb::Generation {
+        request_id: g.request_id,
+        prefill_tokens: g.prefill.as_deref().map(tokens),
+        tokens: Some(tokens(std::slice::from_ref(&g.token))),
+        generated_text: g.finished.map(|f| pb::GeneratedText {
+            text: f.text,
+            generated_tokens: f.generated_tokens,
+            finish_reason: finish_reason(f.reason) as i32,
+            seed: f.seed,
+        }),
+        // One entry per generated token; none when no alternatives were asked for.
+        top_tokens: if g.top_tokens.is_empty() {
+            Vec::new()
+        } else {
+            vec![tokens(&g.top_tokens)]
+        },
+    }
+}
+
+fn cached_batch(b: CachedBatchInfo) -> pb::CachedBatch {
+    pb::CachedBatch {
+        id: b.id,
+        request_ids: b.request_ids,
+        size: b.size,
+        max_tokens: b.max_tokens,
+        current_tokens: b.current_tokens,
+    }
+}
+
+/// The parts of a prefill or decode response.
+struct StepParts {
+    generations: Vec<pb::Generation>,
+    batch: Option<pb::CachedBatch>,
+    forward_ns: u64,
+    decode_ns: u64,
+    total_ns: u64,
+    concat_ns: Option<u64>,
+}
+
+impl From<StepOutput> for StepParts {
+    fn from(out: StepOutput) -> Self {
+        Self {
+            generations: out.generations.into_iter().map(generation).collect(),
+            batch: out.batch.map(cached_batch),
+            forward_ns: out.forward_ns,
+            decode_ns: out.decode_ns,
+            total_ns: out.total_ns,
+            concat_ns: out.concat_ns,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TextGenerationService for ShardService {
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let i = &self.info;
+        Ok(Response::new(pb::InfoResponse {
+            requires_padding: false,
+            dtype: i.dtype.clone(),
+            device_type: i.device_type.clone(),
+            window_size: i.window_size,
+            speculate: 0,
+            support_chunking: true,
+            use_prefix_caching: true,
+            attention_impl: "paged".into(),
+            block_size: i.block_size,
+            model_id: i.model_id.clone(),
+            architecture: i.architecture.clone(),
+            vocab_size: i.vocab_size,
+            max_position_embeddings: i.max_position_embeddings,
+            eos_token_ids: i.eos_token_ids.clone(),
+            bos_token_id: i.bos_token_id,
+            tokenizer_json: i.tokenizer_json.clone(),
+            chat_template: i.chat_template.clone(),
+            bos_token: i.bos_token.clone(),
+            eos_token: i.eos_token.clone(),
+            quantize: i.quantize.clone(),
+            rank: i.rank,
+            world_size: i.world_size,
+        }))
+    }
+
+    async fn service_discovery(
+        &self,
+        _request: Request<pb::ServiceDiscoveryRequest>,
+    ) -> Result<Response<pb::ServiceDiscoveryResponse>, Status> {
+        let urls = (0..self.info.world_size)
+            .map(|r| format!("unix://{}", uds_for_rank(&self.info.uds_path, r).display()))
+            .collect();
+        Ok(Response::new(pb::ServiceDiscoveryResponse { urls }))
+    }
+
+    async fn clear_cache(
+        &self,
+        request: Request<pb::ClearCacheRequest>,
+    ) -> Result<Response<pb::ClearCacheResponse>, Status> {
+        let id = request.into_inner().id;
+        self.engine.run(move |e| e.clear(id)).await?;
+        Ok(Response::new(pb::ClearCacheResponse {}))
+    }
+
+    async fn filter_batch(
+        &self,
+        request: Request<pb::FilterBatchRequest>,
+    ) -> Result<Response<pb::FilterBatchResponse>, Status> {
+        let r = request.into_inner();
+        let batch = self
+            .engine
+            .run(move |e| e.filter(r.batch_id, &r.request_ids))
+            .await?
+            .map_err(status)?;
+        Ok(Response::new(pb::FilterBatchResponse {
+            batch: batch.map(cached_batch),
+        }))
+    }
+
+    async fn warmup(
+        &self,
+        request: Request<pb::WarmupRequest>,
+    ) -> Result<Response<pb::WarmupResponse>, Status> {
+        let r = request.into_inner();
+        let batch = r
+            .batch
+            .ok_or_else(|| Status::invalid_argument("warmup needs a batch"))?;
+        let limits = WarmupLimits {
+            max_input_tokens: r.max_input_tokens,
+            max_prefill_tokens: r.max_prefill_tokens,
+            max_total_tokens: r.max_total_tokens,
+        };
+        let info = self
+            .engine
+            .run(move |e| {
+                let id = batch.id;
+                let requests = new_requests(e, batch)?;
+                e.warmup(id, requests, limits)
+            })
+            .await?
+            .map_err(status)?;
+        Ok(Response::new(pb::WarmupResponse {
+            max_supported_total_tokens: Some(info.max_supported_total_tokens),
+            max_input_tokens: info.max_input_tokens,
+            max_total_tokens: info.max_total_tokens,
+        }))
+    }
+
+    async fn prefill(
+        &self,
+        request: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        let r = request.into_inner();
+        let batch = r
+            .batch
+            .ok_or_else(|| Status::invalid_argument("prefill needs a batch"))?;
+        let cached = r.cached_batch.map(|b| b.id);
+        let out: StepParts = self
+            .engine
+            .run(move |e| {
+                let id = batch.id;
+                let requests = new_requests(e, batch)?;
+                e.prefill(id, requests, cached).map(StepParts::from)
+            })
+            .await?
+            .map_err(status)?;
+        Ok(Response::new(pb::PrefillResponse {
+            generations: out.generations,
+            batch: out.batch,
+            forward_ns: out.forward_ns,
+            decode_ns: out.decode_ns,
+            total_ns: out.total_ns,
+            concat_ns: out.concat_ns,
+        }))
+    }
+
+    async fn decode(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::DecodeResponse>, Status> {
+        let ids: Vec<u64> = request.into_inner().batches.iter().map(|b| b.id).collect();
+        let out: StepParts = self
+            .engine
+            .run(move |e| e.decode(&ids).map(StepParts::from))
+            .await?
+            .map_err(status)?;
+        Ok(Response::new(pb::DecodeResponse {
+            generations: out.generations,
+            batch: out.batch,
+            forward_ns: out.forward_ns,
+            decode_ns: out.decode_ns,
+            total_ns: out.total_ns,
+            concat_ns: out.concat_ns,
+        }))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(pb::HealthResponse {}))
+    }
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+}
+
+/// Loads the model and builds the engine with a KV cache of `config.kv_cache_bytes`.
+pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> {
+    let loaded = source::load(
+        &config.model_id,
+        config.revision.as_deref(),
+        config.hub_cache.clone(),
+        config.offline,
+        &config.load,
+    )?;
+    let model = LlamaModel::load(&loaded.config, &loaded.weights, &config.load)?;
+    let c = &loaded.config;
+    let options = EngineOptions::from_budget(c, config.kv_cache_bytes, config.block_size);
+    let info = ShardInfo {
+        model_id: loaded.model_id.clone(),
+        architecture: format!("{:?}", c.architecture).to_lowercase(),
+        dtype: dtype_name(config.load.dtype).into(),
+        device_type: if config.load.device.is_cpu() {
+            "cpu"
+        } else {
+            "cuda"
+        }
+        .into(),
+        quantize: loaded.weights.compute_format(&config.load),
+        vocab_size: c.vocab_size as u32,
+        max_position_embeddings: c.max_position_embeddings as u32,
+        window_size: c.sliding_window.map(|w| w as u32),
+        block_size: config.block_size as u32,
+        eos_token_ids: c.eos_token_ids.clone(),
+        bos_token_id: c.bos_token_id,
+        tokenizer_json: loaded
+            .tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?,
+        chat_template: loaded.chat_template.clone(),
+        bos_token: loaded.bos_token.clone(),
+        eos_token: loaded.eos_token.clone(),
+        uds_path: config.uds_path.clone(),
+        rank: config.rank,
+        world_size: config.world_size,
+    };
+    tracing::info!(
+        model_id = %info.model_id,
+        architecture = %info.architecture,
+        quantize = %info.quantize,
+        kv_blocks = options.num_blocks,
+        block_size = options.block_size,
+        "model loaded"
+    );
+    let engine = Engine::new(Box::new(model), loaded.config, loaded.tokenizer, options);
+    Ok((engine, info))
+}
+
+/// Loads the model, then serves `generate.v1` on `{uds_path}-{rank}` until `shutdown` resolves.
+pub async fn serve(config: ShardConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if config.world_size > 1 {
+        anyhow::bail!(
+            "tensor parallelism is not supported yet (world size {})",
+            config.world_size
+        );
+    }
+    if config.rank >= config.world_size {
+        anyhow::bail!(
+            "rank {} is outside world size {}",
+            config.rank,
+            config.world_size
+        );
+    }
+    if config.block_size == 0 {
+        anyhow::bail!("block size must be at least 1");
+    }
+    // Loading is long and blocking: keep it off the runtime's workers.
+    let load_config = config.clone();
+    let (engine, info) = tokio::task::spawn_blocking(move || load_engine(&load_config)).await??;
+    let engine = EngineHandle::spawn(engine)?;
+    let path = uds_for_rank(&config.uds_path, config.rank);
+    serve_on(ShardService::new(engine, info), &path, shutdown).await
+}
+
+/// Serves `service` on the unix socket `path` until `shutdown` resolves; a stale socket file is
+/// replaced and the socket file is removed on the way out.
+pub async fn serve_on(
+    service: ShardService,
+    path: &Path,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::warn!(socket = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::anyhow!("cannot remove {}: {e}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", path.display()))?;
+    tracing::info!(socket = %path.display(), "shard ready");
+    let result = tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    let _ = std::fs::remove_file(path);
+    result?;
+    Ok(())
+}

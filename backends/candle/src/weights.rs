@@ -1,9 +1,20 @@
 //! Where the decoder's tensors come from: in-memory tensors (tests), safetensors files (single or
 //! sharded) or a GGUF file. The model asks for tensors by their Hugging Face names
 //! (`model.layers.0.self_attn.q_proj.weight`); a GGUF store maps those names to GGUF ones.
+//!
+//! Formats: dense checkpoints (f32/f16/bf16) load as `LoadOptions::dtype` (f32 or f16, never
+//! bf16: it has no CPU matmul kernel) or, with `LoadOptions::quantize`, as quantized linears.
+//! GGUF linears keep their stored quantization; norms and embeddings are dequantized to f32.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
+use anyhow::Context;
+use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::linear::Linear;
@@ -15,6 +26,16 @@ pub enum Quantize {
     Q4K,
 }
 
+impl Quantize {
+    /// The ggml block format this quantization writes.
+    pub fn ggml_dtype(self) -> GgmlDType {
+        match self {
+            Quantize::Q8_0 => GgmlDType::Q8_0,
+            Quantize::Q4K => GgmlDType::Q4K,
+        }
+    }
+}
+
 /// How to build the model's layers.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -22,7 +43,17 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub quantize: Option<Quantize>,
     pub device: Device,
+    /// Quantized weights on candle's slow generic CPU path also get an f32 copy used by steps
+    /// of at least this many tokens (see [`Linear::Hybrid`]); `None` = never.
+    pub dense_copy_min_rows: Option<usize>,
+    /// Those f32 copies are made only while all of them together fit in this many bytes.
+    pub dense_copy_budget: usize,
 }
+
+/// Steps of at least this many tokens use the f32 copy of a slow quantized weight.
+pub const DEFAULT_DENSE_COPY_MIN_ROWS: usize = 4;
+/// Models whose slow quantized weights take more than this as f32 keep only the quantized form.
+pub const DEFAULT_DENSE_COPY_BUDGET: usize = 2 << 30;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -30,43 +61,593 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             quantize: None,
             device: Device::Cpu,
+            dense_copy_min_rows: Some(DEFAULT_DENSE_COPY_MIN_ROWS),
+            dense_copy_budget: DEFAULT_DENSE_COPY_BUDGET,
         }
     }
 }
 
+impl LoadOptions {
+    /// The dtype dense linear weights take: f16 when asked for, f32 otherwise (never bf16).
+    fn dense_dtype(&self) -> DType {
+        if self.dtype == DType::F16 {
+            DType::F16
+        } else {
+            DType::F32
+        }
+    }
+}
+
+/// A model's tensors by Hugging Face name, whatever file format holds them.
 pub enum WeightStore {
     /// Tensors held in memory, keyed by Hugging Face name.
     Tensors(HashMap<String, Tensor>),
+    /// Memory-mapped safetensors files (one, or the shards of an index), Hugging Face names.
+    Safetensors(SafetensorsWeights),
+    /// A GGUF file, read tensor by tensor; Hugging Face names are mapped to llama.cpp's.
+    Gguf(GgufWeights),
+}
+
+impl std::fmt::Debug for WeightStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightStore::Tensors(map) => write!(f, "WeightStore::Tensors({} tensors)", map.len()),
+            WeightStore::Safetensors(st) => {
+                write!(f, "WeightStore::Safetensors({} tensors)", st.names.len())
+            }
+            WeightStore::Gguf(g) => write!(
+                f,
+                "WeightStore::Gguf({}, {} tensors)",
+                g.path.display(),
+                g.infos.len()
+            ),
+        }
+    }
+}
+
+/// Safetensors files, memory-mapped.
+pub struct SafetensorsWeights {
+    files: MmapedSafetensors,
+    names: HashSet<String>,
+}
+
+/// A GGUF file's tensor directory, read on demand.
+pub struct GgufWeights {
+    path: PathBuf,
+    file: Mutex<File>,
+    infos: HashMap<String, gguf_file::TensorInfo>,
+    data_offset: u64,
+    /// `(head_count, head_count_kv)` when the file's q/k rows are in llama.cpp's interleaved
+    /// rope order and must be put back into Hugging Face's half-split order.
+    unpermute_heads: Option<(usize, usize)>,
+}
+
+fn err(msg: String) -> candle_core::Error {
+    candle_core::Error::Msg(msg)
 }
 
 impl WeightStore {
+    /// Bytes that f32 copies of every quantized matrix on candle's slow CPU path would take.
+    pub fn slow_quantized_f32_bytes(&self) -> usize {
+        match self {
+            WeightStore::Gguf(g) => g
+                .infos
+                .values()
+                .filter(|i| {
+                    let dims = i.shape.dims();
+                    dims.len() == 2
+                        && !matches!(
+                            i.ggml_dtype,
+                            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                        )
+                        && !fast_cpu_kernel(i.ggml_dtype, dims)
+                })
+                .map(|i| i.shape.elem_count() * 4)
+                .sum(),
+            WeightStore::Tensors(_) | WeightStore::Safetensors(_) => 0,
+        }
+    }
+
+    /// Memory-maps safetensors files (all shards of one checkpoint).
+    pub fn from_safetensors(paths: &[PathBuf]) -> anyhow::Result<Self> {
+        if paths.is_empty() {
+            anyhow::bail!("no safetensors files to load");
+        }
+        // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on them
+        // not being truncated or rewritten while the server runs.
+        let files = unsafe {
+            if paths.len() == 1 {
+                MmapedSafetensors::new(&paths[0])
+            } else {
+                MmapedSafetensors::multi(paths)
+            }
+        }
+        .with_context(|| format!("reading safetensors {}", paths[0].display()))?;
+        let names = files.tensors().into_iter().map(|(name, _)| name).collect();
+        Ok(WeightStore::Safetensors(SafetensorsWeights {
+            files,
+            names,
+        }))
+    }
+
+    /// Memory-maps the checkpoint in a Hugging Face model folder: the shards listed by
+    /// `model.safetensors.index.json`, or `model.safetensors`.
+    pub fn from_safetensors_dir(dir: &Path) -> anyhow::Result<Self> {
+        Self::from_safetensors(&safetensors_files(dir)?)
+    }
+
+    /// Opens a GGUF file; returns the store and the file's metadata (for the config and the
+    /// tokenizer).
+    pub fn from_gguf_file(path: &Path) -> anyhow::Result<(Self, gguf_file::Content)> {
+        let mut file =
+            File::open(path).with_context(|| format!("opening GGUF file {}", path.display()))?;
+        let content = gguf_file::Content::read(&mut file)
+            .with_context(|| format!("reading GGUF header of {}", path.display()))?;
+        let infos = content
+            .tensor_infos
+            .iter()
+            .map(|(name, info)| {
+                let copy = gguf_file::TensorInfo {
+                    ggml_dtype: info.ggml_dtype,
+                    shape: info.shape.clone(),
+                    offset: info.offset,
+                };
+                (name.clone(), copy)
+            })
+            .collect();
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        // llama.cpp's converter interleaves the rope halves of q/k rows for the `llama`
+        // architecture only (Mistral GGUFs are `llama` too); qwen2/qwen3 keep HF order.
+        let unpermute_heads = if arch == "llama" {
+            let count = |key: &str| {
+                content
+                    .metadata
+                    .get(&format!("llama.attention.{key}"))
+                    .and_then(|v| crate::config::gguf_usize(v).ok())
+            };
+            let heads = count("head_count").context("GGUF lacks llama.attention.head_count")?;
+            Some((heads, count("head_count_kv").unwrap_or(heads)))
+        } else {
+            None
+        };
+        let store = WeightStore::Gguf(GgufWeights {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+            infos,
+            data_offset: content.tensor_data_offset,
+            unpermute_heads,
+        });
+        Ok((store, content))
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         match self {
             WeightStore::Tensors(map) => map.contains_key(name),
+            WeightStore::Safetensors(st) => st.names.contains(name),
+            WeightStore::Gguf(g) => g.infos.contains_key(&gguf_tensor_name(name)),
         }
     }
 
     /// A dense tensor in `dtype` (quantized tensors are dequantized).
     pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        match self {
-            WeightStore::Tensors(map) => map
-                .get(name)
-                .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {name}")))?
-                .to_device(device)?
-                .to_dtype(dtype),
-        }
+        self.stored(name)?
+            .into_dense()?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 
     /// The linear layer `{prefix}.weight` (+ `{prefix}.bias` when `bias`), in the format the
     /// options choose: GGUF tensors stay as stored, dense ones are `opts.dtype` or quantized with
     /// `opts.quantize`.
     pub fn linear(&self, prefix: &str, bias: bool, opts: &LoadOptions) -> Result<Linear> {
-        let weight = self.tensor(&format!("{prefix}.weight"), opts.dtype, &opts.device)?;
+        let name = format!("{prefix}.weight");
         let bias = if bias {
             Some(self.tensor(&format!("{prefix}.bias"), DType::F32, &opts.device)?)
         } else {
             None
         };
+        let dense = match self.stored(&name)? {
+            Stored::Quantized(q) => {
+                let q = if q.device().same_device(&opts.device) {
+                    q
+                } else {
+                    let (dtype, dims, bytes) =
+                        (q.dtype(), q.shape().dims().to_vec(), q.data()?.into_owned());
+                    ggml_file::qtensor_from_ggml(dtype, &bytes, dims, &opts.device)?
+                };
+                let dense_copy = match opts.dense_copy_min_rows {
+                    Some(min_rows)
+                        if !has_fast_cpu_kernel(&q)
+                            && self.slow_quantized_f32_bytes() <= opts.dense_copy_budget =>
+                    {
+                        Some((q.dequantize(&opts.device)?, min_rows))
+                    }
+                    _ => None,
+                };
+                let quantized = QMatMul::from_qtensor(q)?;
+                return Ok(match dense_copy {
+                    Some((dense, min_rows)) => Linear::Hybrid {
+                        quantized,
+                        dense,
+                        min_rows,
+                        bias,
+                    },
+                    None => Linear::Quantized {
+                        weight: quantized,
+                        bias,
+                    },
+                });
+            }
+            Stored::Dense(t) => t,
+        };
+        if let Some(quantize) = opts.quantize {
+            let ggml = quantize.ggml_dtype();
+            let in_dim = dense.dims().last().copied().unwrap_or(0);
+            if dense.rank() == 2 && in_dim.is_multiple_of(ggml.block_size()) {
+                let cpu = dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let q = QTensor::quantize_onto(&cpu, ggml, &opts.device)?;
+                return Ok(Linear::Quantized {
+                    weight: QMatMul::QTensor(std::sync::Arc::new(q)),
+                    bias,
+                });
+            }
+            tracing::warn!(
+                tensor = name.as_str(),
+                in_dim,
+                block = ggml.block_size(),
+                "in-dim is not a multiple of the quantization block; keeping this weight dense"
+            );
+        }
+        let weight = dense
+            .to_dtype(opts.dense_dtype())?
+            .to_device(&opts.device)?;
         Ok(Linear::Dense { weight, bias })
+    }
+
+    /// The format most linear-weight elements are stored in (`"f32"`, `"bf16"`, `"q4_k"`, ...),
+    /// as stored on disk; see [`WeightStore::compute_format`] for what the layers will run.
+    pub fn weight_format(&self) -> String {
+        let mut by_format: HashMap<String, usize> = HashMap::new();
+        let mut add = |name: &str, format: String, dims: &[usize]| {
+            if dims.len() == 2 && is_linear_weight(name) {
+                *by_format.entry(format).or_default() += dims.iter().product::<usize>();
+            }
+        };
+        match self {
+            WeightStore::Tensors(map) => {
+                for (name, t) in map {
+                    add(name, dtype_name(t.dtype()).to_string(), t.dims());
+                }
+            }
+            WeightStore::Safetensors(st) => {
+                for (name, view) in st.files.tensors() {
+                    let format = match DType::try_from(view.dtype()) {
+                        Ok(dt) => dtype_name(dt).to_string(),
+                        Err(_) => format!("{:?}", view.dtype()).to_lowercase(),
+                    };
+                    add(&name, format, view.shape());
+                }
+            }
+            WeightStore::Gguf(g) => {
+                for (name, info) in &g.infos {
+                    add(
+                        name,
+                        ggml_name(info.ggml_dtype).to_string(),
+                        info.shape.dims(),
+                    );
+                }
+            }
+        }
+        by_format
+            .into_iter()
+            .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
+            .map(|(format, _)| format)
+            .unwrap_or_else(|| "unknown".to_string())
+    }
+
+    /// The format linear layers will compute in under `opts`: a GGUF quantization as stored,
+    /// else `opts.quantize`, else `opts.dtype` (bf16 never: it loads as f32).
+    pub fn compute_format(&self, opts: &LoadOptions) -> String {
+        let stored = self.weight_format();
+        let dense = matches!(stored.as_str(), "f32" | "f16" | "bf16");
+        match (dense, opts.quantize) {
+            (false, _) => stored,
+            (true, Some(q)) => ggml_name(q.ggml_dtype()).to_string(),
+            (true, None) => dtype_name(opts.dense_dtype()).to_string(),
+        }
+    }
+
+    /// The tensor as stored: dense on the CPU, or quantized (GGUF) on the CPU.
+    fn stored(&self, name: &str) -> Result<Stored> {
+        match self {
+            WeightStore::Tensors(map) => map
+                .get(name)
+                .cloned()
+                .map(Stored::Dense)
+                .ok_or_else(|| err(format!("missing tensor {name}"))),
+            WeightStore::Safetensors(st) => {
+                if !st.names.contains(name) {
+                    return Err(err(format!("missing tensor {name}")));
+                }
+                st.files.load(name, &Device::Cpu).map(Stored::Dense)
+            }
+            WeightStore::Gguf(g) => g.load(name),
+        }
+    }
+}
+
+/// A tensor as it comes out of a store, before the caller picks its compute format.
+enum Stored {
+    Dense(Tensor),
+    Quantized(QTensor),
+}
+
+impl Stored {
+    fn into_dense(self) -> Result<Tensor> {
+        match self {
+            Stored::Dense(t) => Ok(t),
+            Stored::Quantized(q) => q.dequantize(&Device::Cpu),
+        }
+    }
+}
+
+impl GgufWeights {
+    /// The file this store reads.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the tensor with Hugging Face name `name`, with q/k rows put back in HF order.
+    /// f32/f16/bf16 tensors come back dense so they take the same path as safetensors weights.
+    fn load(&self, name: &str) -> Result<Stored> {
+        let gguf_name = gguf_tensor_name(name);
+        let info = self
+            .infos
+            .get(&gguf_name)
+            .ok_or_else(|| err(format!("missing tensor {name} (GGUF `{gguf_name}`)")))?;
+        let dims = info.shape.dims().to_vec();
+        let dtype = info.ggml_dtype;
+        let elems: usize = dims.iter().product();
+        if !elems.is_multiple_of(dtype.block_size()) {
+            return Err(err(format!(
+                "GGUF tensor {gguf_name}: {elems} elements do not fill {dtype:?} blocks"
+            )));
+        }
+        let size = elems / dtype.block_size() * dtype.type_size();
+        let mut bytes = vec![0u8; size];
+        {
+            let mut file = self
+                .file
+                .lock()
+                .map_err(|_| err("GGUF reader lock poisoned".to_string()))?;
+            file.seek(SeekFrom::Start(self.data_offset + info.offset))?;
+            file.read_exact(&mut bytes).map_err(|e| {
+                err(format!(
+                    "reading GGUF tensor {gguf_name} from {}: {e}",
+                    self.path.display()
+                ))
+            })?;
+        }
+        if let Some((heads, kv_heads)) = self.unpermute_heads {
+            let n_head = if gguf_name.starts_with("blk.") && gguf_name.contains(".attn_q.") {
+                Some(heads)
+            } else if gguf_name.starts_with("blk.") && gguf_name.contains(".attn_k.") {
+                Some(kv_heads)
+            } else {
+                None
+            };
+            if let Some(n_head) = n_head {
+                bytes = unpermute_rows(&bytes, &dims, dtype, n_head)
+                    .map_err(|e| err(format!("GGUF tensor {gguf_name}: {e}")))?;
+            }
+        }
+        let q = ggml_file::qtensor_from_ggml(dtype, &bytes, dims, &Device::Cpu)?;
+        match dtype {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                q.dequantize(&Device::Cpu).map(Stored::Dense)
+            }
+            _ => Ok(Stored::Quantized(q)),
+        }
+    }
+}
+
+/// Whether candle's CPU `QMatMul` has its fast repacked kernel for this weight (Q4K, Q8_0 and
+/// Q6K with `k % 256 == 0` and `n % 16 == 0`); every other case takes a generic vec-dot path
+/// whose speed does not grow with the number of rows.
+pub fn has_fast_cpu_kernel(q: &QTensor) -> bool {
+    fast_cpu_kernel(q.dtype(), q.shape().dims())
+}
+
+fn fast_cpu_kernel(dtype: GgmlDType, dims: &[usize]) -> bool {
+    matches!(dtype, GgmlDType::Q4K | GgmlDType::Q8_0 | GgmlDType::Q6K)
+        && dims.len() == 2
+        && dims[1].is_multiple_of(256)
+        && dims[0].is_multiple_of(16)
+}
+
+/// For each Hugging Face row of a q or k projection, the GGUF row that holds it.
+///
+/// llama.cpp's converter (`LlamaModel.permute`) reorders the rows of each head from HF's
+/// half-split rope layout to the interleaved one:
+/// `w.reshape(n_head, 2, hd/2, ...).swapaxes(1, 2).reshape(w.shape)`, so HF row
+/// `h·hd + s·hd/2 + j` (s ∈ {0,1}, j < hd/2) lands at GGUF row `h·hd + 2j + s`.
+pub fn llama_cpp_unpermute_index(rows: usize, n_head: usize) -> anyhow::Result<Vec<usize>> {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+        anyhow::bail!("{rows} rows cannot be split into {n_head} heads of even size");
+    }
+    let head_dim = rows / n_head;
+    let half = head_dim / 2;
+    let mut src = Vec::with_capacity(rows);
+    for h in 0..n_head {
+        for s in 0..2 {
+            for j in 0..half {
+                src.push(h * head_dim + 2 * j + s);
+            }
+        }
+    }
+    Ok(src)
+}
+
+/// Reorders whole rows of a raw ggml tensor (`dims = [rows, cols]` or `[rows]`). Each row of a
+/// 2-D tensor is an independent run of blocks, so quantized rows move as opaque bytes.
+fn unpermute_rows(
+    bytes: &[u8],
+    dims: &[usize],
+    dtype: GgmlDType,
+    n_head: usize,
+) -> anyhow::Result<Vec<u8>> {
+    let rows = dims[0];
+    let per_row: usize = dims[1..].iter().product();
+    if !per_row.is_multiple_of(dtype.block_size()) {
+        anyhow::bail!("rows of {per_row} elements are not whole {dtype:?} blocks");
+    }
+    let row_bytes = per_row / dtype.block_size() * dtype.type_size();
+    let src = llama_cpp_unpermute_index(rows, n_head)?;
+    let mut out = Vec::with_capacity(bytes.len());
+    for r in src {
+        out.extend_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes]);
+    }
+    Ok(out)
+}
+
+/// The llama.cpp name of a Hugging Face tensor name; names without a mapping pass through
+/// (so GGUF-only tensors such as `rope_freqs.weight` can be asked for directly).
+pub fn gguf_tensor_name(hf: &str) -> String {
+    let (stem, suffix) = match hf.rsplit_once('.') {
+        Some((stem, s @ ("weight" | "bias"))) => (stem, s),
+        _ => return hf.to_string(),
+    };
+    let mapped = match stem {
+        "model.embed_tokens" => Some("token_embd".to_string()),
+        "model.norm" => Some("output_norm".to_string()),
+        "lm_head" => Some("output".to_string()),
+        _ => stem
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(layer, part)| {
+                let gguf = match part {
+                    "self_attn.q_proj" => "attn_q",
+                    "self_attn.k_proj" => "attn_k",
+                    "self_attn.v_proj" => "attn_v",
+                    "self_attn.o_proj" => "attn_output",
+                    "self_attn.q_norm" => "attn_q_norm",
+                    "self_attn.k_norm" => "attn_k_norm",
+                    "mlp.gate_proj" => "ffn_gate",
+                    "mlp.up_proj" => "ffn_up",
+                    "mlp.down_proj" => "ffn_down",
+                    "input_layernorm" => "attn_norm",
+                    "post_attention_layernorm" => "ffn_norm",
+                    _ => return None,
+                };
+                Some(format!("blk.{layer}.{gguf}"))
+            }),
+    };
+    match mapped {
+        Some(m) => format!("{m}.{suffix}"),
+        None => hf.to_string(),
+    }
+}
+
+/// The safetensors files of a Hugging Face model folder: the shards named by
+/// `model.safetensors.index.json` (each once, in name order), else `model.safetensors`.
+pub fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let shards = shard_names(&index)?;
+        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    anyhow::bail!(
+        "no model.safetensors or model.safetensors.index.json in {}",
+        dir.display()
+    )
+}
+
+/// The distinct shard file names in a `model.safetensors.index.json`'s `weight_map`.
+pub fn shard_names(index: &Path) -> anyhow::Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .with_context(|| format!("{}: shard of {tensor} is not a string", index.display()))?;
+        // Shard names are plain file names next to the index; refuse paths that leave the folder.
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            anyhow::bail!(
+                "{}: shard name {file:?} is not a plain file name",
+                index.display()
+            );
+        }
+        files.insert(file.to_string());
+    }
+    if files.is_empty() {
+        anyhow::bail!("{} lists no shards", index.display());
+    }
+    Ok(files.into_iter().collect())
+}
+
+/// Linear-layer weights by name, HF or GGUF (embeddings and norms excluded).
+fn is_linear_weight(name: &str) -> bool {
+    const HF: &[&str] = &["_proj.weight", "lm_head.weight"];
+    const GGUF: &[&str] = &[
+        ".attn_q.weight",
+        ".attn_k.weight",
+        ".attn_v.weight",
+        ".attn_output.weight",
+        ".ffn_gate.weight",
+        ".ffn_up.weight",
+        ".ffn_down.weight",
+    ];
+    name == "output.weight"
+        || HF.iter().any(|s| name.ends_with(s))
+        || GGUF.iter().any(|s| name.ends_with(s))
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        DType::U8 => "u8",
+        DType::U32 => "u32",
+        DType::I64 => "i64",
+        _ => "other",
+    }
+}
+
+/// llama.cpp's lower-case names of ggml types.
+pub fn ggml_name(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q4_1 => "q4_1",
+        GgmlDType::Q5_0 => "q5_0",
+        GgmlDType::Q5_1 => "q5_1",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q8_1 => "q8_1",
+        GgmlDType::Q2K => "q2_k",
+        GgmlDType::Q3K => "q3_k",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q5K => "q5_k",
+        GgmlDType::Q6K => "q6_k",
+        GgmlDType::Q8K => "q8_k",
     }
 }

@@ -1,1 +1,272 @@
-fn main() {}
+//! `wick-shard`: one model worker. It loads the model, allocates the KV cache and serves the
+//! `generate.v1` gRPC protocol on the unix socket `{uds_path}-{rank}` until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use wick_backend_candle::engine::DEFAULT_BLOCK_SIZE;
+use wick_backend_candle::service::{serve, ShardConfig};
+use wick_backend_candle::weights::{LoadOptions, Quantize};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wick-shard",
+    version,
+    about = "wick's model shard (gRPC over a unix socket)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load a model and serve it until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The model: a Hugging Face Hub id (`org/name`), a local folder in Hub layout
+    /// (`config.json`, `tokenizer.json`, `*.safetensors`) or a local `.gguf` file.
+    #[arg(long, env = "MODEL_ID")]
+    model_id: String,
+
+    /// Hub revision (branch, tag or commit) when `--model-id` is a Hub id.
+    #[arg(long, env = "REVISION")]
+    revision: Option<String>,
+
+    /// Base path of the unix socket; this shard listens on `{uds_path}-{rank}`.
+    #[arg(long, env = "UDS_PATH", default_value = "/tmp/wick-server")]
+    uds_path: PathBuf,
+
+    /// This shard's rank in `0..world_size`.
+    #[arg(long, env = "RANK", default_value_t = 0)]
+    rank: u32,
+
+    /// Number of shards the model is split over (tensor parallelism; only 1 for now).
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    world_size: u32,
+
+    /// Compute dtype of dense weights; bf16 checkpoints load as float32 on CPU.
+    #[arg(long, env = "DTYPE", value_enum, default_value_t = DtypeArg::Float32)]
+    dtype: DtypeArg,
+
+    /// Quantize dense weights at load time (GGUF files keep their own quantization).
+    #[arg(long, env = "QUANTIZE", value_enum)]
+    quantize: Option<QuantizeArg>,
+
+    /// Memory for the KV cache, e.g. `2GiB`, `512MiB`, `1.5GB` or plain bytes.
+    #[arg(long, env = "KV_CACHE_MEMORY", default_value = "2GiB", value_parser = parse_bytes)]
+    kv_cache_memory: u64,
+
+    /// Quantized weights whose CPU kernel does not get faster with more rows (every GGUF type
+    /// but Q4_K/Q8_0/Q6_K, and those too when the in-dim is not a multiple of 256) also keep an
+    /// f32 copy, used by steps of at least this many tokens (batched decode, prefill). 0 = never.
+    #[arg(long, env = "DENSE_COPY_MIN_ROWS", default_value_t = wick_backend_candle::weights::DEFAULT_DENSE_COPY_MIN_ROWS as u32)]
+    dense_copy_min_rows: u32,
+
+    /// The f32 copies above are made only when they fit in this much memory in all.
+    #[arg(long, env = "DENSE_COPY_BUDGET", default_value = "2GiB", value_parser = parse_bytes)]
+    dense_copy_budget: u64,
+
+    /// Token slots per KV cache block (the router allocates whole blocks).
+    #[arg(long, env = "BLOCK_SIZE", default_value_t = DEFAULT_BLOCK_SIZE as u32)]
+    block_size: u32,
+
+    /// Compute threads (default: every core).
+    #[arg(long, env = "THREADS")]
+    threads: Option<usize>,
+
+    /// The Hugging Face Hub cache folder (default: `$HF_HOME/hub` or `~/.cache/huggingface/hub`).
+    #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
+    huggingface_hub_cache: Option<PathBuf>,
+
+    /// Never reach the Hub: load from the cache only.
+    #[arg(long, env = "HF_HUB_OFFLINE")]
+    offline: bool,
+
+    /// Log as JSON lines (for the launcher) instead of human-readable text.
+    #[arg(long, env = "JSON_OUTPUT")]
+    json_output: bool,
+
+    /// Log filter: a level (`info`, `debug`) or a tracing directive (`wick_backend_candle=debug`).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DtypeArg {
+    Float32,
+    Float16,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum QuantizeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4k")]
+    Q4K,
+}
+
+/// Parses a byte size: a number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (try 2GiB or 512MiB)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1_000,
+        "mb" | "m" => 1_000_000,
+        "gb" | "g" => 1_000_000_000,
+        "tb" | "t" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit `{other}` in `{s}`")),
+    };
+    Ok((number * scale as f64) as u64)
+}
+
+fn init_logging(args: &ServeArgs) {
+    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if args.json_output {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+        _ = terminate => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.world_size > 1 {
+        anyhow::bail!(
+            "tensor parallelism is not supported yet (--world-size {})",
+            args.world_size
+        );
+    }
+    let threads = args
+        .threads
+        .filter(|&t| t > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // candle sizes its matmul parallelism from RAYON_NUM_THREADS, not from the global pool;
+    // set it before any thread exists so both agree.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("cannot build the compute thread pool: {e}"))?;
+
+    let config = ShardConfig {
+        model_id: args.model_id,
+        revision: args.revision,
+        uds_path: args.uds_path,
+        rank: args.rank,
+        world_size: args.world_size,
+        hub_cache: args.huggingface_hub_cache,
+        offline: args.offline,
+        load: LoadOptions {
+            dtype: match args.dtype {
+                DtypeArg::Float32 => DType::F32,
+                DtypeArg::Float16 => DType::F16,
+            },
+            quantize: args.quantize.map(|q| match q {
+                QuantizeArg::Q8_0 => Quantize::Q8_0,
+                QuantizeArg::Q4K => Quantize::Q4K,
+            }),
+            device: Device::Cpu,
+            dense_copy_min_rows: (args.dense_copy_min_rows > 0)
+                .then_some(args.dense_copy_min_rows as usize),
+            dense_copy_budget: usize::try_from(args.dense_copy_budget).unwrap_or(usize::MAX),
+        },
+        kv_cache_bytes: usize::try_from(args.kv_cache_memory).unwrap_or(usize::MAX),
+        block_size: args.block_size as usize,
+    };
+    tracing::info!(threads, ?config, "starting shard");
+    // The runtime only does I/O; compute runs on the engine thread and rayon.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(config, shutdown_signal()))
+}
+
+fn main() -> ExitCode {
+    let Command::Serve(args) = Cli::parse().command;
+    init_logging(&args);
+    match run(args) {
+        Ok(()) => {
+            tracing::info!("shard stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("1234"), Ok(1234));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("2XB").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "wick-shard",
+            "serve",
+            "--model-id",
+            "m",
+            "--quantize",
+            "q8_0",
+            "--dtype",
+            "float16",
+            "--kv-cache-memory",
+            "1GiB",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command;
+        assert!(matches!(args.quantize, Some(QuantizeArg::Q8_0)));
+        assert_eq!(args.kv_cache_memory, 1 << 30);
+    }
+}

@@ -1,0 +1,594 @@
+//! The engine on a tiny random model: batched equals alone (invariant 1), chunked prefill,
+//! stop rules, prompt logprobs and top-n, router-given KV placement, invalid requests, warmup.
+
+use std::collections::HashMap;
+
+use wick_backend_candle::engine::{
+    Engine, EngineError, EngineOptions, Generation, NewRequest, StepOutput, WarmupLimits,
+};
+use wick_backend_candle::model::LlamaModel;
+use wick_backend_candle::sampling::SamplingParams;
+use wick_backend_candle::stopping::{FinishReason, StoppingParams};
+use wick_backend_candle::testing::{tiny_tokenizer, tiny_vocab_size, tiny_weights, TinyModelSpec};
+use wick_backend_candle::weights::{LoadOptions, WeightStore};
+
+const BLOCK_SIZE: usize = 16;
+const NUM_BLOCKS: usize = 64;
+
+fn engine() -> Engine {
+    let spec = TinyModelSpec::llama();
+    let vocab = tiny_vocab_size();
+    let config = spec.config(vocab);
+    let weights = WeightStore::Tensors(tiny_weights(&spec, vocab));
+    let model = LlamaModel::load(&config, &weights, &LoadOptions::default()).unwrap();
+    Engine::new(
+        Box::new(model),
+        config,
+        tiny_tokenizer(),
+        EngineOptions {
+            block_size: BLOCK_SIZE,
+            num_blocks: NUM_BLOCKS,
+        },
+    )
+}
+
+/// A deterministic prompt of `len` ordinary (non-special) tokens, different per `salt`.
+fn prompt(len: usize, salt: u32) -> Vec<u32> {
+    let vocab = tiny_vocab_size() as u32;
+    (0..len as u32)
+        .map(|i| 3 + (i * 31 + salt * 17 + i * i * 7) % (vocab - 3))
+        .collect()
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams::default()
+}
+
+fn seeded(seed: u64) -> SamplingParams {
+    SamplingParams {
+        do_sample: true,
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        seed,
+        repetition_penalty: 1.1,
+        ..SamplingParams::default()
+    }
+}
+
+fn request(
+    id: u64,
+    input_ids: Vec<u32>,
+    max_new_tokens: u32,
+    sampling: SamplingParams,
+) -> NewRequest {
+    NewRequest {
+        id,
+        input_ids,
+        sampling,
+        stopping: StoppingParams {
+            max_new_tokens,
+            stop_sequences: Vec::new(),
+            ignore_eos: true,
+        },
+        prefill_logprobs: false,
+        top_n_tokens: 0,
+        blocks: Vec::new(),
+        slots: Vec::new(),
+        cache_len: 0,
+        chunk_len: None,
+    }
+}
+
+/// The 8 requests of the invariant tests: mixed prompt lengths (one spans several blocks, one
+/// is chunked), mixed lengths of output, greedy and seeded.
+fn mixed_requests() -> Vec<NewRequest> {
+    let lens = [3, 17, 5, 40, 1, 9, 24, 12];
+    let new_tokens = [6, 12, 3, 8, 10, 4, 7, 9];
+    (0..8)
+        .map(|i| {
+            let sampling = if i % 2 == 0 {
+                greedy()
+            } else {
+                seeded(100 + i as u64)
+            };
+            let mut r = request(i as u64, prompt(lens[i], i as u32), new_tokens[i], sampling);
+            if i == 3 {
+                r.chunk_len = Some(16);
+            }
+            r
+        })
+        .collect()
+}
+
+/// Appends every generated token to its request's list.
+fn collect(
+    out: &StepOutput,
+    tokens: &mut HashMap<u64, Vec<u32>>,
+    finished: &mut HashMap<u64, Generation>,
+) {
+    for g in &out.generations {
+        tokens.entry(g.request_id).or_default().push(g.token.id);
+        if g.finished.is_some() {
+            assert!(
+                finished.insert(g.request_id, g.clone()).is_none(),
+                "request {} finished twice",
+                g.request_id
+            );
+        }
+    }
+    if let Some(b) = &out.batch {
+        for id in finished.keys() {
+            assert!(
+                !b.request_ids.contains(id),
+                "finished request {id} still in the batch"
+            );
+        }
+        assert_eq!(b.size as usize, b.request_ids.len());
+    }
+}
+
+/// Runs one request alone until it finishes; returns its generations.
+fn run_alone(engine: &mut Engine, r: NewRequest) -> Vec<Generation> {
+    let mut generations = Vec::new();
+    let mut out = engine.prefill(1000 + r.id, vec![r], None).unwrap();
+    loop {
+        generations.extend(out.generations.clone());
+        let Some(batch) = out.batch else { break };
+        out = engine.decode(&[batch.id]).unwrap();
+    }
+    generations
+}
+
+fn alone_tokens(requests: &[NewRequest]) -> HashMap<u64, Vec<u32>> {
+    let mut engine = engine();
+    requests
+        .iter()
+        .map(|r| {
+            let ids = run_alone(&mut engine, r.clone())
+                .iter()
+                .map(|g| g.token.id)
+                .collect();
+            (r.id, ids)
+        })
+        .collect()
+}
+
+fn assert_no_leak(engine: &Engine) {
+    assert!(
+        engine.batch_ids().is_empty(),
+        "batches left: {:?}",
+        engine.batch_ids()
+    );
+    assert_eq!(engine.free_blocks(), NUM_BLOCKS, "KV blocks leaked");
+}
+
+#[test]
+fn requests_alone_run_to_max_new_tokens() {
+    let requests = mixed_requests();
+    let mut engine = engine();
+    for r in &requests {
+        let generations = run_alone(&mut engine, r.clone());
+        assert_eq!(
+            generations.len(),
+            r.stopping.max_new_tokens as usize,
+            "request {}",
+            r.id
+        );
+        let last = generations
+            .last()
+            .unwrap()
+            .finished
+            .clone()
+            .expect("finished");
+        assert_eq!(last.reason, FinishReason::Length);
+        assert_eq!(last.generated_tokens, r.stopping.max_new_tokens);
+        assert_eq!(last.seed, r.sampling.do_sample.then_some(r.sampling.seed));
+        assert!(generations[..generations.len() - 1]
+            .iter()
+            .all(|g| g.finished.is_none()));
+    }
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn batched_tokens_equal_alone_tokens() {
+    let requests = mixed_requests();
+    let alone = alone_tokens(&requests);
+    // The same requests never share a forward pass twice in the same way: they join at
+    // different steps (prefill alone, prefill with a cached batch, a second batch merged by
+    // decode) and leave on their own at different steps.
+    let mut engine = engine();
+    let mut tokens = HashMap::new();
+    let mut finished = HashMap::new();
+    let mut by_id: HashMap<u64, NewRequest> = requests.into_iter().map(|r| (r.id, r)).collect();
+    let mut take = |ids: &[u64]| {
+        ids.iter()
+            .map(|id| by_id.remove(id).unwrap())
+            .collect::<Vec<_>>()
+    };
+
+    let out = engine.prefill(1, take(&[0, 1, 2]), None).unwrap();
+    collect(&out, &mut tokens, &mut finished);
+    let out = engine.decode(&[1]).unwrap();
+    collect(&out, &mut tokens, &mut finished);
+    // Joins the running batch (mixed prefill + decode in one forward; request 3 is chunked).
+    let out = engine.prefill(2, take(&[3, 4]), Some(1)).unwrap();
+    assert_eq!(
+        out.batch.as_ref().unwrap().id,
+        1,
+        "the merged batch keeps the cached id"
+    );
+    collect(&out, &mut tokens, &mut finished);
+    let out = engine.decode(&[1]).unwrap();
+    collect(&out, &mut tokens, &mut finished);
+    // A separate batch, merged by decode.
+    let out = engine.prefill(3, take(&[5, 6]), None).unwrap();
+    collect(&out, &mut tokens, &mut finished);
+    let out = engine.decode(&[1, 3]).unwrap();
+    assert!(out.concat_ns.is_some());
+    let mut batch = out.batch.clone();
+    collect(&out, &mut tokens, &mut finished);
+    let out = engine
+        .prefill(4, take(&[7]), Some(batch.unwrap().id))
+        .unwrap();
+    batch = out.batch.clone();
+    collect(&out, &mut tokens, &mut finished);
+    while let Some(b) = batch {
+        let out = engine.decode(&[b.id]).unwrap();
+        batch = out.batch.clone();
+        collect(&out, &mut tokens, &mut finished);
+    }
+    assert_eq!(finished.len(), 8);
+    for (id, expected) in &alone {
+        assert_eq!(
+            &tokens[id], expected,
+            "request {id}: batched differs from alone"
+        );
+    }
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn filtered_requests_leave_and_the_rest_are_unchanged() {
+    let requests = mixed_requests();
+    let alone = alone_tokens(&requests);
+    let mut engine = engine();
+    let mut tokens = HashMap::new();
+    let mut finished = HashMap::new();
+    let out = engine.prefill(7, requests, None).unwrap();
+    collect(&out, &mut tokens, &mut finished);
+    let out = engine.decode(&[7]).unwrap();
+    collect(&out, &mut tokens, &mut finished);
+    // Requests 1 and 6 are cancelled by the router.
+    let keep: Vec<u64> = out
+        .batch
+        .as_ref()
+        .unwrap()
+        .request_ids
+        .iter()
+        .copied()
+        .filter(|id| *id != 1 && *id != 6)
+        .collect();
+    let filtered = engine.filter(7, &keep).unwrap().unwrap();
+    assert_eq!(filtered.request_ids, keep);
+    let mut batch = Some(filtered);
+    let mut step = 0;
+    while let Some(b) = batch {
+        step += 1;
+        // Later, request 7 is cancelled too.
+        let b = if step == 3 {
+            let keep: Vec<u64> = b
+                .request_ids
+                .iter()
+                .copied()
+                .filter(|id| *id != 7)
+                .collect();
+            engine.filter(b.id, &keep).unwrap().unwrap()
+        } else {
+            b
+        };
+        let out = engine.decode(&[b.id]).unwrap();
+        batch = out.batch.clone();
+        collect(&out, &mut tokens, &mut finished);
+    }
+    for (id, expected) in &alone {
+        let got = &tokens[id];
+        if [1, 6, 7].contains(id) {
+            assert!(!finished.contains_key(id), "request {id} was filtered out");
+            assert!(
+                got.len() < expected.len() && expected.starts_with(got),
+                "request {id}"
+            );
+        } else {
+            assert_eq!(got, expected, "request {id}: batched differs from alone");
+        }
+    }
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn chunked_prefill_equals_one_prefill() {
+    let mut engine = engine();
+    let whole = request(1, prompt(40, 9), 6, greedy());
+    let expected: Vec<u32> = run_alone(&mut engine, whole.clone())
+        .iter()
+        .map(|g| g.token.id)
+        .collect();
+
+    let mut chunked = whole;
+    chunked.id = 2;
+    chunked.chunk_len = Some(14);
+    // 40 prompt tokens in chunks of 14, 14 and 12: no token until the last chunk.
+    let out = engine.prefill(2, vec![chunked], None).unwrap();
+    assert!(out.generations.is_empty());
+    assert_eq!(out.batch.as_ref().unwrap().current_tokens, 14);
+    let out = engine.decode(&[2]).unwrap();
+    assert!(out.generations.is_empty());
+    assert_eq!(out.batch.as_ref().unwrap().current_tokens, 12);
+    let mut out = engine.decode(&[2]).unwrap();
+    assert_eq!(out.generations.len(), 1);
+    assert_eq!(out.batch.as_ref().unwrap().current_tokens, 1);
+    let mut got = Vec::new();
+    loop {
+        got.extend(out.generations.iter().map(|g| g.token.id));
+        let Some(b) = out.batch else { break };
+        out = engine.decode(&[b.id]).unwrap();
+    }
+    assert_eq!(got, expected);
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn cached_batch_reports_tokens_and_slots() {
+    let mut engine = engine();
+    // 17 prompt tokens + 12 new → 28 positions → 2 blocks.
+    let out = engine
+        .prefill(
+            1,
+            vec![
+                request(1, prompt(17, 1), 12, greedy()),
+                request(2, prompt(5, 2), 3, greedy()),
+            ],
+            None,
+        )
+        .unwrap();
+    let b = out.batch.unwrap();
+    assert_eq!(b.request_ids, vec![1, 2]);
+    assert_eq!(b.size, 2);
+    assert_eq!(b.max_tokens as usize, (2 + 1) * BLOCK_SIZE);
+    assert_eq!(b.current_tokens, 2);
+    assert_eq!(engine.free_blocks(), NUM_BLOCKS - 3);
+    engine.clear(None);
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn max_new_tokens_and_stop_sequences_end_requests() {
+    let mut engine = engine();
+    let generations = run_alone(&mut engine, request(1, prompt(6, 3), 10, greedy()));
+    assert_eq!(generations.len(), 10);
+    let texts: Vec<&str> = generations.iter().map(|g| g.token.text.as_str()).collect();
+    // Stop on the text generated up to the first step (k ≥ 2) that adds text: it can only match
+    // once all of it is there.
+    let k = (2..10)
+        .find(|&k| !texts[k].is_empty())
+        .expect("some token has text");
+    let stop: String = texts[..=k].concat();
+    let mut r = request(2, prompt(6, 3), 10, greedy());
+    r.stopping.stop_sequences = vec![stop.clone()];
+    let stopped = run_alone(&mut engine, r);
+    assert_eq!(stopped.len(), k + 1);
+    let fin = stopped.last().unwrap().finished.clone().unwrap();
+    assert_eq!(fin.reason, FinishReason::StopSequence);
+    assert_eq!(fin.generated_tokens as usize, k + 1);
+    assert!(
+        fin.text.contains(stop.trim()),
+        "{:?} lacks {stop:?}",
+        fin.text
+    );
+    assert_eq!(fin.seed, None);
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn prompt_logprobs_and_top_n_have_the_right_shapes() {
+    let mut engine = engine();
+    let input = prompt(20, 4);
+    let mut r = request(1, input.clone(), 3, greedy());
+    r.prefill_logprobs = true;
+    r.top_n_tokens = 5;
+    let generations = run_alone(&mut engine, r.clone());
+    let prefill = generations[0].prefill.clone().expect("prompt logprobs");
+    assert_eq!(prefill.iter().map(|t| t.id).collect::<Vec<_>>(), input);
+    assert!(prefill[0].logprob.is_nan());
+    assert!(prefill[1..]
+        .iter()
+        .all(|t| t.logprob.is_finite() && t.logprob <= 0.0));
+    assert!(generations[1..].iter().all(|g| g.prefill.is_none()));
+    for g in &generations {
+        assert_eq!(g.top_tokens.len(), 5);
+        assert!(g
+            .top_tokens
+            .windows(2)
+            .all(|w| w[0].logprob >= w[1].logprob));
+        // Greedy picks the most likely token.
+        assert_eq!(g.top_tokens[0].id, g.token.id);
+        assert!((g.top_tokens[0].logprob - g.token.logprob).abs() < 1e-5);
+    }
+
+    // The same logprobs when the prompt is computed in chunks.
+    r.id = 2;
+    r.chunk_len = Some(7);
+    let chunked = run_alone(&mut engine, r);
+    let chunked_prefill = chunked[0].prefill.clone().unwrap();
+    for (a, b) in prefill[1..].iter().zip(&chunked_prefill[1..]) {
+        assert!(
+            (a.logprob - b.logprob).abs() < 1e-4,
+            "{} vs {}",
+            a.logprob,
+            b.logprob
+        );
+    }
+    assert_eq!(
+        chunked.iter().map(|g| g.token.id).collect::<Vec<_>>(),
+        generations.iter().map(|g| g.token.id).collect::<Vec<_>>()
+    );
+
+    // No alternatives asked, none given.
+    let plain = run_alone(&mut engine, request(3, input, 2, greedy()));
+    assert!(plain
+        .iter()
+        .all(|g| g.top_tokens.is_empty() && g.prefill.is_none()));
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn router_given_blocks_and_slots_equal_engine_allocated() {
+    let requests: Vec<NewRequest> = vec![
+        request(1, prompt(21, 5), 14, greedy()),
+        request(2, prompt(7, 6), 9, seeded(7)),
+    ];
+    let alone = alone_tokens(&requests);
+
+    let mut engine = engine();
+    let mut placed = requests.clone();
+    // 21 + 14 - 1 = 34 positions → 3 blocks, scattered and out of order.
+    placed[0].blocks = vec![50, 7, 33];
+    // Explicit slots, derived from blocks as the router does.
+    placed[1].blocks = vec![12];
+    placed[1].slots = (0..15).map(|p| 12 * BLOCK_SIZE as u32 + p).collect();
+    let mut tokens = HashMap::new();
+    let mut finished = HashMap::new();
+    let mut out = engine.prefill(1, placed, None).unwrap();
+    loop {
+        collect(&out, &mut tokens, &mut finished);
+        let Some(b) = out.batch else { break };
+        out = engine.decode(&[b.id]).unwrap();
+    }
+    assert_eq!(tokens, alone);
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn invalid_requests_are_refused_without_disturbing_the_batch() {
+    let mut engine = engine();
+    let out = engine
+        .prefill(1, vec![request(1, prompt(5, 1), 20, greedy())], None)
+        .unwrap();
+    let running = out.batch.unwrap();
+
+    let bad = |f: &dyn Fn(&mut NewRequest)| {
+        let mut r = request(9, prompt(10, 2), 4, greedy());
+        f(&mut r);
+        r
+    };
+    let cases: Vec<NewRequest> = vec![
+        bad(&|r| r.blocks = vec![NUM_BLOCKS as u32]),
+        bad(&|r| r.blocks = vec![3]), // 13 positions fit, but…
+        bad(&|r| {
+            r.blocks = vec![3];
+            r.stopping.max_new_tokens = 40; // …49 positions do not fit one block
+        }),
+        bad(&|r| {
+            r.blocks = vec![3];
+            r.slots = vec![u32::MAX; 13];
+        }),
+        bad(&|r| r.input_ids.clear()),
+        bad(&|r| r.input_ids[0] = 1_000_000),
+        bad(&|r| r.stopping.max_new_tokens = 0),
+        bad(&|r| r.stopping.max_new_tokens = 1_000_000),
+        bad(&|r| {
+            r.blocks = vec![3];
+            r.cache_len = 10;
+        }),
+    ];
+    for (i, r) in cases.into_iter().enumerate() {
+        let valid = i == 1;
+        let result = engine.prefill(2, vec![r], Some(1));
+        if valid {
+            // The control case: a valid request joins; take it out again.
+            let b = result.unwrap().batch.unwrap();
+            engine.filter(b.id, &[1]).unwrap();
+            continue;
+        }
+        assert!(
+            matches!(result, Err(EngineError::InvalidRequest(_))),
+            "case {i}: {result:?}"
+        );
+    }
+    assert!(matches!(
+        engine.decode(&[42]),
+        Err(EngineError::BatchNotFound(42))
+    ));
+    assert!(matches!(
+        engine.prefill(3, vec![request(3, prompt(4, 3), 2, greedy())], Some(42)),
+        Err(EngineError::BatchNotFound(42))
+    ));
+    assert!(matches!(
+        engine.filter(1, &[1, 77]),
+        Err(EngineError::InvalidRequest(_))
+    ));
+    // A request id twice.
+    assert!(matches!(
+        engine.prefill(4, vec![request(1, prompt(4, 3), 2, greedy())], Some(1)),
+        Err(EngineError::InvalidRequest(_))
+    ));
+
+    // The running request goes on untouched.
+    let out = engine.decode(&[running.id]).unwrap();
+    assert_eq!(out.batch.unwrap().request_ids, vec![1]);
+    engine.clear(Some(1));
+    assert_no_leak(&engine);
+}
+
+#[test]
+fn warmup_reports_limits_and_leaves_nothing_behind() {
+    let mut engine = engine();
+    let requests = vec![
+        request(1, prompt(100, 1), 50, seeded(3)),
+        request(2, prompt(60, 2), 1, greedy()),
+    ];
+    let info = engine
+        .warmup(
+            1,
+            requests.clone(),
+            WarmupLimits {
+                max_input_tokens: None,
+                max_prefill_tokens: 160,
+                max_total_tokens: None,
+            },
+        )
+        .unwrap();
+    let slots = (NUM_BLOCKS * BLOCK_SIZE) as u32;
+    assert_eq!(info.max_supported_total_tokens, slots);
+    assert_eq!(info.max_total_tokens, slots.min(2048));
+    assert_eq!(info.max_input_tokens, info.max_total_tokens - 1);
+    assert_no_leak(&engine);
+
+    let info = engine
+        .warmup(
+            2,
+            requests,
+            WarmupLimits {
+                max_input_tokens: Some(300),
+                max_prefill_tokens: 160,
+                max_total_tokens: Some(400),
+            },
+        )
+        .unwrap();
+    assert_eq!((info.max_input_tokens, info.max_total_tokens), (300, 400));
+
+    // More prompt than the cache holds.
+    let huge = vec![request(
+        3,
+        prompt(NUM_BLOCKS * BLOCK_SIZE + 1, 3),
+        1,
+        greedy(),
+    )];
+    assert!(matches!(
+        engine.warmup(3, huge, WarmupLimits::default()),
+        Err(EngineError::OutOfMemory(_))
+    ));
+    assert_no_leak(&engine);
+}
