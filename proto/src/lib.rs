@@ -22,7 +22,11 @@ pub const MAX_MESSAGE_SIZE: usize = 256 << 20;
 
 /// Connects to a shard listening on the unix socket `path` (a `unix://` prefix is accepted).
 pub async fn connect_uds(path: impl AsRef<Path>) -> Result<ShardClient, tonic::transport::Error> {
-    let path: PathBuf = match path.as_ref().to_str().and_then(|s| s.strip_prefix("unix://")) {
+    let path: PathBuf = match path
+        .as_ref()
+        .to_str()
+        .and_then(|s| s.strip_prefix("unix://"))
+    {
         Some(stripped) => PathBuf::from(stripped),
         None => path.as_ref().to_path_buf(),
     };
