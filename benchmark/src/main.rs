@@ -1,17 +1,28 @@
 //! `wick-bench`: how fast wick is, measured.
 
+mod arrivals;
+mod compare;
+mod openai;
+mod plot;
+mod prompts;
+mod report;
+mod run_info;
+mod serve;
 mod shard;
+mod sse;
 mod stats;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use serde::Serialize;
 
 #[derive(Parser)]
 #[command(
     name = "wick-bench",
     version,
-    about = "Latency and throughput of wick shards"
+    about = "Latency and throughput of wick shards and of OpenAI-compatible servers"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,9 +36,23 @@ struct Cli {
 enum Command {
     /// Prefill and decode speed of running shards, over gRPC, per batch size.
     Shard(shard::ShardArgs),
+    /// Load an OpenAI-compatible server with streaming requests, level by level.
+    Serve(serve::ServeArgs),
+    /// Ratios B/A, level by level, of two `serve --json` reports.
+    Compare {
+        /// The baseline report.
+        a: PathBuf,
+        /// The report compared with it.
+        b: PathBuf,
+    },
 }
 
-#[tokio::main(flavor = "current_thread")]
+fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -35,8 +60,26 @@ async fn main() -> anyhow::Result<()> {
             let report = shard::run(args).await?;
             println!("{}", shard::markdown(&report));
             if let Some(path) = cli.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+                write_json(&path, &report)?;
             }
+        }
+        Command::Serve(args) => {
+            let plot = args.plot.clone();
+            let report = serve::run(args).await?;
+            println!("{}", report::markdown(&report));
+            if let Some(path) = cli.json {
+                write_json(&path, &report)?;
+            }
+            if let Some(path) = plot {
+                std::fs::write(&path, plot::svg(&report)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+        }
+        Command::Compare { a, b } => {
+            println!(
+                "{}",
+                compare::markdown(&compare::load(&a)?, &compare::load(&b)?)
+            );
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ use wick_proto::{
     StoppingCriteriaParameters,
 };
 
+use crate::run_info::RunInfo;
 use crate::stats::Summary;
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -72,6 +73,7 @@ pub struct ShardReport {
     pub dtype: String,
     pub quantize: String,
     pub world_size: usize,
+    pub run: RunInfo,
     pub results: Vec<BatchResult>,
 }
 
@@ -242,6 +244,7 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
         dtype: info.dtype,
         quantize: info.quantize,
         world_size: shards.0.len(),
+        run: RunInfo::collect(),
         parameters: args,
         results,
     })

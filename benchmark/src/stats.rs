@@ -1,9 +1,9 @@
 //! Summary statistics of a series of measurements.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// avg/min/max and the usual percentiles of one series.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub count: usize,
     pub avg: f64,
