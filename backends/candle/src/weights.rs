@@ -43,6 +43,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub quantize: Option<Quantize>,
     pub device: Device,
+    /// Load quantized (GGUF) linear weights as dense `dtype` tensors instead.
+    pub dequantize: bool,
     /// Quantized weights on candle's slow generic CPU path also get an f32 copy used by steps
     /// of at least this many tokens (see [`Linear::Hybrid`]); `None` = never.
     pub dense_copy_min_rows: Option<usize>,
@@ -61,6 +63,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             quantize: None,
             device: Device::Cpu,
+            dequantize: false,
             dense_copy_min_rows: Some(DEFAULT_DENSE_COPY_MIN_ROWS),
             dense_copy_budget: DEFAULT_DENSE_COPY_BUDGET,
         }
@@ -252,6 +255,14 @@ impl WeightStore {
             None
         };
         let dense = match self.stored(&name)? {
+            // Asked for dense weights, or for another quantization than the file's: go
+            // through f32 and the dense path below (which quantizes when asked).
+            Stored::Quantized(q)
+                if opts.dequantize
+                    || opts.quantize.is_some_and(|t| t.ggml_dtype() != q.dtype()) =>
+            {
+                q.dequantize(&Device::Cpu)?
+            }
             Stored::Quantized(q) => {
                 let q = if q.device().same_device(&opts.device) {
                     q

@@ -55,13 +55,18 @@ struct ServeArgs {
     #[arg(long, env = "DTYPE", value_enum, default_value_t = DtypeArg::Float32)]
     dtype: DtypeArg,
 
-    /// Quantize dense weights at load time (GGUF files keep their own quantization).
+    /// Quantize linear weights at load time: dense checkpoints, and GGUF weights stored in
+    /// another format (requantized through f32). Without it GGUF weights stay as stored.
     #[arg(long, env = "QUANTIZE", value_enum)]
     quantize: Option<QuantizeArg>,
 
     /// Memory for the KV cache, e.g. `2GiB`, `512MiB`, `1.5GB` or plain bytes.
     #[arg(long, env = "KV_CACHE_MEMORY", default_value = "2GiB", value_parser = parse_bytes)]
     kv_cache_memory: u64,
+
+    /// Load quantized (GGUF) linear weights as dense `--dtype` tensors.
+    #[arg(long, env = "DEQUANTIZE")]
+    dequantize: bool,
 
     /// Quantized weights whose CPU kernel does not get faster with more rows (every GGUF type
     /// but Q4_K/Q8_0/Q6_K, and those too when the in-dim is not a multiple of 256) also keep an
@@ -203,6 +208,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
                 QuantizeArg::Q4K => Quantize::Q4K,
             }),
             device: Device::Cpu,
+            dequantize: args.dequantize,
             dense_copy_min_rows: (args.dense_copy_min_rows > 0)
                 .then_some(args.dense_copy_min_rows as usize),
             dense_copy_budget: usize::try_from(args.dense_copy_budget).unwrap_or(usize::MAX),
