@@ -2,7 +2,19 @@
 //! of events comes out. Everything below this (queue, block allocator, radix prefix cache,
 //! batching loop, sharded gRPC client) is behind [`Infer`].
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
+
+use futures::stream::{BoxStream, Stream};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use wick_proto::v1 as pb;
+
+use crate::block_allocator::BlockAllocator;
+use crate::client::ShardedClient;
+use crate::queue::{Entry, Queue};
 
 /// Sampling parameters after validation (TGI's defaults applied; 1.0 = off for the
 /// multiplicative ones).
@@ -81,4 +93,191 @@ pub enum InferStreamResponse {
         queued: Instant,
         start: Instant,
     },
+}
+
+/// Why a request failed after validation. `Display` gives TGI's messages.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InferError {
+    /// Every `max_concurrent_requests` permit is taken.
+    #[error("Model is overloaded")]
+    Overloaded,
+    /// A shard call failed while the request ran (or it could never be scheduled).
+    #[error("Request failed during generation: Server error: {0}")]
+    GenerationError(String),
+    /// The stream ended without an `End` event.
+    #[error("Incomplete generation")]
+    IncompleteGeneration,
+    #[error("Incomplete generation stream")]
+    IncompleteGenerationStream,
+}
+
+impl InferError {
+    /// The `error_type` of the JSON error body, also the `err` label of `tgi_request_failure`.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::Overloaded => "overloaded",
+            Self::GenerationError(_) => "generation",
+            Self::IncompleteGeneration => "incomplete_generation",
+            Self::IncompleteGenerationStream => "incomplete_generation_stream",
+        }
+    }
+}
+
+/// Request and batch id of the health check's liveness prefill; it writes into the reserved
+/// block 0, so it never disturbs running requests.
+const LIVENESS_ID: u64 = u64::MAX;
+
+/// The scheduler's front door: admission (concurrency permits), queueing, health. Cloning
+/// shares the same queue and batching loop.
+#[derive(Clone)]
+pub struct Infer {
+    queue: Queue,
+    /// Wakes the batching loop when a request is queued.
+    notifier: Arc<Notify>,
+    permits: Arc<Semaphore>,
+    /// False after a shard error, until a health check proves a forward pass works again.
+    backend_health: Arc<AtomicBool>,
+    client: ShardedClient,
+    allocator: BlockAllocator,
+    /// Prompt of the liveness prefill: any token of the vocabulary.
+    liveness_token: u32,
+}
+
+impl Infer {
+    pub(crate) fn new(
+        queue: Queue,
+        notifier: Arc<Notify>,
+        max_concurrent_requests: usize,
+        backend_health: Arc<AtomicBool>,
+        client: ShardedClient,
+        allocator: BlockAllocator,
+        liveness_token: u32,
+    ) -> Self {
+        Self {
+            queue,
+            notifier,
+            permits: Arc::new(Semaphore::new(max_concurrent_requests)),
+            backend_health,
+            client,
+            allocator,
+            liveness_token,
+        }
+    }
+
+    /// Non-blocking: `Err(Overloaded)` when `max_concurrent_requests` are in flight.
+    pub fn try_acquire_permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| InferError::Overloaded)
+    }
+
+    /// Queues the request; the stream yields its events; dropping the stream cancels it (its KV
+    /// blocks are freed and the shard batch is filtered at the next step). The permit is held
+    /// as long as the stream lives.
+    pub fn generate_stream(
+        &self,
+        permit: OwnedSemaphorePermit,
+        request: ValidRequest,
+    ) -> Result<BoxStream<'static, Result<InferStreamResponse, InferError>>, InferError> {
+        // Validation guarantees these; a request breaking them would fail its whole batch on
+        // the shard, or wait forever for memory, so it is refused here.
+        if request.input_ids.is_empty() || request.stopping.max_new_tokens == 0 {
+            return Err(InferError::GenerationError(
+                "a request needs at least one prompt token and one new token".into(),
+            ));
+        }
+        let positions = (request.input_ids.len() as u64 + request.stopping.max_new_tokens as u64)
+            .saturating_sub(1);
+        let blocks = positions.div_ceil(self.allocator.block_size() as u64);
+        let total = self.allocator.total_blocks() as u64;
+        if blocks > total {
+            return Err(InferError::GenerationError(format!(
+                "the request needs {blocks} KV blocks but the cache holds {total}"
+            )));
+        }
+        let (response_tx, response_rx) = mpsc::unbounded_channel();
+        self.queue.append(Entry::new(request, response_tx));
+        self.notifier.notify_one();
+        Ok(Box::pin(ResponseStream {
+            events: response_rx,
+            _permit: permit,
+        }))
+    }
+
+    /// True when the shards answer `Health`; after a shard error, only once a one-token
+    /// prefill (into the reserved block 0) succeeds again.
+    pub async fn health(&self) -> bool {
+        let healthy = if self.backend_health.load(Ordering::SeqCst) {
+            self.client.health().await.is_ok()
+        } else {
+            self.liveness_prefill().await
+        };
+        self.backend_health.store(healthy, Ordering::SeqCst);
+        healthy
+    }
+
+    async fn liveness_prefill(&self) -> bool {
+        let block_size = self.allocator.block_size();
+        let request = pb::Request {
+            id: LIVENESS_ID,
+            input_ids: vec![self.liveness_token],
+            parameters: Some(pb::NextTokenChooserParameters::default()),
+            stopping_parameters: Some(pb::StoppingCriteriaParameters {
+                max_new_tokens: 1,
+                stop_sequences: Vec::new(),
+                ignore_eos_token: false,
+            }),
+            blocks: vec![0],
+            slots: vec![0],
+            ..Default::default()
+        };
+        let batch = pb::Batch {
+            id: LIVENESS_ID,
+            requests: vec![request],
+            size: 1,
+            max_tokens: block_size,
+            max_blocks: 1,
+        };
+        match self.client.prefill(batch, None).await {
+            Ok((_, None, _)) => true,
+            // A one-token request finishes at once; should anything be left, it is cleared.
+            Ok((_, Some(_), _)) => self.client.clear_cache(Some(LIVENESS_ID)).await.is_ok(),
+            Err(e) => {
+                tracing::warn!(error = %e, "liveness prefill failed");
+                // The shard keeps a failed batch for the caller to clear.
+                let _ = self.client.clear_cache(Some(LIVENESS_ID)).await;
+                false
+            }
+        }
+    }
+
+    /// KV blocks a new request could get now (free, or held only by the prefix cache).
+    pub fn free_kv_blocks(&self) -> usize {
+        self.allocator.free_blocks()
+    }
+
+    /// Usable KV blocks of the pool.
+    pub fn total_kv_blocks(&self) -> usize {
+        self.allocator.total_blocks()
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+/// A request's events; holds its concurrency permit until dropped.
+struct ResponseStream {
+    events: mpsc::UnboundedReceiver<Result<InferStreamResponse, InferError>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Stream for ResponseStream {
+    type Item = Result<InferStreamResponse, InferError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.poll_recv(cx)
+    }
 }
