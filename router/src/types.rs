@@ -1,1 +1,624 @@
-//! TODO
+//! Request and response bodies of the HTTP API: TGI's native shapes (`/generate`,
+//! `/generate_stream`, `/`, `/tokenize`, `/info`) and OpenAI's (`/v1/*`). Field names, defaults
+//! and omissions follow the reference servers so existing clients parse them unchanged.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// TGI's `GenerateParameters`. Every field is optional; see the validation module for the rules.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+pub struct GenerateParameters {
+    /// Generate `best_of` sequences and return the one with the highest logprob (only 1 is served).
+    #[serde(default)]
+    pub best_of: Option<usize>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    /// OpenAI-style: subtract `frequency_penalty × count` from a generated token's logit.
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// OpenAI-style: subtract `presence_penalty` once from every token already generated
+    /// (an extension of TGI's parameters, used by the OpenAI routes).
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub typical_p: Option<f32>,
+    #[serde(default)]
+    pub do_sample: bool,
+    #[serde(default)]
+    pub max_new_tokens: Option<u32>,
+    /// Prepend the prompt to the generated text.
+    #[serde(default)]
+    pub return_full_text: Option<bool>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Keep only the last `truncate` prompt tokens.
+    #[serde(default)]
+    pub truncate: Option<usize>,
+    /// Accepted for compatibility; watermarking is not implemented.
+    #[serde(default)]
+    pub watermark: bool,
+    #[serde(default)]
+    pub details: bool,
+    /// Return the prompt tokens with their logprobs.
+    #[serde(default)]
+    pub decoder_input_details: bool,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub top_n_tokens: Option<u32>,
+    /// Constrained generation is not supported: any value is rejected.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub grammar: Option<serde_json::Value>,
+    /// LoRA adapters are not supported: any value is rejected.
+    #[serde(default)]
+    pub adapter_id: Option<String>,
+}
+
+/// The parameters TGI applies when a request carries no `parameters` object at all
+/// (note: sampling on, unlike `"parameters": {}`).
+pub fn default_parameters() -> GenerateParameters {
+    GenerateParameters {
+        do_sample: true,
+        ..Default::default()
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Body of `/generate`, `/generate_stream` and `/tokenize`.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct GenerateRequest {
+    #[schema(example = "My name is Olivier and I")]
+    pub inputs: String,
+    #[serde(default = "default_parameters")]
+    pub parameters: GenerateParameters,
+    /// Add the tokenizer's special tokens (BOS) to the prompt; chat requests turn it off
+    /// because the template supplies them.
+    #[serde(default = "default_true")]
+    pub add_special_tokens: bool,
+}
+
+/// Body of `POST /`: a generate request that may ask for a stream.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CompatGenerateRequest {
+    pub inputs: String,
+    #[serde(default = "default_parameters")]
+    pub parameters: GenerateParameters,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// Why generation stopped, as TGI spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Length,
+    EosToken,
+    StopSequence,
+}
+
+impl From<crate::infer::FinishReason> for FinishReason {
+    fn from(reason: crate::infer::FinishReason) -> Self {
+        match reason {
+            crate::infer::FinishReason::Length => FinishReason::Length,
+            crate::infer::FinishReason::EosToken => FinishReason::EosToken,
+            crate::infer::FinishReason::StopSequence => FinishReason::StopSequence,
+        }
+    }
+}
+
+impl FinishReason {
+    /// OpenAI's vocabulary: a stop sequence and EOS are both "stop".
+    pub fn openai(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::EosToken | FinishReason::StopSequence => "stop",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+    pub special: bool,
+}
+
+impl From<crate::infer::Token> for Token {
+    fn from(t: crate::infer::Token) -> Self {
+        Token {
+            id: t.id,
+            text: t.text,
+            logprob: t.logprob,
+            special: t.special,
+        }
+    }
+}
+
+/// A prompt token; the first one has no logprob (`null`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PrefillToken {
+    pub id: u32,
+    pub text: String,
+    pub logprob: Option<f32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Details {
+    pub finish_reason: FinishReason,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub prefill: Vec<PrefillToken>,
+    pub tokens: Vec<Token>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResponse {
+    pub generated_text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Details>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StreamDetails {
+    pub finish_reason: FinishReason,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub input_length: u32,
+}
+
+/// One event of `/generate_stream`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StreamResponse {
+    /// Counts from 1.
+    pub index: u32,
+    pub token: Token,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Token>,
+    /// Set on the last event only.
+    pub generated_text: Option<String>,
+    /// Set on the last event when `details` was asked for.
+    pub details: Option<StreamDetails>,
+}
+
+/// TGI's error body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: String,
+    pub error_type: String,
+}
+
+/// OpenAI's error body: `{"error": {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiErrorResponse {
+    pub error: OpenAiError,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OpenAiError {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// `GET /info`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Info {
+    pub model_id: String,
+    pub model_sha: Option<String>,
+    pub model_pipeline_tag: Option<String>,
+    pub max_concurrent_requests: usize,
+    pub max_best_of: usize,
+    pub max_stop_sequences: usize,
+    pub max_input_tokens: u32,
+    pub max_total_tokens: u32,
+    pub validation_workers: usize,
+    pub max_client_batch_size: usize,
+    pub router: String,
+    pub version: String,
+    pub sha: Option<String>,
+    pub docker_label: Option<String>,
+    // Beyond TGI: what the shards reported.
+    pub max_batch_total_tokens: u32,
+    pub block_size: u32,
+    pub dtype: String,
+    pub device_type: String,
+    pub quantize: String,
+    pub world_size: usize,
+}
+
+/// One prompt token of `/tokenize`, with byte offsets into `inputs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SimpleToken {
+    pub id: u32,
+    pub text: String,
+    pub start: usize,
+    pub stop: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// OpenAI
+
+/// `stop`: a string or a list of strings.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopSpec {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl StopSpec {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StopSpec::One(s) => vec![s],
+            StopSpec::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// A part of a multi-part message content.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct ImageUrl {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    /// Flattens parts to text; images become markdown `![](url)` as TGI does.
+    pub fn to_text(&self) -> String {
+        match self {
+            MessageContent::Text(s) => s.clone(),
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .map(|p| match p {
+                    ContentPart::Text { text } => text.clone(),
+                    ContentPart::ImageUrl { image_url } => format!("![]({})", image_url.url),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/chat/completions`. Unknown fields are ignored.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct ChatRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// Accepted and ignored.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub logit_bias: Option<serde_json::Value>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Number of choices to generate.
+    #[serde(default)]
+    pub n: Option<usize>,
+    #[serde(default)]
+    pub stop: Option<StopSpec>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// 0 means greedy decoding.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Tool calling is not supported: a non-empty list is rejected.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<serde_json::Value>>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// Constrained output is not supported: any value other than `{"type":"text"}` is rejected.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: String,
+}
+
+/// Non-stream answer of `/v1/chat/completions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatDelta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<String>,
+}
+
+/// One event of a streamed chat completion.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<ChatChunkChoice>,
+    pub usage: Option<Usage>,
+}
+
+/// `prompt`: a string or a list of strings.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Prompt {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Prompt::One(s) => vec![s],
+            Prompt::Many(v) => v,
+        }
+    }
+}
+
+/// `POST /v1/completions`. Unknown fields are ignored.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Not supported: any value is rejected.
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub stop: Option<StopSpec>,
+    /// Number of completions per prompt.
+    #[serde(default)]
+    pub n: Option<usize>,
+    /// Number of most likely tokens to report per position (0 = only the chosen token).
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+}
+
+/// OpenAI's legacy logprobs object.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    pub text_offset: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length`; null on intermediate stream chunks.
+    pub finish_reason: Option<String>,
+}
+
+/// Answer of `/v1/completions`, and each event of its stream (`usage` only on the last).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_parameters_default_to_sampling_but_empty_object_does_not() {
+        let r: GenerateRequest = serde_json::from_str(r#"{"inputs":"a"}"#).unwrap();
+        assert!(r.parameters.do_sample);
+        assert!(r.add_special_tokens);
+        let r: GenerateRequest = serde_json::from_str(r#"{"inputs":"a","parameters":{}}"#).unwrap();
+        assert!(!r.parameters.do_sample);
+    }
+
+    #[test]
+    fn optional_fields_are_omitted_as_tgi_does() {
+        let r = GenerateResponse {
+            generated_text: "x".into(),
+            details: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"generated_text":"x"}"#
+        );
+        let s = StreamResponse {
+            index: 1,
+            token: Token {
+                id: 3,
+                text: "a".into(),
+                logprob: -0.5,
+                special: false,
+            },
+            top_tokens: vec![],
+            generated_text: None,
+            details: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"index":1,"token":{"id":3,"text":"a","logprob":-0.5,"special":false},"generated_text":null,"details":null}"#
+        );
+    }
+
+    #[test]
+    fn stop_and_prompt_accept_string_or_list() {
+        let c: CompletionRequest =
+            serde_json::from_str(r#"{"prompt":["a","b"],"stop":"x"}"#).unwrap();
+        assert_eq!(c.prompt.into_vec(), vec!["a", "b"]);
+        assert_eq!(c.stop.unwrap().into_vec(), vec!["x"]);
+        let c: CompletionRequest =
+            serde_json::from_str(r#"{"prompt":"a","stop":["x","y"]}"#).unwrap();
+        assert_eq!(c.prompt.into_vec(), vec!["a"]);
+        assert_eq!(c.stop.unwrap().into_vec(), vec!["x", "y"]);
+    }
+
+    #[test]
+    fn message_parts_flatten_to_text() {
+        let m: ChatMessage = serde_json::from_str(
+            r#"{"role":"user","content":[{"type":"text","text":"see "},{"type":"image_url","image_url":{"url":"http://x/y.png"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(m.content.unwrap().to_text(), "see ![](http://x/y.png)");
+    }
+
+    #[test]
+    fn finish_reasons_spell_as_tgi_and_openai() {
+        assert_eq!(
+            serde_json::to_string(&FinishReason::EosToken).unwrap(),
+            r#""eos_token""#
+        );
+        assert_eq!(FinishReason::StopSequence.openai(), "stop");
+        assert_eq!(FinishReason::Length.openai(), "length");
+    }
+}

@@ -1,1 +1,44 @@
-//! TODO
+//! The route table. Generation routes sit behind the API key (when one is set); health, info,
+//! metrics and the docs stay open.
+
+mod docs;
+mod generation;
+mod info;
+mod native;
+mod openai;
+mod sse;
+mod stop;
+
+use axum::middleware;
+use axum::routing::{get, post};
+use axum::Router;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use docs::ApiDoc;
+
+use crate::auth::{require_api_key, ApiKey};
+use crate::server::AppState;
+
+/// All routes, with their state applied.
+pub fn router(state: AppState, api_key: Option<ApiKey>) -> Router {
+    let mut generation = Router::new()
+        .route("/", post(native::compat_generate))
+        .route("/generate", post(native::generate))
+        .route("/generate_stream", post(native::generate_stream))
+        .route("/tokenize", post(native::tokenize))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions));
+    if let Some(key) = api_key {
+        generation = generation.layer(middleware::from_fn_with_state(key, require_api_key));
+    }
+    let open = Router::new()
+        .route("/", get(info::health))
+        .route("/health", get(info::health))
+        .route("/ping", get(info::health))
+        .route("/info", get(info::info))
+        .route("/metrics", get(info::metrics))
+        .route("/v1/models", get(openai::models));
+    let docs = SwaggerUi::new("/docs").url("/api-doc/openapi.json", ApiDoc::openapi());
+    generation.merge(open).with_state(state).merge(docs)
+}

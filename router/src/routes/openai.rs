@@ -1,0 +1,642 @@
+//! OpenAI's routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`. OpenAI semantics
+//! where TGI deviates: stop text is not returned, `finish_reason` is `stop|length`, ids are
+//! unique, `n` generates several choices, `presence_penalty` is a presence penalty.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, StreamExt};
+
+use super::generation::{
+    acquire_more, admit, run_to_end, start, unique_id, unix_now, Admitted, EventStream, Finished,
+    Timings,
+};
+use super::native::timing_headers;
+use super::sse::{self, EventSender};
+use super::stop::{trim_at_stop, StopFilter};
+use crate::chat_template::TemplateMessage;
+use crate::error::{ApiError, ApiJson, HttpError};
+use crate::infer::{InferError, InferStreamResponse, Token};
+use crate::server::AppState;
+use crate::types::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
+    ChatLogprob, ChatLogprobs, ChatRequest, Completion, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, FinishReason, GenerateParameters, ModelCard, ModelList, OpenAiErrorResponse,
+    TopLogprob, Usage,
+};
+use crate::validation::{random_seed, ValidationError};
+
+/// The served model.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "OpenAI",
+    responses((status = 200, description = "Served model", body = ModelList))
+)]
+pub(crate) async fn models(State(state): State<AppState>) -> Json<ModelList> {
+    let id = state.model_id().to_string();
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: id.clone(),
+            object: "model".into(),
+            created: 0,
+            owned_by: id,
+        }],
+    })
+}
+
+/// Chat completion (OpenAI compatible), streamed with `stream: true`.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "OpenAI",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "Chat completion", body = ChatCompletion),
+        (status = 200, description = "Chat completion stream", body = ChatCompletionChunk, content_type = "text/event-stream"),
+        (status = 422, description = "Input validation error", body = OpenAiErrorResponse),
+        (status = 429, description = "Model is overloaded", body = OpenAiErrorResponse),
+    )
+)]
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<ChatRequest>,
+) -> Result<Response, HttpError> {
+    chat(state, request).await.map_err(HttpError::openai)
+}
+
+/// Text completion (OpenAI's legacy API): one or more prompts, `n` choices each.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "OpenAI",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "Completion", body = Completion),
+        (status = 200, description = "Completion stream", body = Completion, content_type = "text/event-stream"),
+        (status = 422, description = "Input validation error", body = OpenAiErrorResponse),
+        (status = 429, description = "Model is overloaded", body = OpenAiErrorResponse),
+    )
+)]
+pub(crate) async fn completions(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<CompletionRequest>,
+) -> Result<Response, HttpError> {
+    complete(state, request).await.map_err(HttpError::openai)
+}
+
+/// OpenAI's temperature 0 means greedy; any other value samples.
+fn sampling(temperature: Option<f32>) -> (bool, Option<f32>) {
+    match temperature {
+        Some(0.0) => (false, None),
+        other => (true, other),
+    }
+}
+
+/// OpenAI's `top_p: 1` means "off", which TGI's range check would refuse.
+fn top_p(value: Option<f32>) -> Option<f32> {
+    value.filter(|p| *p != 1.0)
+}
+
+/// How many generations, and the id/model fields shared by their answers.
+struct Job {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+    /// Choices per prompt.
+    n: usize,
+    stops: Vec<String>,
+    logprobs: bool,
+    include_usage: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiError> {
+    let wants_tools = request.tools.as_ref().is_some_and(|t| !t.is_empty())
+        && request.tool_choice.as_ref().and_then(|c| c.as_str()) != Some("none");
+    if wants_tools {
+        return Err(ApiError::ToolsNotSupported);
+    }
+    if let Some(format) = &request.response_format {
+        if format.get("type").and_then(|t| t.as_str()) != Some("text") {
+            return Err(ValidationError::Grammar.into());
+        }
+    }
+    let n = check_n(request.n, 1, state.max_client_batch_size)?;
+    let template = state.template.as_ref().as_ref().map_err(|e| e.clone())?;
+    let messages: Vec<TemplateMessage> = request
+        .messages
+        .iter()
+        .map(|m| TemplateMessage {
+            role: m.role.clone(),
+            content: m.content.as_ref().map(|c| c.to_text()).unwrap_or_default(),
+            name: m.name.clone(),
+        })
+        .collect();
+    let prompt = template.apply(&messages)?;
+    let logprobs = request.logprobs.unwrap_or(false);
+    let (do_sample, temperature) = sampling(request.temperature);
+    let parameters = GenerateParameters {
+        temperature,
+        do_sample,
+        top_p: top_p(request.top_p),
+        frequency_penalty: request.frequency_penalty,
+        presence_penalty: request.presence_penalty,
+        max_new_tokens: request.max_completion_tokens.or(request.max_tokens),
+        stop: request
+            .stop
+            .clone()
+            .map(|s| s.into_vec())
+            .unwrap_or_default(),
+        seed: request.seed,
+        top_n_tokens: if logprobs { request.top_logprobs } else { None },
+        details: true,
+        ..Default::default()
+    };
+    let job = Job {
+        kind: Kind::Chat,
+        id: unique_id("chatcmpl"),
+        created: unix_now(),
+        model: state.model_id().to_string(),
+        fingerprint: state.system_fingerprint.to_string(),
+        n,
+        stops: parameters.stop.clone(),
+        logprobs,
+        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+    };
+    // The template supplies BOS and friends.
+    let admitted = admit_all(&state, &[prompt], n, &parameters, false, request.stream).await?;
+    respond(state, job, admitted, request.stream).await
+}
+
+async fn complete(state: AppState, request: CompletionRequest) -> Result<Response, ApiError> {
+    if request.suffix.is_some() {
+        return Err(ApiError::SuffixNotSupported);
+    }
+    let prompts = request.prompt.clone().into_vec();
+    if prompts.len() > state.max_client_batch_size {
+        return Err(ApiError::BatchSizeExceeded(state.max_client_batch_size));
+    }
+    if prompts.is_empty() {
+        return Err(ValidationError::EmptyInput.into());
+    }
+    let n = check_n(request.n, prompts.len(), state.max_client_batch_size)?;
+    let (do_sample, temperature) = sampling(request.temperature);
+    let parameters = GenerateParameters {
+        temperature,
+        do_sample,
+        top_p: top_p(request.top_p),
+        repetition_penalty: request.repetition_penalty,
+        frequency_penalty: request.frequency_penalty,
+        presence_penalty: request.presence_penalty,
+        max_new_tokens: request.max_tokens,
+        stop: request
+            .stop
+            .clone()
+            .map(|s| s.into_vec())
+            .unwrap_or_default(),
+        seed: request.seed,
+        top_n_tokens: request.logprobs,
+        details: true,
+        ..Default::default()
+    };
+    let job = Job {
+        kind: Kind::Completion,
+        id: unique_id("cmpl"),
+        created: unix_now(),
+        model: state.model_id().to_string(),
+        fingerprint: state.system_fingerprint.to_string(),
+        n,
+        stops: parameters.stop.clone(),
+        logprobs: request.logprobs.is_some(),
+        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+    };
+    let admitted = admit_all(&state, &prompts, n, &parameters, true, request.stream).await?;
+    respond(state, job, admitted, request.stream).await
+}
+
+/// `n` must be at least 1, and prompts × n at most `max_client_batch_size`.
+fn check_n(
+    n: Option<usize>,
+    prompts: usize,
+    max_client_batch_size: usize,
+) -> Result<usize, ApiError> {
+    let n = n.unwrap_or(1);
+    let max = (max_client_batch_size / prompts.max(1)).max(1);
+    if n == 0 || n > max {
+        return Err(ApiError::N(max, n));
+    }
+    Ok(n)
+}
+
+/// Admits `n` generations per prompt, in OpenAI's choice order (prompt-major). Each prompt is
+/// validated once; its copies get their own permit and a distinct seed.
+async fn admit_all(
+    state: &AppState,
+    prompts: &[String],
+    n: usize,
+    parameters: &GenerateParameters,
+    add_special_tokens: bool,
+    stream: bool,
+) -> Result<Vec<Admitted>, ApiError> {
+    let mut all = Vec::with_capacity(prompts.len() * n);
+    for prompt in prompts {
+        let first = admit(state, prompt, add_special_tokens, parameters, stream).await?;
+        let permits = acquire_more(state, n - 1)?;
+        let copies: Vec<Admitted> = permits
+            .into_iter()
+            .enumerate()
+            .map(|(j, permit)| {
+                let mut valid = first.valid.clone();
+                let p = &mut valid.request.parameters;
+                p.seed = match parameters.seed {
+                    Some(seed) => seed.wrapping_add(j as u64 + 1),
+                    None if p.do_sample => random_seed(),
+                    None => p.seed,
+                };
+                Admitted {
+                    permit,
+                    valid,
+                    arrived: first.arrived,
+                    validation_time: first.validation_time,
+                }
+            })
+            .collect();
+        all.push(first);
+        all.extend(copies);
+    }
+    Ok(all)
+}
+
+async fn respond(
+    state: AppState,
+    job: Job,
+    admitted: Vec<Admitted>,
+    stream: bool,
+) -> Result<Response, ApiError> {
+    if stream {
+        let mut streams = Vec::with_capacity(admitted.len());
+        let mut gens = Vec::with_capacity(admitted.len());
+        for a in admitted {
+            gens.push(GenState {
+                filter: StopFilter::new(job.stops.clone()),
+                input_length: a.valid.input_length,
+                arrived: a.arrived,
+                validation_time: a.validation_time,
+                text_offset: 0,
+                streamed: String::new(),
+                done: false,
+            });
+            streams.push(start(&state, a)?);
+        }
+        let (tx, response) = sse::channel(state.compute_type.clone());
+        tokio::spawn(async move {
+            stream_choices(job, gens, streams, tx).await;
+        });
+        return Ok(response);
+    }
+    let finished =
+        futures::future::try_join_all(admitted.into_iter().map(|a| run_to_end(&state, a))).await?;
+    let mut headers = HeaderMap::new();
+    headers.insert("x-compute-type", state.compute_type.clone());
+    let usage = usage(&finished, job.n);
+    if let Some(first) = finished.first() {
+        timing_headers(
+            &mut headers,
+            &first.timings,
+            0,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        );
+    }
+    let body = match job.kind {
+        Kind::Chat => Json(ChatCompletion {
+            id: job.id,
+            object: "chat.completion".into(),
+            created: job.created,
+            model: job.model,
+            system_fingerprint: job.fingerprint,
+            choices: finished
+                .iter()
+                .enumerate()
+                .map(|(i, f)| ChatChoice {
+                    index: i as u32,
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: trim_at_stop(&f.generated.text, &job.stops).to_string(),
+                    },
+                    logprobs: job.logprobs.then(|| ChatLogprobs {
+                        content: f
+                            .tokens
+                            .iter()
+                            .zip(&f.top_tokens)
+                            .map(|(t, top)| chat_logprob(t, top))
+                            .collect(),
+                    }),
+                    finish_reason: finish_reason(f).into(),
+                })
+                .collect(),
+            usage,
+        })
+        .into_response(),
+        Kind::Completion => Json(Completion {
+            id: job.id,
+            object: "text_completion".into(),
+            created: job.created,
+            model: job.model,
+            system_fingerprint: job.fingerprint,
+            choices: finished
+                .iter()
+                .enumerate()
+                .map(|(i, f)| CompletionChoice {
+                    index: i as u32,
+                    text: trim_at_stop(&f.generated.text, &job.stops).to_string(),
+                    logprobs: job.logprobs.then(|| {
+                        let mut lp = CompletionLogprobs::default();
+                        let mut offset = 0;
+                        for (t, top) in f.tokens.iter().zip(&f.top_tokens) {
+                            push_completion_logprob(&mut lp, t, top, &mut offset);
+                        }
+                        lp
+                    }),
+                    finish_reason: Some(finish_reason(f).into()),
+                })
+                .collect(),
+            usage: Some(usage),
+        })
+        .into_response(),
+    };
+    Ok((headers, body).into_response())
+}
+
+fn finish_reason(f: &Finished) -> &'static str {
+    FinishReason::from(f.generated.finish_reason).openai()
+}
+
+/// Prompt tokens count once per prompt (not per choice); completion tokens add up.
+fn usage(finished: &[Finished], n: usize) -> Usage {
+    let prompt_tokens = finished
+        .iter()
+        .step_by(n.max(1))
+        .map(|f| f.input_length)
+        .sum();
+    let completion_tokens = finished.iter().map(|f| f.generated.generated_tokens).sum();
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    }
+}
+
+fn chat_logprob(token: &Token, top: &[Token]) -> ChatLogprob {
+    ChatLogprob {
+        token: token.text.clone(),
+        logprob: token.logprob,
+        top_logprobs: top
+            .iter()
+            .map(|t| TopLogprob {
+                token: t.text.clone(),
+                logprob: t.logprob,
+            })
+            .collect(),
+    }
+}
+
+fn push_completion_logprob(
+    lp: &mut CompletionLogprobs,
+    token: &Token,
+    top: &[Token],
+    offset: &mut usize,
+) {
+    lp.tokens.push(token.text.clone());
+    lp.token_logprobs.push(token.logprob);
+    lp.top_logprobs
+        .push(top.iter().map(|t| (t.text.clone(), t.logprob)).collect());
+    lp.text_offset.push(*offset);
+    *offset += token.text.len();
+}
+
+/// Per-choice state of a stream.
+struct GenState {
+    filter: StopFilter,
+    input_length: u32,
+    arrived: std::time::Instant,
+    validation_time: std::time::Duration,
+    text_offset: usize,
+    /// Text of the tokens so far, before stop filtering.
+    streamed: String,
+    done: bool,
+}
+
+/// Interleaves the choices' events as they come; ends with the usage chunk (when asked for)
+/// and `[DONE]`. An error is sent in OpenAI's shape, then `[DONE]`.
+async fn stream_choices(
+    job: Job,
+    mut gens: Vec<GenState>,
+    streams: Vec<EventStream>,
+    tx: EventSender,
+) {
+    let mut merged = stream::select_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.map(move |event| (i, event))),
+    );
+    let mut usage = Usage {
+        prompt_tokens: gens
+            .iter()
+            .step_by(job.n.max(1))
+            .map(|g| g.input_length)
+            .sum(),
+        completion_tokens: 0,
+        total_tokens: 0,
+    };
+    while let Some((i, event)) = merged.next().await {
+        let gen = &mut gens[i];
+        let (token, top, end) = match event {
+            Ok(InferStreamResponse::Prefill(_)) => continue,
+            Ok(InferStreamResponse::Intermediate { token, top_tokens }) => {
+                (token, top_tokens, None)
+            }
+            Ok(InferStreamResponse::End {
+                token,
+                top_tokens,
+                generated_text,
+                queued,
+                start,
+            }) => (token, top_tokens, Some((generated_text, queued, start))),
+            Err(e) => {
+                send_error(&tx, e.into()).await;
+                return;
+            }
+        };
+        // Special tokens (EOS) carry no content, as in the non-stream text.
+        let mut piece = if token.special {
+            String::new()
+        } else {
+            token.text.clone()
+        };
+        if let Some((generated, _, _)) = &end {
+            // The final text is decoded from all tokens at once; where it differs from the
+            // pieces streamed (bytes of a character left incomplete), it is the truth.
+            if let Some(rest) = generated.text.strip_prefix(gen.streamed.as_str()) {
+                piece = rest.to_string();
+            }
+        }
+        gen.streamed.push_str(&piece);
+        let mut text = gen.filter.push(&piece);
+        let finish = end.map(|(generated, queued, start)| {
+            text.push_str(&gen.filter.finish());
+            gen.done = true;
+            let n = generated.generated_tokens;
+            Timings::new(gen.arrived, gen.validation_time, queued, start, n).record_success(n);
+            usage.completion_tokens += n;
+            FinishReason::from(generated.finish_reason)
+                .openai()
+                .to_string()
+        });
+        let sent = match job.kind {
+            Kind::Chat => {
+                tx.json(&chat_chunk(
+                    &job,
+                    i,
+                    text,
+                    job.logprobs.then(|| chat_logprob(&token, &top)),
+                    finish,
+                ))
+                .await
+            }
+            Kind::Completion => {
+                let logprobs = job.logprobs.then(|| {
+                    let mut lp = CompletionLogprobs::default();
+                    push_completion_logprob(&mut lp, &token, &top, &mut gen.text_offset);
+                    lp
+                });
+                tx.json(&completion_chunk(&job, i, text, logprobs, finish))
+                    .await
+            }
+        };
+        if !sent {
+            return;
+        }
+    }
+    if gens.iter().any(|g| !g.done) {
+        send_error(&tx, InferError::IncompleteGenerationStream.into()).await;
+        return;
+    }
+    if job.include_usage {
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+        let sent = match job.kind {
+            Kind::Chat => {
+                tx.json(&ChatCompletionChunk {
+                    choices: vec![],
+                    usage: Some(usage),
+                    ..chat_chunk(&job, 0, String::new(), None, None)
+                })
+                .await
+            }
+            Kind::Completion => {
+                tx.json(&Completion {
+                    choices: vec![],
+                    usage: Some(usage),
+                    ..completion_chunk(&job, 0, String::new(), None, None)
+                })
+                .await
+            }
+        };
+        if !sent {
+            return;
+        }
+    }
+    tx.data("[DONE]".into()).await;
+}
+
+async fn send_error(tx: &EventSender, error: ApiError) {
+    error.record();
+    if tx.json(&error.openai_body()).await {
+        tx.data("[DONE]".into()).await;
+    }
+}
+
+fn chat_chunk(
+    job: &Job,
+    index: usize,
+    content: String,
+    logprob: Option<ChatLogprob>,
+    finish_reason: Option<String>,
+) -> ChatCompletionChunk {
+    ChatCompletionChunk {
+        id: job.id.clone(),
+        object: "chat.completion.chunk".into(),
+        created: job.created,
+        model: job.model.clone(),
+        system_fingerprint: job.fingerprint.clone(),
+        choices: vec![ChatChunkChoice {
+            index: index as u32,
+            delta: ChatDelta {
+                role: Some("assistant".into()),
+                content: Some(content),
+            },
+            logprobs: logprob.map(|l| ChatLogprobs { content: vec![l] }),
+            finish_reason,
+        }],
+        usage: None,
+    }
+}
+
+fn completion_chunk(
+    job: &Job,
+    index: usize,
+    text: String,
+    logprobs: Option<CompletionLogprobs>,
+    finish_reason: Option<String>,
+) -> Completion {
+    Completion {
+        id: job.id.clone(),
+        object: "text_completion".into(),
+        created: job.created,
+        model: job.model.clone(),
+        system_fingerprint: job.fingerprint.clone(),
+        choices: vec![CompletionChoice {
+            index: index as u32,
+            text,
+            logprobs,
+            finish_reason,
+        }],
+        usage: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temperature_zero_is_greedy() {
+        assert_eq!(sampling(Some(0.0)), (false, None));
+        assert_eq!(sampling(Some(0.7)), (true, Some(0.7)));
+        assert_eq!(sampling(None), (true, None));
+        assert_eq!(top_p(Some(1.0)), None);
+        assert_eq!(top_p(Some(0.9)), Some(0.9));
+    }
+
+    #[test]
+    fn n_is_bounded_by_the_client_batch_size() {
+        assert_eq!(check_n(None, 2, 4).unwrap(), 1);
+        assert_eq!(check_n(Some(2), 2, 4).unwrap(), 2);
+        assert_eq!(
+            check_n(Some(3), 2, 4).unwrap_err().to_string(),
+            "`n` must be >= 1 and <= 2. Given: 3"
+        );
+        assert!(check_n(Some(0), 1, 4).is_err());
+    }
+}
