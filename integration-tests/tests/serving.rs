@@ -1,0 +1,232 @@
+//! The whole stack (launcher → shard → router) over HTTP on a tiny model: the TGI routes, the
+//! OpenAI routes, health and metrics. One deployment serves every check, in order.
+
+mod common;
+
+use common::{sse_data, Wick};
+use serde_json::{json, Value as Json};
+
+const PROMPT: &str = "Hello world";
+
+async fn post(client: &reqwest::Client, wick: &Wick, path: &str, body: Json) -> reqwest::Response {
+    client
+        .post(wick.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+async fn post_json(client: &reqwest::Client, wick: &Wick, path: &str, body: Json) -> Json {
+    let response = post(client, wick, path, body).await;
+    let status = response.status();
+    let text = response.text().await.expect("a body");
+    assert_eq!(status, 200, "POST {path}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {e}: {text}"))
+}
+
+async fn post_sse(client: &reqwest::Client, wick: &Wick, path: &str, body: Json) -> Vec<String> {
+    let response = post(client, wick, path, body).await;
+    assert_eq!(response.status(), 200, "POST {path}");
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "POST {path}: content-type {content_type}"
+    );
+    sse_data(&response.text().await.expect("an SSE body"))
+}
+
+fn greedy(max_new_tokens: u32) -> Json {
+    json!({"inputs": PROMPT, "parameters": {"max_new_tokens": max_new_tokens, "details": true}})
+}
+
+/// `/generate`: text and details; greedy decoding is deterministic.
+async fn check_generate(client: &reqwest::Client, wick: &Wick) -> String {
+    let first = post_json(client, wick, "/generate", greedy(6)).await;
+    let text = first["generated_text"]
+        .as_str()
+        .expect("generated_text is a string")
+        .to_string();
+    let details = &first["details"];
+    let generated = details["generated_tokens"]
+        .as_u64()
+        .expect("generated_tokens");
+    assert!((1..=6).contains(&generated), "{first}");
+    assert_eq!(
+        details["tokens"].as_array().map(Vec::len),
+        Some(generated as usize)
+    );
+    let reason = details["finish_reason"].as_str().expect("finish_reason");
+    assert!(reason == "length" || reason == "eos_token", "{first}");
+    if reason == "length" {
+        assert_eq!(generated, 6);
+    }
+    let second = post_json(client, wick, "/generate", greedy(6)).await;
+    assert_eq!(second["generated_text"], first["generated_text"]);
+    text
+}
+
+/// `/generate_stream`: one event per token with `index` from 1; the last one carries the same
+/// text as the non-streamed greedy request.
+async fn check_generate_stream(client: &reqwest::Client, wick: &Wick, expected: &str) {
+    let events = post_sse(client, wick, "/generate_stream", greedy(6)).await;
+    assert!(!events.is_empty());
+    let events: Vec<Json> = events
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("{err}: {e}")))
+        .collect();
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event["index"], json!(i + 1), "{event}");
+        assert!(event["token"]["id"].is_u64(), "{event}");
+        if i + 1 < events.len() {
+            assert!(event["generated_text"].is_null(), "{event}");
+        }
+    }
+    let last = events.last().expect("a final event");
+    assert_eq!(last["generated_text"], json!(expected), "{last}");
+    assert_eq!(
+        last["details"]["generated_tokens"],
+        json!(events.len()),
+        "{last}"
+    );
+}
+
+/// `/v1/chat/completions`, plain and streamed (chunks then `[DONE]`).
+async fn check_chat(client: &reqwest::Client, wick: &Wick) {
+    let request = json!({
+        "model": "tgi",
+        "messages": [{"role": "user", "content": "Hi there"}],
+        "max_tokens": 5,
+        "temperature": 0.0,
+    });
+    let response = post_json(client, wick, "/v1/chat/completions", request.clone()).await;
+    assert_eq!(response["object"], "chat.completion", "{response}");
+    let choice = &response["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant", "{response}");
+    assert!(choice["message"]["content"].is_string(), "{response}");
+    let reason = choice["finish_reason"].as_str().expect("finish_reason");
+    assert!(reason == "stop" || reason == "length", "{response}");
+    let usage = &response["usage"];
+    let prompt = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
+    let completion = usage["completion_tokens"]
+        .as_u64()
+        .expect("completion_tokens");
+    assert!(prompt > 0 && (1..=5).contains(&completion), "{response}");
+    assert_eq!(usage["total_tokens"], json!(prompt + completion));
+
+    let mut stream_request = request;
+    stream_request["stream"] = json!(true);
+    let events = post_sse(client, wick, "/v1/chat/completions", stream_request).await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Json> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|err| panic!("{err}: {e}")))
+        .collect();
+    assert!(!chunks.is_empty());
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk", "{chunk}");
+    }
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        json!(streamed),
+        choice["message"]["content"],
+        "streamed and plain greedy chat differ"
+    );
+    assert!(chunks.last().expect("a chunk")["choices"][0]["finish_reason"].is_string());
+}
+
+/// `/v1/completions` with a single prompt.
+async fn check_completions(client: &reqwest::Client, wick: &Wick) {
+    let response = post_json(
+        client,
+        wick,
+        "/v1/completions",
+        json!({"model": "tgi", "prompt": PROMPT, "max_tokens": 4, "temperature": 0.0}),
+    )
+    .await;
+    assert_eq!(response["object"], "text_completion", "{response}");
+    let choices = response["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 1, "{response}");
+    assert!(choices[0]["text"].is_string(), "{response}");
+    let completion = response["usage"]["completion_tokens"]
+        .as_u64()
+        .expect("completion_tokens");
+    assert!((1..=4).contains(&completion), "{response}");
+}
+
+/// A request the router must reject: 422 with TGI's error shape.
+async fn check_validation_error(client: &reqwest::Client, wick: &Wick) {
+    let response = post(
+        client,
+        wick,
+        "/generate",
+        json!({"inputs": PROMPT, "parameters": {"max_new_tokens": 0}}),
+    )
+    .await;
+    assert_eq!(response.status(), 422);
+    let body: Json = response.json().await.expect("a JSON error");
+    assert_eq!(body["error_type"], "validation", "{body}");
+    assert!(body["error"].is_string(), "{body}");
+}
+
+/// `/health` and `/metrics` after the requests above.
+async fn check_health_and_metrics(client: &reqwest::Client, wick: &Wick) {
+    let health = client
+        .get(wick.url("/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 200);
+    let metrics = client
+        .get(wick.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.expect("metrics text");
+    for name in [
+        "tgi_request_count",
+        "tgi_request_success",
+        "tgi_request_generated_tokens",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    let validation_failures = text
+        .lines()
+        .any(|l| l.starts_with("tgi_request_failure") && l.contains("validation"));
+    assert!(
+        validation_failures,
+        "no validation failure counted:\n{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_api_end_to_end() {
+    let mut wick = Wick::start_tiny(&[]);
+    wick.wait_healthy().await;
+    let client = reqwest::Client::new();
+    let text = check_generate(&client, &wick).await;
+    check_generate_stream(&client, &wick, &text).await;
+    check_chat(&client, &wick).await;
+    check_completions(&client, &wick).await;
+    check_validation_error(&client, &wick).await;
+    check_health_and_metrics(&client, &wick).await;
+
+    wick.signal(libc::SIGTERM);
+    let status = wick.wait_exit().await;
+    assert!(status.success(), "{status}:\n{}", wick.log());
+    assert!(!wick.shard_socket().exists());
+    assert_eq!(wick.processes_left(), Vec::<i32>::new());
+}

@@ -1,0 +1,60 @@
+//! SmolLM2-135M-Instruct (the README's default model, fetched by `make test` into `models/`)
+//! served by the whole stack answers a factual question correctly with greedy decoding.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::Wick;
+use serde_json::json;
+
+fn smollm_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm_knows_the_capital_of_france() {
+    let path = smollm_path();
+    if !path.is_file() {
+        // The model is fetched by `make test` (scripts/fetch-model.sh); without it there is
+        // nothing to serve.
+        eprintln!("{} absent: run scripts/fetch-model.sh", path.display());
+        return;
+    }
+    // Warmup runs one full prefill of the budget; keep it small on a CPU test machine.
+    let mut wick = Wick::start(
+        path.to_str().expect("a UTF-8 path"),
+        &[
+            "--kv-cache-memory",
+            "128MiB",
+            "--max-batch-prefill-tokens",
+            "512",
+            "--max-input-tokens",
+            "512",
+            "--max-total-tokens",
+            "1024",
+        ],
+    );
+    wick.wait_healthy().await;
+    let response: serde_json::Value = reqwest::Client::new()
+        .post(wick.url("/v1/chat/completions"))
+        .json(&json!({
+            "model": "tgi",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of France?"},
+            ],
+            "max_tokens": 32,
+            "temperature": 0.0,
+        }))
+        .send()
+        .await
+        .expect("a response")
+        .json()
+        .await
+        .expect("a JSON body");
+    let content = response["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content in {response}"));
+    assert!(content.contains("Paris"), "{content}");
+}

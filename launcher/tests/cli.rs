@@ -1,0 +1,130 @@
+//! The real `wick` binary rejects bad command lines before any child process starts: exit code
+//! 1, one clear error line, no shard socket created.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use wick_backend_candle::testing::{write_hf_model, TinyModelSpec};
+
+struct Run {
+    output: Output,
+    uds: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn text(&self) -> String {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&self.output.stdout),
+            String::from_utf8_lossy(&self.output.stderr)
+        )
+    }
+
+    /// Exit code 1, `needle` in the output, and no child was started.
+    fn assert_rejected(&self, needle: &str) {
+        let text = self.text();
+        assert_eq!(self.output.status.code(), Some(1), "{text}");
+        assert!(text.contains(needle), "expected `{needle}` in:\n{text}");
+        assert!(!text.contains("starting shard-0"), "{text}");
+        assert!(!socket(&self.uds).exists());
+    }
+}
+
+fn socket(uds: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-0", uds.display()))
+}
+
+/// Runs `wick` on a tiny model folder (or `model` when given) with `extra` flags.
+fn wick(model: Option<&str>, extra: &[&str]) -> Run {
+    wick_with_env(model, extra, &[])
+}
+
+fn wick_with_env(model: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    write_hf_model(&model_dir, &TinyModelSpec::llama()).unwrap();
+    let uds = dir.path().join("wick");
+    let model = model.map_or_else(|| model_dir.display().to_string(), str::to_string);
+    let output = Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["--model-id", &model, "--shard-uds-path"])
+        .arg(&uds)
+        .args(["--port", "0", "--offline"])
+        .args(extra)
+        .env_remove("LOG_LEVEL")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    Run {
+        output,
+        uds,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn max_input_tokens_must_be_below_max_total_tokens() {
+    wick(
+        None,
+        &["--max-input-tokens", "64", "--max-total-tokens", "64"],
+    )
+    .assert_rejected("`max_input_tokens` must be < `max_total_tokens`");
+}
+
+#[test]
+fn several_shards_are_not_supported_yet() {
+    wick(None, &["--num-shard", "2"]).assert_rejected("tensor parallelism is not supported yet");
+}
+
+#[test]
+fn missing_model_path_is_named() {
+    wick(Some("/nonexistent/wick/model"), &[])
+        .assert_rejected("/nonexistent/wick/model does not exist");
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_model(dir.path(), &TinyModelSpec::llama()).unwrap();
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    config["model_type"] = serde_json::json!("gpt2");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    wick(Some(dir.path().to_str().unwrap()), &[]).assert_rejected("GPT2LMHeadModel");
+}
+
+#[test]
+fn malformed_size_is_a_usage_error() {
+    // clap's own errors exit with 2 and name the flag.
+    let run = wick(None, &["--kv-cache-memory", "lots"]);
+    assert_eq!(run.output.status.code(), Some(2), "{}", run.text());
+    assert!(run.text().contains("--kv-cache-memory"), "{}", run.text());
+    assert!(!socket(&run.uds).exists());
+}
+
+#[test]
+fn json_output_reports_errors_as_json_lines() {
+    let run = wick(None, &["--num-shard", "2", "--json-output"]);
+    run.assert_rejected("tensor parallelism");
+    let stdout = String::from_utf8_lossy(&run.output.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let event: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(event["level"], "ERROR");
+    assert!(event["message"].as_str().unwrap().contains("--num-shard 2"));
+}
+
+#[test]
+fn boolean_env_vars_accept_the_hub_spelling() {
+    // `HF_HUB_OFFLINE=1` is how the Hub libraries spell it; it must not be a usage error.
+    let run = wick_with_env(
+        None,
+        &["--num-shard", "2"],
+        &[("HF_HUB_OFFLINE", "1"), ("JSON_OUTPUT", "1")],
+    );
+    run.assert_rejected("tensor parallelism");
+    let stdout = String::from_utf8_lossy(&run.output.stdout);
+    assert!(stdout.trim_start().starts_with('{'), "not JSON: {stdout}");
+}
