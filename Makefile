@@ -1,7 +1,7 @@
 # wick's two entry points: `make serve` (the default model) and `make test` (everything CI runs).
 
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
-UDS ?= /tmp/wick-server
+PORT ?= 3000
 
 .PHONY: serve test model build fmt lint
 
@@ -12,7 +12,7 @@ build:
 	cargo build --release
 
 serve: model build
-	./target/release/wick-shard serve --model-id $(MODEL) --uds-path $(UDS)
+	./target/release/wick --model-id $(MODEL) --port $(PORT)
 
 test: model
 	cargo fmt --all -- --check

@@ -237,12 +237,6 @@ impl Args {
                 bail!("`max_total_tokens` must be <= `max_batch_total_tokens` (got {total} and {batch_total})");
             }
         }
-        if let (Some(input), Some(prefill)) = (self.max_input_tokens, self.max_batch_prefill_tokens)
-        {
-            if input as u64 > u64::from(prefill) {
-                bail!("`max_input_tokens` must be <= `max_batch_prefill_tokens` (got {input} and {prefill})");
-            }
-        }
         if !(self.waiting_served_ratio >= 0.0 && self.waiting_served_ratio.is_finite()) {
             bail!("--waiting-served-ratio must be a non-negative number");
         }

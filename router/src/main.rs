@@ -57,8 +57,10 @@ struct Args {
     #[arg(long, env = "WAITING_SERVED_RATIO", default_value_t = 0.3)]
     waiting_served_ratio: f32,
 
-    /// Prompt tokens one prefill step may compute.
-    #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
+    /// Prompt tokens one prefill step may compute. Longer prompts are prefilled in chunks, so
+    /// this bounds the latency a new request adds to running ones; sized for CPU serving
+    /// (TGI's GPU default is 4096).
+    #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = 1024)]
     max_batch_prefill_tokens: u32,
 
     /// Tokens (prompt + generation) all running requests may hold; by default what the shard's

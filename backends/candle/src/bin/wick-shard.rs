@@ -65,7 +65,7 @@ struct ServeArgs {
     kv_cache_memory: u64,
 
     /// Load quantized (GGUF) linear weights as dense `--dtype` tensors.
-    #[arg(long, env = "DEQUANTIZE")]
+    #[arg(long, env = "DEQUANTIZE", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     dequantize: bool,
 
     /// Quantized weights whose CPU kernel does not get faster with more rows (every GGUF type
@@ -91,11 +91,11 @@ struct ServeArgs {
     huggingface_hub_cache: Option<PathBuf>,
 
     /// Never reach the Hub: load from the cache only.
-    #[arg(long, env = "HF_HUB_OFFLINE")]
+    #[arg(long, env = "HF_HUB_OFFLINE", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     offline: bool,
 
     /// Log as JSON lines (for the launcher) instead of human-readable text.
-    #[arg(long, env = "JSON_OUTPUT")]
+    #[arg(long, env = "JSON_OUTPUT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     json_output: bool,
 
     /// Log filter: a level (`info`, `debug`) or a tracing directive (`wick_backend_candle=debug`).
