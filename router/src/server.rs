@@ -82,6 +82,9 @@ pub fn install_prometheus(
     max_input_tokens: u32,
     max_total_tokens: u32,
 ) -> anyhow::Result<PrometheusHandle> {
+    // One installer at a time: a second caller waits and then finds the first one's handle.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(handle) = PROMETHEUS.get() {
         return Ok(handle.clone());
     }
@@ -113,7 +116,6 @@ pub fn install_prometheus(
             let _ = PROMETHEUS.set(handle.clone());
             Ok(handle)
         }
-        // Lost a race with another installer in this process: use theirs.
         Err(_) => PROMETHEUS
             .get()
             .cloned()

@@ -1,7 +1,13 @@
 //! Linear layers: dense (f32/f16) or quantized (candle `QMatMul`). Activations are always f32.
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{bail, DType, Layout, Module, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Up to this many rows, f32 dense layers run [`gemv`] instead of candle's GEMM: the GEMM
+/// packs the whole transposed weight on every call, which at one row costs more than the
+/// product itself.
+pub const GEMV_MAX_ROWS: usize = 4;
 
 /// `y = x · Wᵀ (+ b)` for a packed activation `x: [tokens, in]`.
 #[derive(Debug, Clone)]
@@ -32,7 +38,7 @@ impl Linear {
         let (y, bias) = match self {
             Linear::Dense { weight, bias } => {
                 let y = if weight.dtype() == DType::F32 {
-                    x.matmul(&weight.t()?)?
+                    dense_f32(x, weight)?
                 } else {
                     x.to_dtype(weight.dtype())?
                         .matmul(&weight.t()?)?
@@ -48,7 +54,7 @@ impl Linear {
                 bias,
             } => {
                 if x.dims().first().copied().unwrap_or(0) >= *min_rows {
-                    (x.matmul(&dense.t()?)?, bias)
+                    (dense_f32(x, dense)?, bias)
                 } else {
                     (quantized.forward(x)?, bias)
                 }
@@ -73,6 +79,131 @@ impl Linear {
     }
 }
 
+/// `x · Wᵀ` for f32 `x: [rows, in]` and `W: [out, in]`.
+fn dense_f32(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let rows = x.dims().first().copied().unwrap_or(0);
+    if rows == 0 || rows > GEMV_MAX_ROWS || !x.device().is_cpu() || !weight.is_contiguous() {
+        return x.matmul(&weight.t()?);
+    }
+    let (out_dim, in_dim) = weight.dims2()?;
+    let x = x.contiguous()?;
+    let y = {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = weight.storage_and_layout();
+        gemv(
+            host_f32(&xs, xl)?,
+            host_f32(&ws, wl)?,
+            rows,
+            in_dim,
+            out_dim,
+        )
+    };
+    Tensor::from_vec(y, (rows, out_dim), x.device())
+}
+
+/// The f32 data of a contiguous tensor in host memory, without a copy.
+pub(crate) fn host_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        bail!("expected a tensor in host memory");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("expected a contiguous tensor");
+    };
+    Ok(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// `y[r][o] = Σ_i x[r][i] · w[o][i]` for a few rows: each weight row is read once, from
+/// memory, for all rows of `x`; rows of the weight are split over the rayon pool.
+pub fn gemv(x: &[f32], w: &[f32], rows: usize, in_dim: usize, out_dim: usize) -> Vec<f32> {
+    const CHUNK: usize = 64;
+    let mut yt = vec![0f32; out_dim * rows];
+    yt.par_chunks_mut(CHUNK * rows)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let first = c * CHUNK;
+            for (j, o) in out.chunks_exact_mut(rows).enumerate() {
+                let wr = &w[(first + j) * in_dim..(first + j + 1) * in_dim];
+                for (r, y) in o.iter_mut().enumerate() {
+                    *y = dot(&x[r * in_dim..(r + 1) * in_dim], wr);
+                }
+            }
+        });
+    // `yt` is [out, rows]; the result is [rows, out].
+    if rows == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; rows * out_dim];
+    for (o, col) in yt.chunks_exact(rows).enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            y[r * out_dim + o] = *v;
+        }
+    }
+    y
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected at run time.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let off = i + 8 * k;
+            *acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(off)),
+                _mm256_loadu_ps(pb.add(off)),
+                *acc,
+            );
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i)),
+            _mm256_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 8;
+    }
+    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+    let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Sixteen independent accumulators, so the loop vectorises and pipelines.
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +215,28 @@ mod tests {
             .map(|i| (i as f32 * 0.37 + phase).sin())
             .collect();
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn gemv_matches_candle_matmul() {
+        for rows in 1..=GEMV_MAX_ROWS {
+            let (w, x) = (ramp(200, 70, 0.5), ramp(rows, 70, 1.5));
+            let expected = x.matmul(&w.t().unwrap()).unwrap();
+            let dense = Linear::Dense {
+                weight: w,
+                bias: None,
+            };
+            let got = dense.forward(&x).unwrap();
+            let d: f32 = (got - expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(d < 1e-4, "rows {rows}: {d}");
+        }
     }
 
     #[test]
@@ -115,7 +268,12 @@ mod tests {
             &quantized.forward(&few).unwrap()
         ));
         let many = ramp(4, 64, 2.0);
-        let expected = many.matmul(&dense.t().unwrap()).unwrap();
+        let expected = Linear::Dense {
+            weight: dense.clone(),
+            bias: None,
+        }
+        .forward(&many)
+        .unwrap();
         assert!(same(&hybrid.forward(&many).unwrap(), &expected));
         // The two paths differ (the quantized one rounds activations), so dispatch is observable.
         assert!(!same(&quantized.forward(&many).unwrap(), &expected));

@@ -1,11 +1,11 @@
 //! One Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3) over a packed batch.
 
-use candle_core::{bail, DType, Device, Result, Storage, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::attention::{self, AttentionParams};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::kv_cache::KvCache;
-use crate::linear::Linear;
+use crate::linear::{host_f32, Linear};
 use crate::weights::{LoadOptions, WeightStore};
 
 /// One forward step over a packed batch: every token of every sequence, concatenated.
@@ -292,17 +292,6 @@ impl LlamaModel {
             cache.block_size,
         )
     }
-}
-
-/// The f32 data of a contiguous tensor in host memory.
-fn host_f32<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<&'a [f32]> {
-    let Storage::Cpu(cpu) = storage else {
-        bail!("paged attention reads host tensors only");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("paged attention needs contiguous q/k/v");
-    };
-    Ok(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// Rope inverse frequencies for each pair of a head, with the config's scaling applied.
