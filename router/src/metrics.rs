@@ -30,8 +30,132 @@ pub const BATCH_DECODE_DURATION: &str = "tgi_batch_decode_duration";
 pub const BATCH_FILTER_DURATION: &str = "tgi_batch_filter_duration";
 pub const BATCH_CONCAT_DURATION: &str = "tgi_batch_concat_duration";
 /// Prompt tokens served from the prefix cache instead of being computed (counter).
-pub const PREFIX_CACHE_HIT_TOKENS: &str = "wick_prefix_cache_hit_tokens";
+pub const PREFIX_CACHE_HIT_TOKENS: &str = "wick_prefix_cache_hit_tokens_total";
 /// Prompt tokens scheduled for prefill in total (counter), to read the hit ratio against.
-pub const PREFIX_CACHE_PROMPT_TOKENS: &str = "wick_prefix_cache_prompt_tokens";
+pub const PREFIX_CACHE_PROMPT_TOKENS: &str = "wick_prefix_cache_prompt_tokens_total";
 pub const KV_BLOCKS_FREE: &str = "wick_kv_blocks_free";
 pub const KV_BLOCKS_USED: &str = "wick_kv_blocks_used";
+
+/// Registers the help text of every metric (Prometheus `# HELP` lines); call once after the
+/// recorder is installed.
+pub fn describe() {
+    use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(REQUEST_COUNT, "Generation requests received");
+    describe_counter!(REQUEST_SUCCESS, "Generation requests that completed");
+    describe_counter!(
+        REQUEST_FAILURE,
+        "Generation requests that failed, by error type"
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "End-to-end request latency"
+    );
+    describe_histogram!(
+        REQUEST_VALIDATION_DURATION,
+        Unit::Seconds,
+        "Time spent validating and tokenizing a request"
+    );
+    describe_histogram!(
+        REQUEST_QUEUE_DURATION,
+        Unit::Seconds,
+        "Time a request waited in the queue"
+    );
+    describe_histogram!(
+        REQUEST_INFERENCE_DURATION,
+        Unit::Seconds,
+        "Time from a request's first batch to its last token"
+    );
+    describe_histogram!(
+        REQUEST_MEAN_TIME_PER_TOKEN_DURATION,
+        Unit::Seconds,
+        "Mean time per generated token of a request"
+    );
+    describe_histogram!(
+        REQUEST_INPUT_LENGTH,
+        Unit::Count,
+        "Prompt tokens per request"
+    );
+    describe_histogram!(
+        REQUEST_MAX_NEW_TOKENS,
+        Unit::Count,
+        "max_new_tokens per request"
+    );
+    describe_histogram!(
+        REQUEST_GENERATED_TOKENS,
+        Unit::Count,
+        "Tokens generated per request"
+    );
+    describe_gauge!(QUEUE_SIZE, Unit::Count, "Requests waiting in the queue");
+    describe_gauge!(
+        BATCH_CURRENT_SIZE,
+        Unit::Count,
+        "Requests in the running batch"
+    );
+    describe_gauge!(
+        BATCH_CURRENT_MAX_TOKENS,
+        Unit::Count,
+        "KV token slots held by the running batch"
+    );
+    describe_gauge!(
+        BATCH_MAX_TOTAL_TOKENS,
+        Unit::Count,
+        "KV token slots of all shards after warmup"
+    );
+    describe_histogram!(
+        BATCH_NEXT_SIZE,
+        Unit::Count,
+        "Requests admitted per new batch"
+    );
+    describe_counter!(
+        BATCH_CONCAT,
+        "New requests joining a running batch, by reason"
+    );
+    describe_counter!(
+        BATCH_INFERENCE_COUNT,
+        "Prefill and decode calls to the shards"
+    );
+    describe_counter!(
+        BATCH_INFERENCE_SUCCESS,
+        "Prefill and decode calls that succeeded"
+    );
+    describe_counter!(
+        BATCH_INFERENCE_FAILURE,
+        "Prefill and decode calls that failed"
+    );
+    describe_histogram!(
+        BATCH_INFERENCE_DURATION,
+        Unit::Seconds,
+        "Shard call plus filtering, by method"
+    );
+    describe_histogram!(
+        BATCH_FORWARD_DURATION,
+        Unit::Seconds,
+        "Shard forward pass time, by method"
+    );
+    describe_histogram!(
+        BATCH_DECODE_DURATION,
+        Unit::Seconds,
+        "Shard sampling and detokenization time, by method"
+    );
+    describe_histogram!(
+        BATCH_FILTER_DURATION,
+        Unit::Seconds,
+        "Router time sending tokens and filtering, by method"
+    );
+    describe_histogram!(
+        BATCH_CONCAT_DURATION,
+        Unit::Seconds,
+        "Shard time merging batches, by method"
+    );
+    describe_counter!(
+        PREFIX_CACHE_HIT_TOKENS,
+        "Prompt tokens served from the prefix cache"
+    );
+    describe_counter!(
+        PREFIX_CACHE_PROMPT_TOKENS,
+        "Prompt tokens scheduled for prefill"
+    );
+    describe_gauge!(KV_BLOCKS_FREE, Unit::Count, "KV cache blocks free");
+    describe_gauge!(KV_BLOCKS_USED, Unit::Count, "KV cache blocks in use");
+}

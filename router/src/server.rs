@@ -113,6 +113,7 @@ pub fn install_prometheus(
     let handle = recorder.handle();
     match ::metrics::set_global_recorder(recorder) {
         Ok(()) => {
+            metrics::describe();
             let _ = PROMETHEUS.set(handle.clone());
             Ok(handle)
         }
