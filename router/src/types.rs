@@ -22,6 +22,10 @@ pub struct GenerateParameters {
     /// (an extension of TGI's parameters, used by the OpenAI routes).
     #[serde(default)]
     pub presence_penalty: Option<f32>,
+    /// Keep generating past the model's EOS tokens (an extension, as vLLM's `ignore_eos`;
+    /// benchmarks use it to fix the output length).
+    #[serde(default)]
+    pub ignore_eos: bool,
     #[serde(default)]
     pub top_k: Option<i32>,
     #[serde(default)]
@@ -331,6 +335,9 @@ pub struct ChatRequest {
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
     pub presence_penalty: Option<f32>,
+    /// Keep generating past EOS (vLLM's extension; used by benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
     /// Accepted and ignored.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -495,6 +502,9 @@ pub struct CompletionRequest {
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
     pub presence_penalty: Option<f32>,
+    /// Keep generating past EOS (vLLM's extension; used by benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
     #[serde(default)]
     pub stop: Option<StopSpec>,
     /// Number of completions per prompt.

@@ -202,7 +202,7 @@ impl Validation {
                 stopping: ValidStoppingParameters {
                     max_new_tokens,
                     stop_sequences: parameters.stop.clone(),
-                    ignore_eos_token: false,
+                    ignore_eos_token: parameters.ignore_eos,
                 },
                 top_n_tokens: checked.top_n_tokens,
                 decoder_input_details: parameters.decoder_input_details,

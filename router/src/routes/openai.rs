@@ -151,6 +151,7 @@ async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiErro
         top_p: top_p(request.top_p),
         frequency_penalty: request.frequency_penalty,
         presence_penalty: request.presence_penalty,
+        ignore_eos: request.ignore_eos,
         max_new_tokens: request.max_completion_tokens.or(request.max_tokens),
         stop: request
             .stop
@@ -198,6 +199,7 @@ async fn complete(state: AppState, request: CompletionRequest) -> Result<Respons
         repetition_penalty: request.repetition_penalty,
         frequency_penalty: request.frequency_penalty,
         presence_penalty: request.presence_penalty,
+        ignore_eos: request.ignore_eos,
         max_new_tokens: request.max_tokens,
         stop: request
             .stop
