@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
+use wick_backend_candle::parse_bytes;
 
 use anyhow::{bail, Result};
 use clap::builder::BoolishValueParser;
@@ -250,31 +251,6 @@ impl Args {
     pub fn shard_ready_timeout(&self) -> Duration {
         Duration::from_secs(self.shard_ready_timeout)
     }
-}
-
-/// Parses a byte size: a number with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (try 2GiB or 512MiB)"))?;
-    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" | "k" => 1_000,
-        "mb" | "m" => 1_000_000,
-        "gb" | "g" => 1_000_000_000,
-        "tb" | "t" => 1_000_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit `{other}` in `{s}`")),
-    };
-    Ok((number * scale as f64) as u64)
 }
 
 #[cfg(test)]
