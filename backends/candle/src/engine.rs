@@ -24,11 +24,27 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 /// cache, returning f32 logits `[step.logit_rows.len(), vocab]`.
 pub trait StepModel: Send {
     fn forward(&self, step: &StepInput<'_>, kv: &mut KvCache) -> candle_core::Result<Tensor>;
+
+    /// KV heads this model's cache holds (a tensor-parallel rank's share).
+    fn kv_heads(&self) -> usize;
+
+    /// Why the model can no longer run (its tensor-parallel ranks fell apart), once it can't.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 impl StepModel for LlamaModel {
     fn forward(&self, step: &StepInput<'_>, kv: &mut KvCache) -> candle_core::Result<Tensor> {
         LlamaModel::forward(self, step, kv)
+    }
+
+    fn kv_heads(&self) -> usize {
+        self.plan().kv_heads.len()
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.parallel_failure()
     }
 }
 
@@ -151,9 +167,15 @@ pub struct EngineOptions {
 }
 
 impl EngineOptions {
-    /// As many blocks as fit in `kv_cache_bytes` (at least one).
-    pub fn from_budget(config: &ModelConfig, kv_cache_bytes: usize, block_size: usize) -> Self {
-        let block_bytes = KvCache::bytes_per_slot(config) * block_size;
+    /// As many blocks of a cache holding `kv_heads` KV heads as fit in `kv_cache_bytes` (at
+    /// least one).
+    pub fn from_budget(
+        config: &ModelConfig,
+        kv_heads: usize,
+        kv_cache_bytes: usize,
+        block_size: usize,
+    ) -> Self {
+        let block_bytes = KvCache::bytes_per_slot(config, kv_heads) * block_size;
         Self {
             block_size,
             num_blocks: (kv_cache_bytes / block_bytes.max(1)).max(1),
@@ -246,7 +268,12 @@ impl Engine {
             .filter(|(_, t)| t.special)
             .map(|(id, _)| id)
             .collect();
-        let kv = KvCache::new(&config, options.num_blocks, options.block_size);
+        let kv = KvCache::with_kv_heads(
+            &config,
+            model.kv_heads(),
+            options.num_blocks,
+            options.block_size,
+        );
         Self {
             model,
             config,
@@ -411,6 +438,11 @@ impl Engine {
         let info = self.info(batch_id, &batch);
         self.batches.insert(batch_id, batch);
         Ok(Some(info))
+    }
+
+    /// Why the model can no longer run, once it can't (see [`StepModel::failure`]).
+    pub fn model_failure(&self) -> Option<String> {
+        self.model.failure()
     }
 
     /// Drops batch `id` (a missing one is not an error), or every batch.

@@ -16,18 +16,29 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Bytes one token slot takes over all layers (K and V, f32).
-    pub fn bytes_per_slot(config: &ModelConfig) -> usize {
-        config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+    /// Bytes one token slot takes over all layers (K and V, f32) with `kv_heads` KV heads
+    /// (a tensor-parallel rank holds only its own).
+    pub fn bytes_per_slot(config: &ModelConfig, kv_heads: usize) -> usize {
+        config.num_hidden_layers * 2 * kv_heads * config.head_dim * 4
     }
 
     /// A zeroed cache of `num_blocks` blocks of `block_size` slots for every layer of `config`.
     pub fn new(config: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
-        let n = num_blocks * block_size * config.num_key_value_heads * config.head_dim;
+        Self::with_kv_heads(config, config.num_key_value_heads, num_blocks, block_size)
+    }
+
+    /// As [`KvCache::new`] for a rank that holds `kv_heads` of the model's KV heads.
+    pub fn with_kv_heads(
+        config: &ModelConfig,
+        kv_heads: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Self {
+        let n = num_blocks * block_size * kv_heads * config.head_dim;
         Self {
             num_blocks,
             block_size,
-            kv_heads: config.num_key_value_heads,
+            kv_heads,
             head_dim: config.head_dim,
             // Zeroed allocations come from calloc: pages are only touched when written.
             layers: (0..config.num_hidden_layers)

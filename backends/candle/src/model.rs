@@ -1,12 +1,15 @@
 //! One Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3) over a packed batch.
 
+use std::sync::Arc;
+
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::attention::{self, AttentionParams};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::kv_cache::KvCache;
 use crate::linear::{host_f32, Linear};
-use crate::weights::{LoadOptions, WeightStore};
+use crate::parallel::{Collective, ShardPlan};
+use crate::weights::{LoadOptions, Part, WeightStore};
 
 /// One forward step over a packed batch: every token of every sequence, concatenated.
 pub struct StepInput<'a> {
@@ -40,6 +43,8 @@ struct DecoderLayer {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// o_proj's bias, added once after the sum over ranks.
+    o_bias: Option<Tensor>,
     /// Per-head RMS norm weights on q and k (Qwen3).
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
@@ -49,11 +54,17 @@ struct DecoderLayer {
     down_proj: Linear,
 }
 
-/// A Llama-family decoder that runs a packed batch over a paged KV cache.
+/// A Llama-family decoder that runs a packed batch over a paged KV cache, whole or as one
+/// tensor-parallel rank (see [`crate::parallel`]).
 pub struct LlamaModel {
     config: ModelConfig,
     device: Device,
-    /// `[vocab, hidden]`, f32.
+    /// What this rank holds; the whole model without tensor parallelism.
+    plan: ShardPlan,
+    /// Joins the ranks' parts; `None` for a whole model.
+    comm: Option<Arc<dyn Collective>>,
+    /// `[vocab, hidden]` f32; on a rank, its vocabulary rows plus one zero row that tokens of
+    /// other ranks look up.
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
@@ -64,8 +75,31 @@ pub struct LlamaModel {
 }
 
 impl LlamaModel {
-    /// Builds the model from tensors with Hugging Face names.
+    /// Builds the whole model from tensors with Hugging Face names.
     pub fn load(config: &ModelConfig, weights: &WeightStore, opts: &LoadOptions) -> Result<Self> {
+        Self::load_part(config, weights, opts, ShardPlan::single(config), None)
+    }
+
+    /// Builds this rank's part of the model; `comm` joins it with the other ranks' parts.
+    /// Fails when the model cannot be split over `comm.world_size()` ranks.
+    pub fn load_parallel(
+        config: &ModelConfig,
+        weights: &WeightStore,
+        opts: &LoadOptions,
+        comm: Arc<dyn Collective>,
+    ) -> Result<Self> {
+        let plan = ShardPlan::new(config, comm.rank(), comm.world_size())?;
+        let comm = plan.is_split().then_some(comm);
+        Self::load_part(config, weights, opts, plan, comm)
+    }
+
+    fn load_part(
+        config: &ModelConfig,
+        weights: &WeightStore,
+        opts: &LoadOptions,
+        plan: ShardPlan,
+        comm: Option<Arc<dyn Collective>>,
+    ) -> Result<Self> {
         let c = config;
         if c.num_key_value_heads == 0
             || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
@@ -81,6 +115,15 @@ impl LlamaModel {
         }
         let device = opts.device.clone();
         let dense = |name: &str| weights.tensor(name, DType::F32, &device);
+        // Rows of q (and k/v) are whole heads; o_proj's columns follow q's rows; gate/up rows
+        // and down_proj's columns are the rank's MLP features.
+        let whole_or = |part: Part| if plan.is_split() { part } else { Part::Whole };
+        let hd = c.head_dim;
+        let q_rows = whole_or(Part::Rows(plan.heads.start * hd..plan.heads.end * hd));
+        let kv_rows = whole_or(Part::Rows(plan.kv_heads.start * hd..plan.kv_heads.end * hd));
+        let o_cols = whole_or(Part::Cols(plan.heads.start * hd..plan.heads.end * hd));
+        let mlp_rows = whole_or(Part::Rows(plan.mlp.clone()));
+        let mlp_cols = whole_or(Part::Cols(plan.mlp.clone()));
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -94,30 +137,50 @@ impl LlamaModel {
                 (None, None)
             };
             // Llama and Qwen3 put a bias on o_proj with `attention_bias`, Qwen2 never does.
-            let o_bias = c.attention_bias && weights.contains(&format!("{attn}.o_proj.bias"));
+            let o_bias = if c.attention_bias && weights.contains(&format!("{attn}.o_proj.bias")) {
+                Some(dense(&format!("{attn}.o_proj.bias"))?)
+            } else {
+                None
+            };
+            let qkv = |name: &str, part: &Part| {
+                weights.linear_part(&format!("{attn}.{name}"), c.attention_bias, part, opts)
+            };
+            let mlp = |name: &str, part: &Part| {
+                weights.linear_part(&format!("{p}.mlp.{name}"), false, part, opts)
+            };
             layers.push(DecoderLayer {
                 input_layernorm: dense(&format!("{p}.input_layernorm.weight"))?,
-                q_proj: weights.linear(&format!("{attn}.q_proj"), c.attention_bias, opts)?,
-                k_proj: weights.linear(&format!("{attn}.k_proj"), c.attention_bias, opts)?,
-                v_proj: weights.linear(&format!("{attn}.v_proj"), c.attention_bias, opts)?,
-                o_proj: weights.linear(&format!("{attn}.o_proj"), o_bias, opts)?,
+                q_proj: qkv("q_proj", &q_rows)?,
+                k_proj: qkv("k_proj", &kv_rows)?,
+                v_proj: qkv("v_proj", &kv_rows)?,
+                o_proj: weights.linear_part(&format!("{attn}.o_proj"), false, &o_cols, opts)?,
+                o_bias,
                 q_norm,
                 k_norm,
                 post_attention_layernorm: dense(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate_proj: weights.linear(&format!("{p}.mlp.gate_proj"), false, opts)?,
-                up_proj: weights.linear(&format!("{p}.mlp.up_proj"), false, opts)?,
-                down_proj: weights.linear(&format!("{p}.mlp.down_proj"), false, opts)?,
+                gate_proj: mlp("gate_proj", &mlp_rows)?,
+                up_proj: mlp("up_proj", &mlp_rows)?,
+                down_proj: mlp("down_proj", &mlp_cols)?,
             });
         }
+        let vocab_rows = whole_or(Part::Rows(plan.vocab.clone()));
         let lm_head = if c.tie_word_embeddings || !weights.contains("lm_head.weight") {
-            weights.linear("model.embed_tokens", false, opts)?
+            weights.linear_part("model.embed_tokens", false, &vocab_rows, opts)?
         } else {
-            weights.linear("lm_head", false, opts)?
+            weights.linear_part("lm_head", false, &vocab_rows, opts)?
         };
+        let mut embed_tokens =
+            weights.tensor_part("model.embed_tokens.weight", &vocab_rows, DType::F32, &device)?;
+        if plan.is_split() {
+            let zero = Tensor::zeros((1, c.hidden_size), DType::F32, &device)?;
+            embed_tokens = Tensor::cat(&[&embed_tokens, &zero], 0)?;
+        }
         let (rope_cos, rope_sin) = rope_tables(c, &device)?;
         Ok(Self {
             config: config.clone(),
-            embed_tokens: dense("model.embed_tokens.weight")?,
+            plan,
+            comm,
+            embed_tokens,
             norm: dense("model.norm.weight")?,
             layers,
             lm_head,
@@ -145,7 +208,7 @@ impl LlamaModel {
             return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);
         }
         let eps = c.rms_norm_eps as f32;
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (nh, nkv, hd) = (self.plan.heads.len(), self.plan.kv_heads.len(), c.head_dim);
         let params = AttentionParams {
             num_heads: nh,
             num_kv_heads: nkv,
@@ -155,11 +218,10 @@ impl LlamaModel {
             scale: 1.0 / (hd as f32).sqrt(),
         };
 
-        let ids = Tensor::from_slice(&step.tokens, n_tokens, &self.device)?;
         let positions = Tensor::from_slice(&step.positions, n_tokens, &self.device)?;
         let cos = self.rope_cos.index_select(&positions, 0)?;
         let sin = self.rope_sin.index_select(&positions, 0)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self.embed(&step.tokens)?;
 
         for (layer, (cache_k, cache_v)) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
@@ -176,12 +238,16 @@ impl LlamaModel {
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?;
             let attn = self.attention(&q, &k, &v, step, &params, cache_k, cache_v)?;
-            x = (x + layer.o_proj.forward(&attn)?)?;
+            let mut o = self.sum_over_ranks(layer.o_proj.forward(&attn)?)?;
+            if let Some(b) = &layer.o_bias {
+                o = o.broadcast_add(b)?;
+            }
+            x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
             let mlp = (gate * layer.up_proj.forward(&h)?)?;
-            x = (x + layer.down_proj.forward(&mlp)?)?;
+            x = (x + self.sum_over_ranks(layer.down_proj.forward(&mlp)?)?)?;
         }
 
         if step.logit_rows.is_empty() {
@@ -190,7 +256,53 @@ impl LlamaModel {
         let rows = Tensor::from_slice(&step.logit_rows, step.logit_rows.len(), &self.device)?;
         let x = x.index_select(&rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        match &self.comm {
+            Some(comm) => comm.all_gather(&logits),
+            None => Ok(logits),
+        }
+    }
+
+    /// Why tensor parallelism stopped working, once it has: the ranks are then out of step for
+    /// good and the shard should stop.
+    pub fn parallel_failure(&self) -> Option<String> {
+        self.comm.as_ref().and_then(|c| c.failure())
+    }
+
+    /// This rank's part of the model.
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    /// The embeddings of `tokens`, `[tokens, hidden]`. A rank looks up the tokens of its own
+    /// vocabulary range (zeros for the others) and the ranks sum their lookups.
+    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let vocab = &self.plan.vocab;
+        if self.comm.is_none() {
+            let ids = Tensor::from_slice(tokens, tokens.len(), &self.device)?;
+            return self.embed_tokens.index_select(&ids, 0);
+        }
+        let zero_row = vocab.len() as u32;
+        let local: Vec<u32> = tokens
+            .iter()
+            .map(|&t| {
+                if vocab.contains(&(t as usize)) {
+                    t - vocab.start as u32
+                } else {
+                    zero_row
+                }
+            })
+            .collect();
+        let ids = Tensor::from_vec(local, tokens.len(), &self.device)?;
+        self.sum_over_ranks(self.embed_tokens.index_select(&ids, 0)?)
+    }
+
+    /// The sum of every rank's partial `x` (`x` itself for a whole model).
+    fn sum_over_ranks(&self, x: Tensor) -> Result<Tensor> {
+        match &self.comm {
+            Some(comm) => comm.all_reduce_sum(&x),
+            None => Ok(x),
+        }
     }
 
     /// Writes the step's K/V into one layer's cache and attends; returns `[tokens, heads * hd]`.
@@ -249,7 +361,7 @@ impl LlamaModel {
             );
         }
         if cache.layers.len() != c.num_hidden_layers
-            || cache.kv_heads != c.num_key_value_heads
+            || cache.kv_heads != self.plan.kv_heads.len()
             || cache.head_dim != c.head_dim
         {
             bail!(
@@ -259,7 +371,7 @@ impl LlamaModel {
                 cache.kv_heads,
                 cache.head_dim,
                 c.num_hidden_layers,
-                c.num_key_value_heads,
+                self.plan.kv_heads.len(),
                 c.head_dim
             );
         }

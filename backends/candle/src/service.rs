@@ -7,7 +7,8 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
@@ -23,6 +24,7 @@ use crate::engine::{
     TokenOut, WarmupLimits,
 };
 use crate::model::LlamaModel;
+use crate::parallel::{Collective, SocketCollective};
 use crate::sampling::SamplingParams;
 use crate::source;
 use crate::stopping::{FinishReason, StoppingParams};
@@ -48,6 +50,12 @@ pub struct ShardConfig {
     pub uds_path: PathBuf,
     pub rank: u32,
     pub world_size: u32,
+    /// Where tensor-parallel ranks meet: the base path of their rendezvous unix sockets
+    /// (`{master_addr}-{rank}`).
+    pub master_addr: PathBuf,
+    /// How long a rank waits for the others: at rendezvous, and in each collective operation
+    /// (past it, the late rank is reported as hung and the shard stops).
+    pub collective_timeout: Duration,
     /// The Hub cache folder (`None` = hf-hub's default).
     pub hub_cache: Option<PathBuf>,
     /// Never reach the Hub; use the cache only.
@@ -95,22 +103,30 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Moves `engine` onto a new thread that runs jobs one at a time.
-    pub fn spawn(engine: Engine) -> std::io::Result<Self> {
+    /// Moves `engine` onto a new thread that runs jobs one at a time. The receiver gets the
+    /// model's failure once it can no longer run (its tensor-parallel ranks fell apart).
+    pub fn spawn(engine: Engine) -> std::io::Result<(Self, oneshot::Receiver<String>)> {
         let (jobs, rx) = mpsc::channel::<Job>();
+        let (failed_tx, failed_rx) = oneshot::channel();
         std::thread::Builder::new()
             .name("wick-engine".into())
             .spawn(move || {
                 let mut engine = engine;
+                let mut failed_tx = Some(failed_tx);
                 while let Ok(job) = rx.recv() {
                     // A panicking job must not take the shard down: its caller gets an error
                     // (its reply sender is dropped) and the next job runs.
                     if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut engine))).is_err() {
                         tracing::error!("engine job panicked");
                     }
+                    if let Some(failure) = engine.model_failure() {
+                        if let Some(tx) = failed_tx.take() {
+                            let _ = tx.send(failure);
+                        }
+                    }
                 }
             })?;
-        Ok(Self { jobs })
+        Ok((Self { jobs }, failed_rx))
     }
 
     /// Runs `f` on the engine thread and waits for its result without blocking the runtime.
@@ -458,8 +474,19 @@ fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// Loads the model and builds the engine with a KV cache of `config.kv_cache_bytes`.
+/// Loads the model (this rank's part of it under tensor parallelism, after meeting the other
+/// ranks) and builds the engine with a KV cache of `config.kv_cache_bytes`.
 pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> {
+    let comm: Option<Arc<dyn Collective>> = if config.world_size > 1 {
+        Some(Arc::new(SocketCollective::connect(
+            &config.master_addr,
+            config.rank as usize,
+            config.world_size as usize,
+            config.collective_timeout,
+        )?))
+    } else {
+        None
+    };
     let loaded = source::load(
         &config.model_id,
         config.revision.as_deref(),
@@ -467,9 +494,18 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         config.offline,
         &config.load,
     )?;
-    let model = LlamaModel::load(&loaded.config, &loaded.weights, &config.load)?;
+    let model = match comm {
+        Some(comm) => LlamaModel::load_parallel(&loaded.config, &loaded.weights, &config.load, comm),
+        None => LlamaModel::load(&loaded.config, &loaded.weights, &config.load),
+    }?;
     let c = &loaded.config;
-    let options = EngineOptions::from_budget(c, config.kv_cache_bytes, config.block_size);
+    let plan = model.plan().clone();
+    let options = EngineOptions::from_budget(
+        c,
+        plan.kv_heads.len(),
+        config.kv_cache_bytes,
+        config.block_size,
+    );
     let info = ShardInfo {
         model_id: loaded.model_id.clone(),
         architecture: format!("{:?}", c.architecture).to_lowercase(),
@@ -504,21 +540,21 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         quantize = %info.quantize,
         kv_blocks = options.num_blocks,
         block_size = options.block_size,
+        rank = plan.rank,
+        world_size = plan.world_size,
+        heads = ?plan.heads,
+        vocab = ?plan.vocab,
         "model loaded"
     );
     let engine = Engine::new(Box::new(model), loaded.config, loaded.tokenizer, options);
     Ok((engine, info))
 }
 
-/// Loads the model, then serves `generate.v1` on `{uds_path}-{rank}` until `shutdown` resolves.
+/// Loads the model, then serves `generate.v1` on `{uds_path}-{rank}` until `shutdown` resolves,
+/// or until the model can no longer run (a tensor-parallel rank died, hung or fell out of step):
+/// that ends in an error naming the cause, so whoever supervises the shards stops them all.
 pub async fn serve(config: ShardConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    if config.world_size > 1 {
-        anyhow::bail!(
-            "tensor parallelism is not supported yet (world size {})",
-            config.world_size
-        );
-    }
-    if config.rank >= config.world_size {
+    if config.world_size == 0 || config.rank >= config.world_size {
         anyhow::bail!(
             "rank {} is outside world size {}",
             config.rank,
@@ -531,9 +567,23 @@ pub async fn serve(config: ShardConfig, shutdown: impl Future<Output = ()>) -> a
     // Loading is long and blocking: keep it off the runtime's workers.
     let load_config = config.clone();
     let (engine, info) = tokio::task::spawn_blocking(move || load_engine(&load_config)).await??;
-    let engine = EngineHandle::spawn(engine)?;
+    let (engine, failed) = EngineHandle::spawn(engine)?;
     let path = uds_for_rank(&config.uds_path, config.rank);
-    serve_on(ShardService::new(engine, info), &path, shutdown).await
+    let failure = std::sync::Mutex::new(None);
+    let stop = async {
+        tokio::select! {
+            _ = shutdown => {}
+            Ok(reason) = failed => {
+                tracing::error!("stopping: {reason}");
+                *failure.lock().expect("not poisoned") = Some(reason);
+            }
+        }
+    };
+    serve_on(ShardService::new(engine, info), &path, stop).await?;
+    match failure.into_inner().expect("not poisoned") {
+        Some(reason) => Err(anyhow::anyhow!("tensor parallelism failed: {reason}")),
+        None => Ok(()),
+    }
 }
 
 /// Serves `service` on the unix socket `path` until `shutdown` resolves; a stale socket file is

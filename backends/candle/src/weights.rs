@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -81,6 +82,16 @@ impl LoadOptions {
             DType::F32
         }
     }
+}
+
+/// Which part of a tensor a tensor-parallel rank loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    /// These rows (output features of a linear weight, entries of a vector).
+    Rows(Range<usize>),
+    /// These columns (input features of a linear weight).
+    Cols(Range<usize>),
 }
 
 /// A model's tensors by Hugging Face name, whatever file format holds them.
@@ -240,7 +251,20 @@ impl WeightStore {
 
     /// A dense tensor in `dtype` (quantized tensors are dequantized).
     pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.tensor_part(name, &Part::Whole, dtype, device)
+    }
+
+    /// `part` of a dense tensor in `dtype`.
+    pub fn tensor_part(
+        &self,
+        name: &str,
+        part: &Part,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         self.stored(name)?
+            .part(part)
+            .map_err(|e| err(format!("{name}: {e}")))?
             .into_dense()?
             .to_dtype(dtype)?
             .to_device(device)
@@ -250,13 +274,39 @@ impl WeightStore {
     /// options choose: GGUF tensors stay as stored, dense ones are `opts.dtype` or quantized with
     /// `opts.quantize`.
     pub fn linear(&self, prefix: &str, bias: bool, opts: &LoadOptions) -> Result<Linear> {
+        self.linear_part(prefix, bias, &Part::Whole, opts)
+    }
+
+    /// `part` of the linear layer `{prefix}`: output rows (the bias is split with them) or
+    /// input columns (a column part has no bias: the caller adds it once, after the sum over
+    /// ranks). Quantized weights keep their format when the split falls on whole blocks.
+    pub fn linear_part(
+        &self,
+        prefix: &str,
+        bias: bool,
+        part: &Part,
+        opts: &LoadOptions,
+    ) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        let bias = if bias {
-            Some(self.tensor(&format!("{prefix}.bias"), DType::F32, &opts.device)?)
-        } else {
-            None
+        let bias = match (bias, part) {
+            (false, _) => None,
+            (true, Part::Cols(_)) => {
+                return Err(err(format!(
+                    "{prefix}: a column part of a linear layer cannot carry its bias"
+                )))
+            }
+            (true, _) => Some(self.tensor_part(
+                &format!("{prefix}.bias"),
+                part,
+                DType::F32,
+                &opts.device,
+            )?),
         };
-        let dense = match self.stored(&name)? {
+        let stored = self
+            .stored(&name)?
+            .part(part)
+            .map_err(|e| err(format!("{name}: {e}")))?;
+        let dense = match stored {
             // Asked for dense weights, or for another quantization than the file's: go
             // through f32 and the dense path below (which quantizes when asked).
             Stored::Quantized(q)
@@ -406,6 +456,61 @@ impl Stored {
             Stored::Dense(t) => Ok(t),
             Stored::Quantized(q) => q.dequantize(&Device::Cpu),
         }
+    }
+
+    /// `part` of this tensor. Quantized rows move as opaque bytes; quantized columns too when
+    /// the range falls on whole blocks, else the tensor is dequantized first.
+    fn part(self, part: &Part) -> Result<Stored> {
+        let (dim, range) = match part {
+            Part::Whole => return Ok(self),
+            Part::Rows(r) => (0, r.clone()),
+            Part::Cols(r) => (1, r.clone()),
+        };
+        let dims = match &self {
+            Stored::Dense(t) => t.dims().to_vec(),
+            Stored::Quantized(q) => q.shape().dims().to_vec(),
+        };
+        if dims.len() <= dim || range.end > dims[dim] || range.is_empty() {
+            return Err(err(format!(
+                "cannot take {part:?} of a tensor of shape {dims:?}"
+            )));
+        }
+        if range.len() == dims[dim] {
+            return Ok(self);
+        }
+        let q = match self {
+            Stored::Dense(t) => {
+                return Ok(Stored::Dense(t.narrow(dim, range.start, range.len())?.contiguous()?))
+            }
+            Stored::Quantized(q) => q,
+        };
+        let (dtype, block) = (q.dtype(), q.dtype().block_size());
+        let per_row: usize = dims[1..].iter().product();
+        let aligned = dims.len() == 2
+            && (dim == 0 || (range.start.is_multiple_of(block) && range.len().is_multiple_of(block)));
+        if !aligned {
+            let dense = q.dequantize(&Device::Cpu)?;
+            return Ok(Stored::Dense(dense.narrow(dim, range.start, range.len())?.contiguous()?));
+        }
+        let data = q.data()?;
+        let row_bytes = per_row / block * dtype.type_size();
+        let mut bytes = Vec::new();
+        let mut new_dims = dims.clone();
+        if dim == 0 {
+            bytes.extend_from_slice(&data[range.start * row_bytes..range.end * row_bytes]);
+            new_dims[0] = range.len();
+        } else {
+            let (from, to) = (
+                range.start / block * dtype.type_size(),
+                range.end / block * dtype.type_size(),
+            );
+            bytes.reserve(dims[0] * (to - from));
+            for row in data.chunks_exact(row_bytes) {
+                bytes.extend_from_slice(&row[from..to]);
+            }
+            new_dims[1] = range.len();
+        }
+        ggml_file::qtensor_from_ggml(dtype, &bytes, new_dims, &Device::Cpu).map(Stored::Quantized)
     }
 }
 

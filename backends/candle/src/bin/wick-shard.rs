@@ -48,9 +48,20 @@ struct ServeArgs {
     #[arg(long, env = "RANK", default_value_t = 0)]
     rank: u32,
 
-    /// Number of shards the model is split over (tensor parallelism; only 1 for now).
+    /// Number of shards the model is split over (tensor parallelism): each holds 1/N of the
+    /// attention heads, MLP features and vocabulary, and all step in lock-step.
     #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
     world_size: u32,
+
+    /// Where the tensor-parallel ranks meet: the base path of their rendezvous unix sockets
+    /// (`{master_addr}-{rank}`). Default: `{uds_path}-tp`.
+    #[arg(long, env = "MASTER_ADDR")]
+    master_addr: Option<PathBuf>,
+
+    /// Seconds a rank waits for the other ranks, at rendezvous and in each collective
+    /// operation; a rank that takes longer is reported as hung and the shard stops.
+    #[arg(long, env = "COLLECTIVE_TIMEOUT", default_value_t = 60.0)]
+    collective_timeout: f64,
 
     /// Compute dtype of dense weights; bf16 checkpoints load as float32 on CPU.
     #[arg(long, env = "DTYPE", value_enum, default_value_t = DtypeArg::Float32)]
@@ -148,11 +159,8 @@ async fn shutdown_signal() {
 }
 
 fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if args.world_size > 1 {
-        anyhow::bail!(
-            "tensor parallelism is not supported yet (--world-size {})",
-            args.world_size
-        );
+    if !(args.collective_timeout.is_finite() && args.collective_timeout > 0.0) {
+        anyhow::bail!("--collective-timeout must be a positive number of seconds");
     }
     let threads = args
         .threads
@@ -166,12 +174,19 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build_global()
         .map_err(|e| anyhow::anyhow!("cannot build the compute thread pool: {e}"))?;
 
+    let master_addr = args.master_addr.unwrap_or_else(|| {
+        let mut base = args.uds_path.as_os_str().to_owned();
+        base.push("-tp");
+        PathBuf::from(base)
+    });
     let config = ShardConfig {
         model_id: args.model_id,
         revision: args.revision,
         uds_path: args.uds_path,
         rank: args.rank,
         world_size: args.world_size,
+        master_addr,
+        collective_timeout: std::time::Duration::from_secs_f64(args.collective_timeout),
         hub_cache: args.huggingface_hub_cache,
         offline: args.offline,
         load: LoadOptions {
