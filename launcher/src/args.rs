@@ -27,8 +27,9 @@ pub struct Args {
     #[arg(long, env = "REVISION")]
     pub revision: Option<String>,
 
-    /// Number of shards (tensor-parallel ranks). Tensor parallelism is not supported yet, so
-    /// only 1 is accepted for now.
+    /// Number of shards: tensor-parallel ranks of one model, each a process holding 1/N of the
+    /// attention heads, MLP features and vocabulary. The model's attention and KV head counts
+    /// must divide by it. On CPU the shards share the host's cores (see `--shard-threads`).
     #[arg(long, env = "NUM_SHARD", default_value_t = 1)]
     pub num_shard: usize,
 
@@ -149,9 +150,14 @@ pub struct Args {
     )]
     pub graceful_termination_timeout: u64,
 
-    /// Compute threads per shard (default: every core).
+    /// Compute threads per shard (default: the cores divided among the shards, at least 1).
     #[arg(long, env = "SHARD_THREADS")]
     pub shard_threads: Option<usize>,
+
+    /// Seconds a shard waits for the other shards in each tensor-parallel exchange (and when
+    /// they first meet); a shard that takes longer is reported as hung and the set stops.
+    #[arg(long, env = "COLLECTIVE_TIMEOUT", default_value_t = 60.0)]
+    pub collective_timeout: f64,
 
     /// Memory for each shard's KV cache, e.g. `2GiB`, `512MiB`, `1.5GB` or plain bytes. It
     /// bounds how many tokens all running requests hold together.
@@ -205,11 +211,8 @@ impl Args {
         if self.num_shard == 0 {
             bail!("--num-shard must be at least 1");
         }
-        if self.num_shard > 1 {
-            bail!(
-                "--num-shard {}: tensor parallelism is not supported yet; use --num-shard 1",
-                self.num_shard
-            );
+        if !(self.collective_timeout.is_finite() && self.collective_timeout > 0.0) {
+            bail!("--collective-timeout must be a positive number of seconds");
         }
         if self.validation_workers == 0 {
             bail!("--validation-workers must be > 0");
@@ -310,7 +313,8 @@ mod tests {
             err(&["--max-input-tokens", "10", "--max-total-tokens", "10"])
                 .contains("max_input_tokens")
         );
-        assert!(err(&["--num-shard", "2"]).contains("tensor parallelism"));
+        assert!(parse(&["--num-shard", "2"]).validate().is_ok());
+        assert!(err(&["--collective-timeout", "0"]).contains("collective-timeout"));
         assert!(err(&["--num-shard", "0"]).contains("at least 1"));
         assert!(err(&["--validation-workers", "0"]).contains("validation-workers"));
         assert!(err(&[

@@ -48,6 +48,16 @@ pub fn shard_args(args: &Args, model_path: &Path, rank: usize) -> Vec<OsString> 
     push(&mut out, "--uds-path", &args.shard_uds_path);
     push(&mut out, "--rank", rank.to_string());
     push(&mut out, "--world-size", args.num_shard.to_string());
+    if args.num_shard > 1 {
+        let mut rendezvous = args.shard_uds_path.as_os_str().to_owned();
+        rendezvous.push("-tp");
+        push(&mut out, "--master-addr", rendezvous);
+        push(
+            &mut out,
+            "--collective-timeout",
+            args.collective_timeout.to_string(),
+        );
+    }
     push_opt(&mut out, "--dtype", args.dtype.map(|d| d.as_arg()));
     push_opt(&mut out, "--quantize", args.quantize.map(|q| q.as_arg()));
     push(
@@ -55,10 +65,19 @@ pub fn shard_args(args: &Args, model_path: &Path, rank: usize) -> Vec<OsString> 
         "--kv-cache-memory",
         args.kv_cache_memory.to_string(),
     );
-    push_opt(&mut out, "--threads", args.shard_threads);
+    push(&mut out, "--threads", shard_threads(args).to_string());
     // Always JSON: the launcher parses the level of every line.
     out.push("--json-output".into());
     out
+}
+
+/// Compute threads of each shard: `--shard-threads`, else the cores shared among the shards
+/// (tensor-parallel ranks on one host would otherwise fight over the same cores).
+pub fn shard_threads(args: &Args) -> usize {
+    args.shard_threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / args.num_shard.max(1)).max(1)
+    })
 }
 
 /// `wick-router …` with the launcher's serving flags.
@@ -223,20 +242,31 @@ impl Fleet {
         }
     }
 
-    /// A child that has exited, if any.
+    /// A child that has exited, if any. When several have, one killed by a signal is named
+    /// first: tensor-parallel shards exit on their own when a peer dies, and the one that died
+    /// is the news.
     async fn check_children(&mut self) -> Option<Stop> {
-        let children = self.shards.iter_mut().chain(self.router.as_mut());
-        for child in children {
-            if let Some(status) = child.try_exited() {
-                let tail = child.drained_tail().await;
-                return Some(Stop::ChildDied {
-                    name: child.name.clone(),
-                    status,
-                    tail,
-                });
-            }
+        use std::os::unix::process::ExitStatusExt;
+        let mut exited: Vec<(&mut ManagedChild, std::process::ExitStatus)> = self
+            .shards
+            .iter_mut()
+            .chain(self.router.as_mut())
+            .filter_map(|child| child.try_exited().map(|status| (child, status)))
+            .collect();
+        let first = exited
+            .iter()
+            .position(|(_, status)| status.signal().is_some())
+            .unwrap_or(0);
+        if exited.is_empty() {
+            return None;
         }
-        None
+        let (child, status) = exited.swap_remove(first);
+        let tail = child.drained_tail().await;
+        Some(Stop::ChildDied {
+            name: child.name.clone(),
+            status,
+            tail,
+        })
     }
 
     /// Polls shard `rank`'s socket with gRPC Health until it answers, a child dies, a signal
@@ -398,6 +428,21 @@ mod tests {
         assert_eq!(value(&out, "--kv-cache-memory"), Some("1048576"));
         assert_eq!(value(&out, "--dtype"), None);
         assert!(out.iter().any(|a| a == "--json-output"));
+        // One shard needs no rendezvous.
+        assert_eq!(value(&out, "--master-addr"), None);
+    }
+
+    #[test]
+    fn tensor_parallel_shards_meet_and_share_the_cores() {
+        let a = args(&["--shard-uds-path", "/tmp/s", "--num-shard", "2"]);
+        let out = strings(shard_args(&a, Path::new("/models/m"), 1));
+        assert_eq!(value(&out, "--rank"), Some("1"));
+        assert_eq!(value(&out, "--world-size"), Some("2"));
+        assert_eq!(value(&out, "--master-addr"), Some("/tmp/s-tp"));
+        assert_eq!(value(&out, "--collective-timeout"), Some("60"));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (cores / 2).max(1).to_string();
+        assert_eq!(value(&out, "--threads"), Some(threads.as_str()));
     }
 
     #[test]

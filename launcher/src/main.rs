@@ -37,6 +37,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A model that cannot be split over the shards fails here, before any shard starts.
+    if let Err(e) = wick_backend_candle::parallel::ShardPlan::new(&model.config, 0, args.num_shard)
+    {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
     tracing::info!(
         model_id = args.model_id.as_str(),
         path = %model.path.display(),

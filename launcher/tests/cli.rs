@@ -72,8 +72,12 @@ fn max_input_tokens_must_be_below_max_total_tokens() {
 }
 
 #[test]
-fn several_shards_are_not_supported_yet() {
-    wick(None, &["--num-shard", "2"]).assert_rejected("tensor parallelism is not supported yet");
+fn shards_must_split_the_heads_evenly() {
+    // The tiny model's 4 attention heads and 2 KV heads cannot go to 3 shards.
+    wick(None, &["--num-shard", "3"]).assert_rejected(
+        "cannot be split over 3 shards: its 4 attention heads and 2 KV heads must both be \
+         multiples of the number of shards",
+    );
 }
 
 #[test]
@@ -106,14 +110,14 @@ fn malformed_size_is_a_usage_error() {
 
 #[test]
 fn json_output_reports_errors_as_json_lines() {
-    let run = wick(None, &["--num-shard", "2", "--json-output"]);
-    run.assert_rejected("tensor parallelism");
+    let run = wick(None, &["--num-shard", "3", "--json-output"]);
+    run.assert_rejected("cannot be split");
     let stdout = String::from_utf8_lossy(&run.output.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "{stdout}");
     let event: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(event["level"], "ERROR");
-    assert!(event["message"].as_str().unwrap().contains("--num-shard 2"));
+    assert!(event["message"].as_str().unwrap().contains("3 shards"));
 }
 
 #[test]
@@ -121,10 +125,10 @@ fn boolean_env_vars_accept_the_hub_spelling() {
     // `HF_HUB_OFFLINE=1` is how the Hub libraries spell it; it must not be a usage error.
     let run = wick_with_env(
         None,
-        &["--num-shard", "2"],
+        &["--num-shard", "3"],
         &[("HF_HUB_OFFLINE", "1"), ("JSON_OUTPUT", "1")],
     );
-    run.assert_rejected("tensor parallelism");
+    run.assert_rejected("cannot be split");
     let stdout = String::from_utf8_lossy(&run.output.stdout);
     assert!(stdout.trim_start().starts_with('{'), "not JSON: {stdout}");
 }

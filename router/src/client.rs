@@ -2,6 +2,7 @@
 //! their collective backend), generations come from rank 0, limits are the minimum over ranks.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use futures::future::try_join_all;
 use wick_proto::v1 as pb;
@@ -64,6 +65,10 @@ pub struct WarmupLimits {
 #[derive(Clone, Debug)]
 pub struct ShardedClient {
     clients: Vec<ShardClient>,
+    /// Held through every call that touches the shards' batches: tensor-parallel ranks must
+    /// see those calls in the same order (a health check's prefill must not interleave
+    /// differently with the batching loop's steps on different ranks).
+    steps: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ShardedClient {
@@ -90,7 +95,10 @@ impl ShardedClient {
                 .map_err(|e| ClientError::Connection(format!("{url}: {e}")))
         }))
         .await?;
-        Ok(Self { clients })
+        Ok(Self {
+            clients,
+            steps: Arc::default(),
+        })
     }
 
     /// Number of ranks.
@@ -142,6 +150,7 @@ impl ShardedClient {
 
     /// Drops batch `id` on every rank, or every batch when `id` is `None`.
     pub async fn clear_cache(&self, id: Option<u64>) -> Result<()> {
+        let _order = self.steps.lock().await;
         self.all(pb::ClearCacheRequest { id }, |mut c, r| async move {
             c.clear_cache(r).await
         })
@@ -159,6 +168,7 @@ impl ShardedClient {
             batch_id,
             request_ids,
         };
+        let _order = self.steps.lock().await;
         let mut answers = self
             .all(request, |mut c, r| async move { c.filter_batch(r).await })
             .await?;
@@ -167,6 +177,7 @@ impl ShardedClient {
 
     /// Runs the warmup batch; the limits are the minimum over ranks.
     pub async fn warmup(&self, request: pb::WarmupRequest) -> Result<WarmupLimits> {
+        let _order = self.steps.lock().await;
         let answers = self
             .all(request, |mut c, r| async move { c.warmup(r).await })
             .await?;
@@ -201,6 +212,7 @@ impl ShardedClient {
             batch: Some(batch),
             cached_batch,
         };
+        let _order = self.steps.lock().await;
         let answers = self
             .all(request, |mut c, r| async move { c.prefill(r).await })
             .await?;
@@ -217,6 +229,7 @@ impl ShardedClient {
 
     /// One step of every request of `batches` (merged into the first on the shards).
     pub async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepResult> {
+        let _order = self.steps.lock().await;
         let answers = self
             .all(pb::DecodeRequest { batches }, |mut c, r| async move {
                 c.decode(r).await

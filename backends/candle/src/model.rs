@@ -169,8 +169,12 @@ impl LlamaModel {
         } else {
             weights.linear_part("lm_head", false, &vocab_rows, opts)?
         };
-        let mut embed_tokens =
-            weights.tensor_part("model.embed_tokens.weight", &vocab_rows, DType::F32, &device)?;
+        let mut embed_tokens = weights.tensor_part(
+            "model.embed_tokens.weight",
+            &vocab_rows,
+            DType::F32,
+            &device,
+        )?;
         if plan.is_split() {
             let zero = Tensor::zeros((1, c.hidden_size), DType::F32, &device)?;
             embed_tokens = Tensor::cat(&[&embed_tokens, &zero], 0)?;

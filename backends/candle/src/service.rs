@@ -495,7 +495,9 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         &config.load,
     )?;
     let model = match comm {
-        Some(comm) => LlamaModel::load_parallel(&loaded.config, &loaded.weights, &config.load, comm),
+        Some(comm) => {
+            LlamaModel::load_parallel(&loaded.config, &loaded.weights, &config.load, comm)
+        }
         None => LlamaModel::load(&loaded.config, &loaded.weights, &config.load),
     }?;
     let c = &loaded.config;

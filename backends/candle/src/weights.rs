@@ -295,12 +295,9 @@ impl WeightStore {
                     "{prefix}: a column part of a linear layer cannot carry its bias"
                 )))
             }
-            (true, _) => Some(self.tensor_part(
-                &format!("{prefix}.bias"),
-                part,
-                DType::F32,
-                &opts.device,
-            )?),
+            (true, _) => {
+                Some(self.tensor_part(&format!("{prefix}.bias"), part, DType::F32, &opts.device)?)
+            }
         };
         let stored = self
             .stored(&name)?
@@ -480,17 +477,22 @@ impl Stored {
         }
         let q = match self {
             Stored::Dense(t) => {
-                return Ok(Stored::Dense(t.narrow(dim, range.start, range.len())?.contiguous()?))
+                return Ok(Stored::Dense(
+                    t.narrow(dim, range.start, range.len())?.contiguous()?,
+                ))
             }
             Stored::Quantized(q) => q,
         };
         let (dtype, block) = (q.dtype(), q.dtype().block_size());
         let per_row: usize = dims[1..].iter().product();
         let aligned = dims.len() == 2
-            && (dim == 0 || (range.start.is_multiple_of(block) && range.len().is_multiple_of(block)));
+            && (dim == 0
+                || (range.start.is_multiple_of(block) && range.len().is_multiple_of(block)));
         if !aligned {
             let dense = q.dequantize(&Device::Cpu)?;
-            return Ok(Stored::Dense(dense.narrow(dim, range.start, range.len())?.contiguous()?));
+            return Ok(Stored::Dense(
+                dense.narrow(dim, range.start, range.len())?.contiguous()?,
+            ));
         }
         let data = q.data()?;
         let row_bytes = per_row / block * dtype.type_size();

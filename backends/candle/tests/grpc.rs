@@ -1,106 +1,16 @@
 //! The real `wick-shard` binary on a tiny Hugging Face model, driven over its unix socket the
 //! way the router drives it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
+use common::{batch, connect, decode_to_end, request, start_shard};
 use tonic::Code;
 use wick_backend_candle::testing::{tiny_vocab_size, write_hf_model, TinyModelSpec, IM_END_ID};
 use wick_proto::v1 as pb;
-use wick_proto::ShardClient;
-
-/// The shard process; killed on drop (also when a test fails), its log printed on failure.
-struct Shard {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- wick-shard log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-fn start_shard(model: &Path, uds_base: &Path, log: PathBuf) -> Shard {
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_wick-shard"))
-        .args(["serve", "--model-id"])
-        .arg(model)
-        .arg("--uds-path")
-        .arg(uds_base)
-        .args(["--kv-cache-memory", "1MiB", "--threads", "1", "--offline"])
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("wick-shard starts");
-    Shard { child, log }
-}
-
-/// Connects once the shard answers `Health`.
-async fn connect(shard: &mut Shard, socket: &Path) -> ShardClient {
-    for _ in 0..600 {
-        if let Some(status) = shard.child.try_wait().unwrap() {
-            panic!("wick-shard exited early: {status}");
-        }
-        if let Ok(mut client) = wick_proto::connect_uds(socket).await {
-            if client.health(pb::HealthRequest {}).await.is_ok() {
-                return client;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("wick-shard did not become healthy");
-}
-
-fn request(id: u64, input_ids: Vec<u32>, max_new_tokens: u32) -> pb::Request {
-    pb::Request {
-        id,
-        input_ids,
-        parameters: Some(pb::NextTokenChooserParameters::default()),
-        stopping_parameters: Some(pb::StoppingCriteriaParameters {
-            max_new_tokens,
-            stop_sequences: Vec::new(),
-            ignore_eos_token: true,
-        }),
-        ..Default::default()
-    }
-}
-
-fn batch(id: u64, requests: Vec<pb::Request>) -> pb::Batch {
-    pb::Batch {
-        id,
-        size: requests.len() as u32,
-        requests,
-        max_tokens: 0,
-        max_blocks: 0,
-    }
-}
-
-/// Decodes `batch` until every request finished; returns the generations.
-async fn decode_to_end(
-    client: &mut ShardClient,
-    mut batch: Option<pb::CachedBatch>,
-) -> Vec<pb::Generation> {
-    let mut generations = Vec::new();
-    while let Some(b) = batch {
-        let resp = client
-            .decode(pb::DecodeRequest { batches: vec![b] })
-            .await
-            .unwrap()
-            .into_inner();
-        generations.extend(resp.generations);
-        batch = resp.batch;
-    }
-    generations
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_serves_the_protocol() {
@@ -112,7 +22,7 @@ async fn shard_serves_the_protocol() {
     let socket = PathBuf::from(format!("{}-0", uds_base.display()));
     // A stale socket file from a dead shard must not stop a new one.
     std::fs::write(&socket, b"").unwrap();
-    let mut shard = start_shard(&model, &uds_base, dir.path().join("shard.log"));
+    let mut shard = start_shard(&model, &uds_base, dir.path().join("shard.log"), &[]);
     let mut client = connect(&mut shard, &socket).await;
 
     // Info carries everything the router needs.

@@ -60,7 +60,12 @@ fn smollm2_knows_the_capital_of_france() {
     );
     assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
 
-    let options = EngineOptions::from_budget(&loaded.config, loaded.config.num_key_value_heads, 64 << 20, 16);
+    let options = EngineOptions::from_budget(
+        &loaded.config,
+        loaded.config.num_key_value_heads,
+        64 << 20,
+        16,
+    );
     let mut engine = Engine::new(
         Box::new(model),
         loaded.config.clone(),

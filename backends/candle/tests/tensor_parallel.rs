@@ -78,7 +78,9 @@ fn run(model: &LlamaModel, prompts: &[Vec<u32>]) -> Run {
                 input.tokens.push(t);
                 input.positions.push(pos as u32);
                 let block = tables[s][pos / BLOCK_SIZE] as usize;
-                input.slots.push((block * BLOCK_SIZE + pos % BLOCK_SIZE) as u32);
+                input
+                    .slots
+                    .push((block * BLOCK_SIZE + pos % BLOCK_SIZE) as u32);
                 // Every position at the prefill, the last one when decoding.
                 if step == 0 || i + 1 == new.len() {
                     input.logit_rows.push((start + i) as u32);
@@ -113,7 +115,11 @@ fn run(model: &LlamaModel, prompts: &[Vec<u32>]) -> Run {
 fn options(path: &Path) -> LoadOptions {
     let gguf = path.extension().is_some_and(|e| e == "gguf");
     LoadOptions {
-        dense_copy_min_rows: if gguf { None } else { LoadOptions::default().dense_copy_min_rows },
+        dense_copy_min_rows: if gguf {
+            None
+        } else {
+            LoadOptions::default().dense_copy_min_rows
+        },
         ..LoadOptions::default()
     }
 }
@@ -176,7 +182,10 @@ fn assert_split_matches_whole(path: &Path, worlds: &[usize]) {
             assert!(r == &ranks[0], "rank {rank} of {world} differs from rank 0");
         }
         let split = &ranks[0];
-        assert_eq!(split.tokens, whole.tokens, "greedy tokens with {world} ranks");
+        assert_eq!(
+            split.tokens, whole.tokens,
+            "greedy tokens with {world} ranks"
+        );
         let mut worst = 0f32;
         for (a, b) in split.logits.iter().zip(&whole.logits) {
             assert_eq!(a.len(), b.len());
@@ -187,7 +196,10 @@ fn assert_split_matches_whole(path: &Path, worlds: &[usize]) {
                 }
             }
         }
-        eprintln!("{} with {world} ranks: max |Δlogit| = {worst:.2e}", path.display());
+        eprintln!(
+            "{} with {world} ranks: max |Δlogit| = {worst:.2e}",
+            path.display()
+        );
         assert!(worst <= TOL, "{world} ranks: max |Δlogit| {worst}");
     }
 }

@@ -153,7 +153,10 @@ mod tests {
                         assert_eq!(w[0].end, w[1].start, "{total} {world} {align}");
                     }
                     assert_eq!(parts.last().unwrap().end, total);
-                    assert!(parts.iter().all(|p| !p.is_empty()), "{total} {world} {align}");
+                    assert!(
+                        parts.iter().all(|p| !p.is_empty()),
+                        "{total} {world} {align}"
+                    );
                 }
             }
         }

@@ -123,7 +123,10 @@ impl SocketCollective {
             let _ = std::fs::remove_file(&own);
         }
         let peers = result.map_err(|e| {
-            anyhow::anyhow!("tensor-parallel rendezvous of rank {rank} at {}: {e}", base.display())
+            anyhow::anyhow!(
+                "tensor-parallel rendezvous of rank {rank} at {}: {e}",
+                base.display()
+            )
         })?;
         for stream in peers.iter().flatten() {
             stream.set_nonblocking(true)?;
@@ -212,7 +215,12 @@ impl SocketCollective {
 
     /// Runs one operation; on failure the collective stays failed and every peer connection is
     /// shut down, so the other ranks stop waiting for this one at once.
-    fn run<T>(&self, op: Op, payload: &[u8], finish: impl FnOnce(Vec<Vec<f32>>) -> std::result::Result<T, String>) -> Result<T> {
+    fn run<T>(
+        &self,
+        op: Op,
+        payload: &[u8],
+        finish: impl FnOnce(Vec<Vec<f32>>) -> std::result::Result<T, String>,
+    ) -> Result<T> {
         let mut state = self
             .state
             .lock()
@@ -316,7 +324,10 @@ fn exchange(
             );
             for (p, fd) in io.iter_mut().zip(&fds) {
                 if p.sent < total_out && fd.revents & out_ready != 0 {
-                    p.send(&head, payload)?;
+                    if let Err(e) = p.send(&head, payload) {
+                        // A peer that gave up says why before it hangs up: prefer its reason.
+                        return Err(p.salvage_abort(op, seq).unwrap_or(e));
+                    }
                 }
                 if !p.received && fd.revents & in_ready != 0 {
                     p.receive(op, seq)?;
@@ -352,6 +363,8 @@ struct PeerIo<'a> {
     body_len: usize,
     body_got: usize,
     received: bool,
+    /// The reason in an abort message from this peer.
+    abort: Option<String>,
 }
 
 impl<'a> PeerIo<'a> {
@@ -366,6 +379,7 @@ impl<'a> PeerIo<'a> {
             body_len: 0,
             body_got: 0,
             received: false,
+            abort: None,
         }
     }
 
@@ -387,7 +401,10 @@ impl<'a> PeerIo<'a> {
             let slices: [IoSlice; 2] = if self.sent < HEADER {
                 [IoSlice::new(&head[self.sent..]), IoSlice::new(payload)]
             } else {
-                [IoSlice::new(&[]), IoSlice::new(&payload[self.sent - HEADER..])]
+                [
+                    IoSlice::new(&[]),
+                    IoSlice::new(&payload[self.sent - HEADER..]),
+                ]
             };
             if slices[0].is_empty() && slices[1].is_empty() {
                 return Ok(());
@@ -430,6 +447,24 @@ impl<'a> PeerIo<'a> {
         }
     }
 
+    /// Reads what the peer sent before it hung up (the rest of its message, then perhaps an
+    /// abort) and returns the reason of that abort.
+    fn salvage_abort(&mut self, op: Op, seq: u64) -> Option<String> {
+        for _ in 0..2 {
+            if self.received {
+                self.received = false;
+                self.head_got = 0;
+                self.body_got = 0;
+                self.body_len = 0;
+                self.body.clear();
+            }
+            if self.receive(op, seq).is_err() || !self.received {
+                break;
+            }
+        }
+        self.abort.clone()
+    }
+
     /// Checks a complete header and sizes the body it announces.
     fn start_body(&mut self, op: Op, seq: u64) -> std::result::Result<(), String> {
         let (magic, got_op, got_seq, len) = parse_header(&self.head);
@@ -455,11 +490,13 @@ impl<'a> PeerIo<'a> {
         let (_, got_op, _, _) = parse_header(&self.head);
         if got_op == Op::Abort as u32 {
             let bytes = &f32_bytes(&self.body)[..self.body_len];
-            return Err(format!(
+            let reason = format!(
                 "rank {} gave up: {}",
                 self.rank,
                 String::from_utf8_lossy(bytes)
-            ));
+            );
+            self.abort = Some(reason.clone());
+            return Err(reason);
         }
         self.received = true;
         Ok(())
@@ -616,8 +653,18 @@ mod tests {
         let n = 300_000;
         let sums = on_all(&ranks, move |c| {
             let r = c.rank() as f32;
-            let x = Tensor::from_vec((0..n).map(|i| i as f32 * 0.5 + r).collect(), (n / 3, 3), &Device::Cpu).unwrap();
-            c.all_reduce_sum(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            let x = Tensor::from_vec(
+                (0..n).map(|i| i as f32 * 0.5 + r).collect(),
+                (n / 3, 3),
+                &Device::Cpu,
+            )
+            .unwrap();
+            c.all_reduce_sum(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         });
         for s in &sums {
             assert_eq!(s, &sums[0]);
@@ -649,7 +696,10 @@ mod tests {
         });
         assert!(started.elapsed() < Duration::from_secs(10));
         for (rank, e) in errors.iter().enumerate() {
-            assert!(e.contains("rank 2 closed its connection"), "rank {rank}: {e}");
+            assert!(
+                e.contains("rank 2 closed its connection"),
+                "rank {rank}: {e}"
+            );
             assert!(ranks[rank].failure().is_some());
         }
         // Failed for good: later calls fail at once.

@@ -1,0 +1,105 @@
+//! The real `wick-shard` binary, started and driven over its unix socket the way the router
+//! drives it; shared by the gRPC test files.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use wick_proto::v1 as pb;
+use wick_proto::ShardClient;
+
+/// The shard process; killed on drop (also when a test fails), its log printed on failure.
+pub struct Shard {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- wick-shard log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Starts `wick-shard serve` on `model` at `uds_base` (1 MiB of KV cache, one thread, offline)
+/// with `extra` arguments, logging to `log`.
+pub fn start_shard(model: &Path, uds_base: &Path, log: PathBuf, extra: &[&str]) -> Shard {
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_wick-shard"))
+        .args(["serve", "--model-id"])
+        .arg(model)
+        .arg("--uds-path")
+        .arg(uds_base)
+        .args(["--kv-cache-memory", "1MiB", "--threads", "1", "--offline"])
+        .args(extra)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("wick-shard starts");
+    Shard { child, log }
+}
+
+/// Connects once the shard answers `Health`.
+pub async fn connect(shard: &mut Shard, socket: &Path) -> ShardClient {
+    for _ in 0..600 {
+        if let Some(status) = shard.child.try_wait().unwrap() {
+            panic!("wick-shard exited early: {status}");
+        }
+        if let Ok(mut client) = wick_proto::connect_uds(socket).await {
+            if client.health(pb::HealthRequest {}).await.is_ok() {
+                return client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("wick-shard did not become healthy");
+}
+
+pub fn request(id: u64, input_ids: Vec<u32>, max_new_tokens: u32) -> pb::Request {
+    pb::Request {
+        id,
+        input_ids,
+        parameters: Some(pb::NextTokenChooserParameters::default()),
+        stopping_parameters: Some(pb::StoppingCriteriaParameters {
+            max_new_tokens,
+            stop_sequences: Vec::new(),
+            ignore_eos_token: true,
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn batch(id: u64, requests: Vec<pb::Request>) -> pb::Batch {
+    pb::Batch {
+        id,
+        size: requests.len() as u32,
+        requests,
+        max_tokens: 0,
+        max_blocks: 0,
+    }
+}
+
+/// Decodes `batch` until every request finished; returns the generations.
+pub async fn decode_to_end(
+    client: &mut ShardClient,
+    mut batch: Option<pb::CachedBatch>,
+) -> Vec<pb::Generation> {
+    let mut generations = Vec::new();
+    while let Some(b) = batch {
+        let resp = client
+            .decode(pb::DecodeRequest { batches: vec![b] })
+            .await
+            .unwrap()
+            .into_inner();
+        generations.extend(resp.generations);
+        batch = resp.batch;
+    }
+    generations
+}
