@@ -230,3 +230,56 @@ async fn http_api_end_to_end() {
     assert!(!wick.shard_socket().exists());
     assert_eq!(wick.processes_left(), Vec::<i32>::new());
 }
+
+/// Token ids and logprobs of a greedy `/generate` with details.
+async fn greedy_tokens(client: &reqwest::Client, wick: &Wick) -> Vec<(u64, f64)> {
+    let out = post_json(client, wick, "/generate", greedy(8)).await;
+    out["details"]["tokens"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tokens: {out}"))
+        .iter()
+        .map(|t| (t["id"].as_u64().unwrap(), t["logprob"].as_f64().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tensor_parallel_shards_serve_like_one() {
+    let client = reqwest::Client::new();
+    let mut one = Wick::start_tiny(&[]);
+    one.wait_healthy().await;
+    let expected = greedy_tokens(&client, &one).await;
+    one.signal(libc::SIGTERM);
+    assert!(one.wait_exit().await.success());
+
+    let mut wick = Wick::start_tiny(&["--num-shard", "2"]);
+    wick.wait_healthy().await;
+    let log = wick.log();
+    assert!(log.contains("shard-1 started"), "{log}");
+    let got = greedy_tokens(&client, &wick).await;
+    assert_eq!(got.len(), expected.len());
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g.0, e.0, "tokens differ: {got:?} vs {expected:?}");
+        assert!(
+            (g.1 - e.1).abs() <= 1e-4,
+            "logprobs differ: {got:?} vs {expected:?}"
+        );
+    }
+    let text = check_generate(&client, &wick).await;
+    check_generate_stream(&client, &wick, &text).await;
+    check_chat(&client, &wick).await;
+    check_completions(&client, &wick).await;
+    check_validation_error(&client, &wick).await;
+    check_health_and_metrics(&client, &wick).await;
+
+    wick.signal(libc::SIGTERM);
+    let status = wick.wait_exit().await;
+    assert!(status.success(), "{status}:\n{}", wick.log());
+    for rank in 0..2 {
+        let socket = format!("{}-{rank}", wick.uds.display());
+        assert!(
+            !std::path::Path::new(&socket).exists(),
+            "{socket} left behind"
+        );
+    }
+    assert_eq!(wick.processes_left(), Vec::<i32>::new());
+}

@@ -64,6 +64,24 @@ async fn killed_shard_takes_the_deployment_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_tensor_parallel_rank_takes_the_set_down_by_name() {
+    let mut wick = Wick::start_tiny(&["--num-shard", "2"]);
+    wick.wait_healthy().await;
+    let rank1 = wick
+        .child_pid("shard-1")
+        .unwrap_or_else(|| panic!("no shard-1 pid in the log:\n{}", wick.log()));
+    send_signal(rank1, libc::SIGKILL);
+    let status = wick.wait_exit().await;
+    let log = wick.log();
+    assert!(!status.success(), "wick exited with success:\n{log}");
+    assert!(
+        log.contains("shard-1 exited unexpectedly"),
+        "the dead rank is not named:\n{log}"
+    );
+    assert_eq!(wick.processes_left(), Vec::<i32>::new(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shard_that_cannot_load_fails_the_launch() {
     // Valid config and tokenizer (the launcher's checks pass), unreadable weights (the shard
     // fails while loading).
