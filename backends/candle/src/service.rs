@@ -115,8 +115,11 @@ impl EngineHandle {
                 let mut failed_tx = Some(failed_tx);
                 while let Ok(job) = rx.recv() {
                     // A panicking job must not take the shard down: its caller gets an error
-                    // (its reply sender is dropped) and the next job runs.
-                    if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut engine))).is_err() {
+                    // (its reply sender is dropped) and the next job runs. The job runs on a
+                    // worker of the compute pool (`rayon::scope` from outside the pool moves
+                    // it there), so its parallel loops start without a hand-off each.
+                    let run = AssertUnwindSafe(|| rayon::scope(|_| job(&mut engine)));
+                    if std::panic::catch_unwind(run).is_err() {
                         tracing::error!("engine job panicked");
                     }
                     if let Some(failure) = engine.model_failure() {
