@@ -66,6 +66,12 @@ pub struct LlamaModel {
     /// `[vocab, hidden]` f32; on a rank, its vocabulary rows plus one zero row that tokens of
     /// other ranks look up.
     embed_tokens: Tensor,
+    /// Logit columns each rank contributes to the all-gather: the widest vocabulary part, so
+    /// every rank sends the same shape (narrower parts are padded with zeros).
+    gather_width: usize,
+    /// Where each vocabulary entry lands in the gathered `[rows, world * gather_width]`
+    /// logits, when not simply at its own index (uneven parts before the last).
+    gather_columns: Option<Tensor>,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: Linear,
@@ -179,12 +185,15 @@ impl LlamaModel {
             let zero = Tensor::zeros((1, c.hidden_size), DType::F32, &device)?;
             embed_tokens = Tensor::cat(&[&embed_tokens, &zero], 0)?;
         }
+        let (gather_width, gather_columns) = gather_layout(c.vocab_size, &plan, &device)?;
         let (rope_cos, rope_sin) = rope_tables(c, &device)?;
         Ok(Self {
             config: config.clone(),
             plan,
             comm,
             embed_tokens,
+            gather_width,
+            gather_columns,
             norm: dense("model.norm.weight")?,
             layers,
             lm_head,
@@ -261,9 +270,20 @@ impl LlamaModel {
         let x = x.index_select(&rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        match &self.comm {
-            Some(comm) => comm.all_gather(&logits),
-            None => Ok(logits),
+        let Some(comm) = &self.comm else {
+            return Ok(logits);
+        };
+        let (rows, width) = logits.dims2()?;
+        let logits = if width < self.gather_width {
+            let pad = Tensor::zeros((rows, self.gather_width - width), DType::F32, &self.device)?;
+            Tensor::cat(&[&logits, &pad], 1)?
+        } else {
+            logits
+        };
+        let gathered = comm.all_gather(&logits)?;
+        match &self.gather_columns {
+            Some(columns) => gathered.index_select(columns, 1),
+            None => gathered.narrow(1, 0, c.vocab_size),
         }
     }
 
@@ -410,6 +430,30 @@ impl LlamaModel {
     }
 }
 
+/// The all-gather width of every rank's logits (its widest vocabulary part) and, when the
+/// parts before the last are not all that wide, the gathered column of each vocabulary entry.
+fn gather_layout(
+    vocab: usize,
+    plan: &ShardPlan,
+    device: &Device,
+) -> Result<(usize, Option<Tensor>)> {
+    let parts: Vec<std::ops::Range<usize>> = (0..plan.world_size)
+        .map(|r| crate::parallel::split_range(vocab, r, plan.world_size, 1))
+        .collect();
+    let width = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let packed = parts[..parts.len() - 1].iter().all(|p| p.len() == width);
+    if packed {
+        return Ok((width, None));
+    }
+    let columns: Vec<u32> = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(r, p)| (0..p.len()).map(move |i| (r * width + i) as u32))
+        .collect();
+    let n = columns.len();
+    Ok((width, Some(Tensor::from_vec(columns, n, device)?)))
+}
+
 /// Rope inverse frequencies for each pair of a head, with the config's scaling applied.
 fn inv_freq(c: &ModelConfig) -> Vec<f32> {
     let hd = c.head_dim;
@@ -494,6 +538,25 @@ mod tests {
             bos_token_id: None,
             eos_token_ids: vec![],
         }
+    }
+
+    #[test]
+    fn gathered_logits_map_back_to_the_vocabulary() {
+        let plan = |vocab: usize, world: usize| ShardPlan {
+            world_size: world,
+            vocab: 0..vocab,
+            ..ShardPlan::single(&config(None))
+        };
+        // 414 over 4: parts of 104, 104, 104 and 102; the first 414 gathered columns are it.
+        let (width, columns) = gather_layout(414, &plan(414, 4), &Device::Cpu).unwrap();
+        assert_eq!((width, columns.is_none()), (104, true));
+        // 5 over 4: parts of 1, 1, 1 and 2, padded to 2 each.
+        let (width, columns) = gather_layout(5, &plan(5, 4), &Device::Cpu).unwrap();
+        assert_eq!(width, 2);
+        assert_eq!(
+            columns.unwrap().to_vec1::<u32>().unwrap(),
+            vec![0, 2, 4, 6, 7]
+        );
     }
 
     #[test]

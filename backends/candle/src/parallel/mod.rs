@@ -32,8 +32,9 @@ pub trait Collective: Send + Sync {
     /// sum runs in rank order everywhere).
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor>;
 
-    /// Every rank's `x: [rows, cols_r]`, concatenated along the last dimension in rank order:
-    /// `[rows, Σ cols_r]`.
+    /// Every rank's `x: [rows, cols]`, concatenated along the last dimension in rank order:
+    /// `[rows, world_size * cols]`. Every rank passes the same shape (NCCL's contract; the
+    /// socket collective also accepts parts of different widths).
     fn all_gather(&self, x: &Tensor) -> Result<Tensor>;
 
     /// Returns once every rank has called it.
