@@ -24,7 +24,7 @@ use crate::engine::{
     TokenOut, WarmupLimits,
 };
 use crate::model::LlamaModel;
-use crate::parallel::{Collective, SocketCollective};
+use crate::parallel::{self, Collective};
 use crate::sampling::SamplingParams;
 use crate::source;
 use crate::stopping::{FinishReason, StoppingParams};
@@ -481,12 +481,13 @@ fn dtype_name(dtype: DType) -> &'static str {
 /// ranks) and builds the engine with a KV cache of `config.kv_cache_bytes`.
 pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> {
     let comm: Option<Arc<dyn Collective>> = if config.world_size > 1 {
-        Some(Arc::new(SocketCollective::connect(
+        Some(parallel::connect(
             &config.master_addr,
             config.rank as usize,
             config.world_size as usize,
             config.collective_timeout,
-        )?))
+            &config.load.device,
+        )?)
     } else {
         None
     };

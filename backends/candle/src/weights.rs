@@ -442,6 +442,8 @@ impl WeightStore {
 }
 
 /// A tensor as it comes out of a store, before the caller picks its compute format.
+// With CUDA a QTensor is large; a `Stored` only lives while one weight loads.
+#[allow(clippy::large_enum_variant)]
 enum Stored {
     Dense(Tensor),
     Quantized(QTensor),

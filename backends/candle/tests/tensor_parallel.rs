@@ -276,3 +276,69 @@ fn quantized_gguf_split_matches_whole() {
     write_gguf_model(&path, &spec, GgmlDType::Q8_0).unwrap();
     assert_split_matches_whole(&path, &[2, 4]);
 }
+
+/// With the `nccl` feature, on a machine with CUDA devices: the model on GPUs, one rank per
+/// device joined by NCCL (3 or 2 ranks when there are that many devices, else one GPU alone),
+/// gives the CPU model's logits and greedy tokens. cuBLAS sums in another order than the CPU
+/// kernels, hence the looser bound.
+#[cfg(feature = "nccl")]
+#[test]
+fn cuda_ranks_over_nccl_match_the_cpu_model() {
+    use candle_core::Device;
+    use wick_backend_candle::parallel;
+
+    const GPU_TOL: f32 = 1e-3;
+    let gpus = candle_core::cuda::cudarc::driver::CudaContext::device_count()
+        .expect("CUDA devices can be counted") as usize;
+    assert!(gpus > 0, "this test needs a CUDA device");
+    let world = [3, 2, 1].into_iter().find(|&w| w <= gpus).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyModelSpec {
+        num_attention_heads: 12,
+        ..splittable(TinyModelSpec::llama())
+    };
+    write_hf_model(dir.path(), &spec).unwrap();
+    let prompts = prompts();
+    let loaded = load(dir.path());
+    let cpu = run(
+        &LlamaModel::load(&loaded.config, &loaded.weights, &LoadOptions::default()).unwrap(),
+        &prompts,
+    );
+    let base = dir.path().join("tp");
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (base, path, prompts) = (base.clone(), dir.path().to_path_buf(), prompts.clone());
+            std::thread::spawn(move || {
+                let device = Device::new_cuda(rank).unwrap();
+                let opts = LoadOptions {
+                    device: device.clone(),
+                    ..LoadOptions::default()
+                };
+                let loaded = load(&path);
+                let model = if world == 1 {
+                    LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap()
+                } else {
+                    let comm =
+                        parallel::connect(&base, rank, world, Duration::from_secs(60), &device)
+                            .unwrap();
+                    LlamaModel::load_parallel(&loaded.config, &loaded.weights, &opts, comm).unwrap()
+                };
+                run(&model, &prompts)
+            })
+        })
+        .collect();
+    let ranks: Vec<Run> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for r in &ranks {
+        assert_eq!(r.tokens, cpu.tokens, "greedy tokens on {world} GPU rank(s)");
+    }
+    let worst = ranks[0]
+        .logits
+        .iter()
+        .flatten()
+        .flatten()
+        .zip(cpu.logits.iter().flatten().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{world} GPU rank(s) vs CPU: max |Δlogit| = {worst:.2e}");
+    assert!(worst <= GPU_TOL, "max |Δlogit| {worst}");
+}

@@ -63,6 +63,11 @@ struct ServeArgs {
     #[arg(long, env = "COLLECTIVE_TIMEOUT", default_value_t = 60.0)]
     collective_timeout: f64,
 
+    /// Where the model runs: `cpu`, or `cuda` (GPU number `--rank`; needs a build with the
+    /// `cuda` feature, and `nccl` for NCCL between tensor-parallel ranks).
+    #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+
     /// Compute dtype of dense weights; bf16 checkpoints load as float32 on CPU.
     #[arg(long, env = "DTYPE", value_enum, default_value_t = DtypeArg::Float32)]
     dtype: DtypeArg,
@@ -113,6 +118,12 @@ struct ServeArgs {
     /// Log filter: a level (`info`, `debug`) or a tracing directive (`wick_backend_candle=debug`).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     log_level: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -174,6 +185,14 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build_global()
         .map_err(|e| anyhow::anyhow!("cannot build the compute thread pool: {e}"))?;
 
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda if !cfg!(feature = "cuda") => {
+            anyhow::bail!("--device cuda: this wick-shard was built without the `cuda` feature")
+        }
+        DeviceArg::Cuda => Device::new_cuda(args.rank as usize)
+            .map_err(|e| anyhow::anyhow!("cannot open CUDA device {}: {e}", args.rank))?,
+    };
     let master_addr = args.master_addr.unwrap_or_else(|| {
         let mut base = args.uds_path.as_os_str().to_owned();
         base.push("-tp");
@@ -198,7 +217,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
                 QuantizeArg::Q8_0 => Quantize::Q8_0,
                 QuantizeArg::Q4K => Quantize::Q4K,
             }),
-            device: Device::Cpu,
+            device,
             dequantize: args.dequantize,
             dense_copy_min_rows: (args.dense_copy_min_rows > 0)
                 .then_some(args.dense_copy_min_rows as usize),

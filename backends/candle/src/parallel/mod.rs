@@ -14,8 +14,12 @@ use candle_core::{bail, Result, Tensor};
 
 use crate::config::ModelConfig;
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod socket;
 
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCollective;
 pub use socket::SocketCollective;
 
 /// The collectives tensor parallelism needs. Every rank calls the same operations in the same
@@ -42,6 +46,25 @@ pub trait Collective: Send + Sync {
 
     /// Why this collective can no longer be used, once an operation has failed.
     fn failure(&self) -> Option<String>;
+}
+
+/// Joins the `world_size` ranks that meet at `rendezvous` (see [`SocketCollective::connect`]):
+/// over NCCL when the model runs on a CUDA device and wick was built with the `nccl` feature,
+/// else over the socket mesh itself.
+pub fn connect(
+    rendezvous: &std::path::Path,
+    rank: usize,
+    world_size: usize,
+    timeout: std::time::Duration,
+    device: &candle_core::Device,
+) -> anyhow::Result<std::sync::Arc<dyn Collective>> {
+    let mesh = SocketCollective::connect(rendezvous, rank, world_size, timeout)?;
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        return Ok(std::sync::Arc::new(NcclCollective::connect(&mesh, device)?));
+    }
+    let _ = device;
+    Ok(std::sync::Arc::new(mesh))
 }
 
 /// The part of `0..total` rank `rank` of `world_size` holds: chunks of `ceil(total / world)`
