@@ -212,17 +212,21 @@ async fn check_health_and_metrics(client: &reqwest::Client, wick: &Wick) {
     );
 }
 
+/// Every route of the HTTP API, as the checks above.
+async fn check_every_route(client: &reqwest::Client, wick: &Wick) {
+    let text = check_generate(client, wick).await;
+    check_generate_stream(client, wick, &text).await;
+    check_chat(client, wick).await;
+    check_completions(client, wick).await;
+    check_validation_error(client, wick).await;
+    check_health_and_metrics(client, wick).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_api_end_to_end() {
     let mut wick = Wick::start_tiny(&[]);
     wick.wait_healthy().await;
-    let client = reqwest::Client::new();
-    let text = check_generate(&client, &wick).await;
-    check_generate_stream(&client, &wick, &text).await;
-    check_chat(&client, &wick).await;
-    check_completions(&client, &wick).await;
-    check_validation_error(&client, &wick).await;
-    check_health_and_metrics(&client, &wick).await;
+    check_every_route(&reqwest::Client::new(), &wick).await;
 
     wick.signal(libc::SIGTERM);
     let status = wick.wait_exit().await;
@@ -264,12 +268,7 @@ async fn two_tensor_parallel_shards_serve_like_one() {
             "logprobs differ: {got:?} vs {expected:?}"
         );
     }
-    let text = check_generate(&client, &wick).await;
-    check_generate_stream(&client, &wick, &text).await;
-    check_chat(&client, &wick).await;
-    check_completions(&client, &wick).await;
-    check_validation_error(&client, &wick).await;
-    check_health_and_metrics(&client, &wick).await;
+    check_every_route(&client, &wick).await;
 
     wick.signal(libc::SIGTERM);
     let status = wick.wait_exit().await;
