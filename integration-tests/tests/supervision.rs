@@ -1,5 +1,6 @@
 //! The launcher's supervision with the real children: SIGTERM during a stream stops everything
-//! cleanly; a shard that dies takes the deployment down with a non-zero exit that names it.
+//! cleanly; a shard that dies, or a tensor-parallel rank that hangs, takes the deployment down
+//! with a non-zero exit that names it.
 
 mod common;
 
@@ -78,6 +79,30 @@ async fn killed_tensor_parallel_rank_takes_the_set_down_by_name() {
         log.contains("shard-1 exited unexpectedly"),
         "the dead rank is not named:\n{log}"
     );
+    assert_eq!(wick.processes_left(), Vec::<i32>::new(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_tensor_parallel_rank_fails_the_request_and_the_set_by_name() {
+    let mut wick = Wick::start_tiny(&["--num-shard", "2", "--collective-timeout", "2"]);
+    wick.wait_healthy().await;
+    let rank1 = wick
+        .child_pid("shard-1")
+        .unwrap_or_else(|| panic!("no shard-1 pid in the log:\n{}", wick.log()));
+    send_signal(rank1, libc::SIGSTOP);
+    let response = reqwest::Client::new()
+        .post(wick.url("/generate"))
+        .json(&json!({"inputs": "Hello", "parameters": {"max_new_tokens": 4}}))
+        .send()
+        .await
+        .expect("an HTTP answer");
+    assert!(!response.status().is_success(), "{}", response.status());
+    let body = response.text().await.unwrap();
+    assert!(body.contains("rank(s) 1 did not answer"), "{body}");
+    let status = wick.wait_exit().await;
+    let log = wick.log();
+    assert!(!status.success(), "wick exited with success:\n{log}");
+    assert!(log.contains("shard-0 exited unexpectedly"), "{log}");
     assert_eq!(wick.processes_left(), Vec::<i32>::new(), "{log}");
 }
 

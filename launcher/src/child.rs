@@ -149,8 +149,11 @@ impl ManagedChild {
         // The pid is still ours: the child has not been reaped (try_wait said so above).
         let pid = self.pid as libc::pid_t;
         // SAFETY: kill(2) with a pid we own and a valid signal number has no memory effects.
+        // A stopped child (SIGSTOP, a debugger, a hung rank someone froze) acts on SIGTERM only
+        // once continued.
         unsafe {
             libc::kill(pid, libc::SIGTERM);
+            libc::kill(pid, libc::SIGCONT);
         }
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status.ok(),

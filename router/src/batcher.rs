@@ -24,6 +24,10 @@ use crate::metrics::{
 };
 use crate::queue::{Entry, Queue};
 
+/// How long the loop waits for the shards to drop a failed batch before it moves on (a hung
+/// tensor-parallel rank would otherwise hold the loop).
+const CLEAR_AFTER_ERROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The running requests by id.
 type Entries = HashMap<u64, Entry>;
 
@@ -212,10 +216,20 @@ impl Batcher {
                 metrics::counter!(BATCH_INFERENCE_FAILURE, "method" => method).increment(1);
                 tracing::error!(method, error = %e, "batch failed");
                 self.health.store(false, Ordering::SeqCst);
-                for id in involved.into_iter().flatten() {
-                    let _ = self.client.clear_cache(Some(id)).await;
-                }
+                // The requests hear first: clearing may wait on a shard that hangs.
                 send_errors(&e, entries);
+                for id in involved.into_iter().flatten() {
+                    let clear = self.client.clear_cache(Some(id));
+                    if tokio::time::timeout(CLEAR_AFTER_ERROR_TIMEOUT, clear)
+                        .await
+                        .is_err()
+                    {
+                        tracing::error!(
+                            batch = id,
+                            "a shard did not answer ClearCache after the error"
+                        );
+                    }
+                }
                 None
             }
         }
