@@ -1,5 +1,6 @@
 //! SmolLM2-135M-Instruct (the README's default model, fetched by `make test` into `models/`)
-//! served by the whole stack answers a factual question correctly with greedy decoding.
+//! served by the whole stack, whole and split over three tensor-parallel shards, answers a
+//! factual question correctly with greedy decoding.
 
 mod common;
 
@@ -12,8 +13,8 @@ fn smollm_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smollm_knows_the_capital_of_france() {
+/// Serves SmolLM2 with `shards` tensor-parallel shards and asks it for the capital of France.
+async fn answers_the_capital_of_france(shards: &str) {
     let path = smollm_path();
     if !path.is_file() {
         // The model is fetched by `make test` (scripts/fetch-model.sh); without it there is
@@ -25,6 +26,8 @@ async fn smollm_knows_the_capital_of_france() {
     let mut wick = Wick::start(
         path.to_str().expect("a UTF-8 path"),
         &[
+            "--num-shard",
+            shards,
             "--kv-cache-memory",
             "128MiB",
             "--max-batch-prefill-tokens",
@@ -57,4 +60,15 @@ async fn smollm_knows_the_capital_of_france() {
         .as_str()
         .unwrap_or_else(|| panic!("no content in {response}"));
     assert!(content.contains("Paris"), "{content}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm_knows_the_capital_of_france() {
+    answers_the_capital_of_france("1").await;
+}
+
+/// Its 9 heads and 3 KV heads split over 3 shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm_over_three_shards_knows_the_capital_of_france() {
+    answers_the_capital_of_france("3").await;
 }
