@@ -127,24 +127,8 @@ fn smollm2_logits_match_candle_quantized_llama() {
         .get_ids()
         .to_vec();
     let n = ids.len();
-
-    let blocks = [3u32, 1, 0, 2];
-    let mut cache = KvCache::new(&loaded.config, 4, 16);
-    let step = StepInput {
-        tokens: ids.clone(),
-        positions: (0..n as u32).collect(),
-        slots: (0..n)
-            .map(|p| blocks[p / 16] * 16 + (p % 16) as u32)
-            .collect(),
-        seqs: vec![SeqSpan {
-            start: 0,
-            len: n,
-            context_len: n,
-            block_table: &blocks,
-        }],
-        logit_rows: (0..n as u32).collect(),
-    };
-    let ours = model.forward(&step, &mut cache).unwrap();
+    // Blocks out of order, as the router may hand them out.
+    let ours = prefill_logits(&model, &ids, &[3, 1, 0, 2]);
 
     let mut file = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
@@ -166,7 +150,7 @@ fn smollm2_logits_match_candle_quantized_llama() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let row: Vec<f32> = ours.get(len - 1).unwrap().to_vec1().unwrap();
+        let row = &ours[len - 1];
         let diff = row
             .iter()
             .zip(&theirs)
@@ -187,20 +171,22 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
 }
 
-/// The logits of every position of `ids` prefilled at once.
-fn prefill_logits(model: &LlamaModel, ids: &[u32]) -> Vec<Vec<f32>> {
+/// The logits of every position of `ids` prefilled at once into a 4-block cache, the sequence
+/// in `blocks` (16 slots each).
+fn prefill_logits(model: &LlamaModel, ids: &[u32], blocks: &[u32]) -> Vec<Vec<f32>> {
     let n = ids.len();
-    let blocks = [0u32, 1, 2, 3];
     let mut cache = KvCache::with_kv_heads(model.config(), model.plan().kv_heads.len(), 4, 16);
     let step = StepInput {
         tokens: ids.to_vec(),
         positions: (0..n as u32).collect(),
-        slots: (0..n as u32).collect(),
+        slots: (0..n)
+            .map(|p| blocks[p / 16] * 16 + (p % 16) as u32)
+            .collect(),
         seqs: vec![SeqSpan {
             start: 0,
             len: n,
             context_len: n,
-            block_table: &blocks,
+            block_table: blocks,
         }],
         logit_rows: (0..n as u32).collect(),
     };
@@ -224,6 +210,7 @@ fn smollm2_split_over_three_ranks_matches_the_whole_model() {
     let whole = prefill_logits(
         &LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap(),
         &ids,
+        &[0, 1, 2, 3],
     );
     drop(loaded);
     let dir = tempfile::tempdir().unwrap();
@@ -243,7 +230,7 @@ fn smollm2_split_over_three_ranks_matches_the_whole_model() {
                 )
                 .unwrap();
                 assert_eq!(model.plan().heads.len(), 3);
-                prefill_logits(&model, &ids)
+                prefill_logits(&model, &ids, &[0, 1, 2, 3])
             })
         })
         .collect::<Vec<_>>()
