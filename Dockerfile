@@ -1,7 +1,8 @@
 # wick: CPU image by default. For the CUDA variant pass
 #   --build-arg VARIANT=cuda --build-arg BUILD_IMAGE=<a CUDA devel image with Rust installed>
 #   --build-arg RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
-# (the CUDA code sits behind the `cuda` cargo feature of wick-backend-candle).
+# (the CUDA code sits behind the `cuda` and `nccl` cargo features of wick-backend-candle; the
+# cuda variant builds both, so tensor-parallel shards on GPUs reduce over NCCL).
 ARG VARIANT=cpu
 ARG BUILD_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
@@ -28,7 +29,7 @@ RUN for d in proto backends/candle router launcher benchmark; do \
 
 COPY . .
 RUN touch proto/src/lib.rs backends/candle/src/lib.rs router/src/lib.rs \
- && FEATURES=$([ "$VARIANT" = cuda ] && echo "--features wick-backend-candle/cuda" || true) \
+ && FEATURES=$([ "$VARIANT" = cuda ] && echo "--features wick-backend-candle/nccl" || true) \
  && cargo build --release --bin wick --bin wick-shard --bin wick-router --bin wick-bench $FEATURES
 
 # ---- run --------------------------------------------------------------------------------
