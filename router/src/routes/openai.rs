@@ -23,7 +23,7 @@ use crate::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatRequest, Completion, CompletionChoice, CompletionLogprobs,
     CompletionRequest, FinishReason, GenerateParameters, ModelCard, ModelList, OpenAiErrorResponse,
-    TopLogprob, Usage,
+    StopSpec, TopLogprob, Usage,
 };
 use crate::validation::{random_seed, ValidationError};
 
@@ -87,17 +87,26 @@ pub(crate) async fn completions(
     complete(state, request).await.map_err(HttpError::openai)
 }
 
-/// OpenAI's temperature 0 means greedy; any other value samples.
-fn sampling(temperature: Option<f32>) -> (bool, Option<f32>) {
-    match temperature {
+/// The TGI parameters of OpenAI's sampling and stop fields, with details on (choices need
+/// the finish reason and token counts). Temperature 0 means greedy, any other value samples;
+/// `top_p: 1` means "off", which TGI's range check would refuse.
+fn openai_parameters(
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    stop: Option<&StopSpec>,
+) -> GenerateParameters {
+    let (do_sample, temperature) = match temperature {
         Some(0.0) => (false, None),
         other => (true, other),
+    };
+    GenerateParameters {
+        temperature,
+        do_sample,
+        top_p: top_p.filter(|p| *p != 1.0),
+        stop: stop.cloned().map(StopSpec::into_vec).unwrap_or_default(),
+        details: true,
+        ..Default::default()
     }
-}
-
-/// OpenAI's `top_p: 1` means "off", which TGI's range check would refuse.
-fn top_p(value: Option<f32>) -> Option<f32> {
-    value.filter(|p| *p != 1.0)
 }
 
 /// How many generations, and the id/model fields shared by their answers.
@@ -118,6 +127,33 @@ struct Job {
 enum Kind {
     Chat,
     Completion,
+}
+
+impl Job {
+    fn new(
+        state: &AppState,
+        kind: Kind,
+        n: usize,
+        parameters: &GenerateParameters,
+        logprobs: bool,
+        include_usage: bool,
+    ) -> Self {
+        let prefix = match kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Completion => "cmpl",
+        };
+        Self {
+            kind,
+            id: unique_id(prefix),
+            created: unix_now(),
+            model: state.model_id().to_string(),
+            fingerprint: state.system_fingerprint.to_string(),
+            n,
+            stops: parameters.stop.clone(),
+            logprobs,
+            include_usage,
+        }
+    }
 }
 
 async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiError> {
@@ -144,36 +180,17 @@ async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiErro
         .collect();
     let prompt = template.apply(&messages)?;
     let logprobs = request.logprobs.unwrap_or(false);
-    let (do_sample, temperature) = sampling(request.temperature);
     let parameters = GenerateParameters {
-        temperature,
-        do_sample,
-        top_p: top_p(request.top_p),
         frequency_penalty: request.frequency_penalty,
         presence_penalty: request.presence_penalty,
         ignore_eos: request.ignore_eos,
         max_new_tokens: request.max_completion_tokens.or(request.max_tokens),
-        stop: request
-            .stop
-            .clone()
-            .map(|s| s.into_vec())
-            .unwrap_or_default(),
         seed: request.seed,
         top_n_tokens: if logprobs { request.top_logprobs } else { None },
-        details: true,
-        ..Default::default()
+        ..openai_parameters(request.temperature, request.top_p, request.stop.as_ref())
     };
-    let job = Job {
-        kind: Kind::Chat,
-        id: unique_id("chatcmpl"),
-        created: unix_now(),
-        model: state.model_id().to_string(),
-        fingerprint: state.system_fingerprint.to_string(),
-        n,
-        stops: parameters.stop.clone(),
-        logprobs,
-        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
-    };
+    let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+    let job = Job::new(&state, Kind::Chat, n, &parameters, logprobs, include_usage);
     // The template supplies BOS and friends.
     let admitted = admit_all(&state, &[prompt], n, &parameters, false, request.stream).await?;
     respond(state, job, admitted, request.stream).await
@@ -191,37 +208,26 @@ async fn complete(state: AppState, request: CompletionRequest) -> Result<Respons
         return Err(ValidationError::EmptyInput.into());
     }
     let n = check_n(request.n, prompts.len(), state.max_client_batch_size)?;
-    let (do_sample, temperature) = sampling(request.temperature);
     let parameters = GenerateParameters {
-        temperature,
-        do_sample,
-        top_p: top_p(request.top_p),
         repetition_penalty: request.repetition_penalty,
         frequency_penalty: request.frequency_penalty,
         presence_penalty: request.presence_penalty,
         ignore_eos: request.ignore_eos,
         max_new_tokens: request.max_tokens,
-        stop: request
-            .stop
-            .clone()
-            .map(|s| s.into_vec())
-            .unwrap_or_default(),
         seed: request.seed,
         top_n_tokens: request.logprobs,
-        details: true,
-        ..Default::default()
+        ..openai_parameters(request.temperature, request.top_p, request.stop.as_ref())
     };
-    let job = Job {
-        kind: Kind::Completion,
-        id: unique_id("cmpl"),
-        created: unix_now(),
-        model: state.model_id().to_string(),
-        fingerprint: state.system_fingerprint.to_string(),
+    let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+    let logprobs = request.logprobs.is_some();
+    let job = Job::new(
+        &state,
+        Kind::Completion,
         n,
-        stops: parameters.stop.clone(),
-        logprobs: request.logprobs.is_some(),
-        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
-    };
+        &parameters,
+        logprobs,
+        include_usage,
+    );
     let admitted = admit_all(&state, &prompts, n, &parameters, true, request.stream).await?;
     respond(state, job, admitted, request.stream).await
 }
@@ -624,6 +630,11 @@ mod tests {
 
     #[test]
     fn temperature_zero_is_greedy() {
+        let sampling = |t| {
+            let p = openai_parameters(t, None, None);
+            (p.do_sample, p.temperature)
+        };
+        let top_p = |p| openai_parameters(None, p, None).top_p;
         assert_eq!(sampling(Some(0.0)), (false, None));
         assert_eq!(sampling(Some(0.7)), (true, Some(0.7)));
         assert_eq!(sampling(None), (true, None));
