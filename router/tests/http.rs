@@ -1,52 +1,16 @@
 //! The HTTP API end to end: the real `wick-shard` binary on a tiny random model, the scheduler,
 //! and the axum app served on a port-0 listener, driven with reqwest.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+mod common;
+
 use std::time::Duration;
 
+use common::{connect_when_ready, start_shard, Shard};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use wick_backend_candle::testing::{write_hf_model, TinyModelSpec};
 use wick_router::server::{self, Config, ServerConfig, ValidationFlags};
-use wick_router::startup::{connect, BackendInfo, ShardSetup};
-
-/// The shard process; killed on drop, its log printed when a test fails.
-struct Shard {
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- wick-shard log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-/// `target/<profile>/wick-shard`, next to the directory of this test executable.
-fn shard_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join(format!("wick-shard{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with cargo build -p wick-backend-candle",
-        bin.display()
-    );
-    bin
-}
+use wick_router::startup::{BackendInfo, ShardSetup};
 
 /// A running shard + router.
 struct Server {
@@ -117,32 +81,11 @@ async fn start(
     tweak_config: impl FnOnce(&mut Config),
     tweak_backend: impl FnOnce(&mut BackendInfo),
 ) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    write_hf_model(&model, &TinyModelSpec::llama()).unwrap();
-    let uds = dir.path().join("shard");
-    let log = dir.path().join("shard.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(shard_binary())
-        .args(["serve", "--model-id"])
-        .arg(&model)
-        .arg("--uds-path")
-        .arg(&uds)
-        .args(["--kv-cache-memory", "1MiB", "--threads", "1", "--offline"])
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("wick-shard starts");
-    let mut shard = Shard {
-        child,
-        log,
-        _dir: dir,
-    };
-    let socket = PathBuf::from(format!("{}-0", uds.display()));
+    let mut shard = start_shard(&["--kv-cache-memory", "1MiB"]);
     let mut config = default_config();
     tweak_config(&mut config);
     let setup = ShardSetup {
-        master_shard_uds_path: socket.clone(),
+        master_shard_uds_path: shard.socket.clone(),
         max_input_tokens: Some(64),
         max_total_tokens: Some(128),
         max_batch_prefill_tokens: 256,
@@ -152,20 +95,7 @@ async fn start(
         max_waiting_tokens: 20,
         max_concurrent_requests: config.server.max_concurrent_requests,
     };
-    let mut connected = None;
-    for _ in 0..600 {
-        if let Some(status) = shard.child.try_wait().unwrap() {
-            panic!("wick-shard exited early: {status}");
-        }
-        if socket.exists() {
-            if let Ok(pair) = connect(&setup).await {
-                connected = Some(pair);
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (infer, mut backend) = connected.expect("the router could not connect to wick-shard");
+    let (infer, mut backend) = connect_when_ready(&mut shard, &setup).await;
     tweak_backend(&mut backend);
     let app = server::app(&config, infer, backend).expect("the app builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

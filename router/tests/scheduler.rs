@@ -5,14 +5,16 @@
 //! batching loop's metrics are then the test's own, and the interleaving of the test with the
 //! batching loop only changes at awaits, which makes "joins a running batch" deterministic.
 
+mod common;
+
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::Duration;
+
+use common::{connect_when_ready, start_shard, Shard};
 
 use futures::stream::{BoxStream, StreamExt};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use wick_backend_candle::testing::{tiny_vocab_size, write_hf_model, TinyModelSpec};
+use wick_backend_candle::testing::tiny_vocab_size;
 use wick_router::infer::{
     FinishReason, Infer, InferError, InferStreamResponse, ValidParameters, ValidRequest,
     ValidStoppingParameters,
@@ -20,74 +22,21 @@ use wick_router::infer::{
 use wick_router::metrics::{
     BATCH_CONCAT, BATCH_CURRENT_SIZE, BATCH_INFERENCE_FAILURE, PREFIX_CACHE_HIT_TOKENS,
 };
-use wick_router::startup::{connect, BackendInfo, ShardSetup};
-
-/// The shard process; killed on drop, its log printed when a test fails.
-struct Shard {
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- wick-shard log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-/// `target/<profile>/wick-shard`, next to the directory of this test executable.
-fn shard_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join(format!("wick-shard{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with cargo build -p wick-backend-candle",
-        bin.display()
-    );
-    bin
-}
+use wick_router::startup::{BackendInfo, ShardSetup};
 
 const BLOCK_SIZE: u32 = 16;
 
 /// Starts a shard on a fresh tiny Llama with 64 KV blocks of 16 (512 bytes per slot) and
 /// connects the scheduler with a prefill budget of 64 tokens, so longer prompts are chunked.
 async fn start() -> (Shard, Infer, BackendInfo) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    write_hf_model(&model, &TinyModelSpec::llama()).unwrap();
-    let uds = dir.path().join("shard");
-    let log = dir.path().join("shard.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(shard_binary())
-        .args(["serve", "--model-id"])
-        .arg(&model)
-        .arg("--uds-path")
-        .arg(&uds)
-        .args(["--kv-cache-memory", "512KiB", "--threads", "1", "--offline"])
-        .args(["--block-size", &BLOCK_SIZE.to_string()])
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("wick-shard starts");
-    let mut shard = Shard {
-        child,
-        log,
-        _dir: dir,
-    };
-    let socket = PathBuf::from(format!("{}-0", uds.display()));
+    let mut shard = start_shard(&[
+        "--kv-cache-memory",
+        "512KiB",
+        "--block-size",
+        &BLOCK_SIZE.to_string(),
+    ]);
     let setup = ShardSetup {
-        master_shard_uds_path: socket.clone(),
+        master_shard_uds_path: shard.socket.clone(),
         max_input_tokens: None,
         max_total_tokens: None,
         max_batch_prefill_tokens: 64,
@@ -97,18 +46,8 @@ async fn start() -> (Shard, Infer, BackendInfo) {
         max_waiting_tokens: 20,
         max_concurrent_requests: 16,
     };
-    for _ in 0..600 {
-        if let Some(status) = shard.child.try_wait().unwrap() {
-            panic!("wick-shard exited early: {status}");
-        }
-        if socket.exists() {
-            if let Ok((infer, info)) = connect(&setup).await {
-                return (shard, infer, info);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the scheduler could not connect to wick-shard");
+    let (infer, info) = connect_when_ready(&mut shard, &setup).await;
+    (shard, infer, info)
 }
 
 /// Runs `test` on a current-thread runtime with its own metrics recorder.
