@@ -534,7 +534,7 @@ impl Collective for SocketCollective {
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
         let own = host_values(x)?;
         let rank = self.rank;
-        let sum = self.run(Op::AllReduce, f32_bytes(&own), |parts| {
+        let sum = self.run(Op::AllReduce, f32_bytes(&own), |mut parts| {
             if let Some((r, p)) = parts
                 .iter()
                 .enumerate()
@@ -547,10 +547,16 @@ impl Collective for SocketCollective {
                 ));
             }
             // The same order on every rank, so every rank gets the same bits.
-            let part = |r: usize| if r == rank { &own } else { &parts[r] };
-            let mut sum = part(0).clone();
-            for r in 1..parts.len() {
-                for (s, v) in sum.iter_mut().zip(part(r)) {
+            // Rank 0's part first, then the others in order: the same additions on every
+            // rank. Ranks other than 0 add into the buffer rank 0's part arrived in.
+            let mut sum = if rank == 0 {
+                own.clone()
+            } else {
+                std::mem::take(&mut parts[0])
+            };
+            for (r, received) in parts.iter().enumerate().skip(1) {
+                let part = if r == rank { &own } else { received };
+                for (s, v) in sum.iter_mut().zip(part) {
                     *s += v;
                 }
             }
