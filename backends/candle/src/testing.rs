@@ -9,7 +9,8 @@ mod gguf;
 mod tokenizer;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -482,6 +483,43 @@ fn tokenizer_config(spec: &TinyModelSpec) -> Value {
         "model_max_length": spec.max_position_embeddings,
         "tokenizer_class": "GPT2Tokenizer",
     })
+}
+
+/// A `wick-shard` process a test started: killed on drop, its log printed when the test fails.
+pub struct ShardProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl ShardProcess {
+    /// Starts `binary serve --model-id model --uds-path uds args…`, stdout and stderr to `log`.
+    pub fn spawn(binary: &Path, model: &Path, uds: &Path, args: &[&str], log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).expect("the shard log can be created");
+        let child = Command::new(binary)
+            .args(["serve", "--model-id"])
+            .arg(model)
+            .arg("--uds-path")
+            .arg(uds)
+            .args(args)
+            .stdout(out.try_clone().expect("the log handle can be cloned"))
+            .stderr(out)
+            .spawn()
+            .expect("wick-shard starts");
+        Self { child, log }
+    }
+}
+
+impl Drop for ShardProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- wick-shard log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -120,12 +120,7 @@ fn smollm2_logits_match_candle_quantized_llama() {
     };
     let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
     let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
-    let ids = loaded
-        .tokenizer
-        .encode("<|im_start|>user\nWhat is the capital of France?", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
+    let ids = question_ids(&loaded);
     let n = ids.len();
     // Blocks out of order, as the router may hand them out.
     let ours = prefill_logits(&model, &ids, &[3, 1, 0, 2]);
@@ -171,6 +166,16 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
 }
 
+/// The tokens of a user turn asking for the capital of France (no generation prompt).
+fn question_ids(loaded: &source::LoadedModel) -> Vec<u32> {
+    loaded
+        .tokenizer
+        .encode("<|im_start|>user\nWhat is the capital of France?", false)
+        .unwrap()
+        .get_ids()
+        .to_vec()
+}
+
 /// The logits of every position of `ids` prefilled at once into a 4-block cache, the sequence
 /// in `blocks` (16 slots each).
 fn prefill_logits(model: &LlamaModel, ids: &[u32], blocks: &[u32]) -> Vec<Vec<f32>> {
@@ -201,12 +206,7 @@ fn smollm2_split_over_three_ranks_matches_the_whole_model() {
     let Some(path) = model_path() else { return };
     let opts = LoadOptions::default();
     let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
-    let ids = loaded
-        .tokenizer
-        .encode("<|im_start|>user\nWhat is the capital of France?", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
+    let ids = question_ids(&loaded);
     let whole = prefill_logits(
         &LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap(),
         &ids,

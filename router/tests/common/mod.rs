@@ -2,33 +2,18 @@
 //! by the router's test files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::Duration;
 
-use wick_backend_candle::testing::{write_hf_model, TinyModelSpec};
+use wick_backend_candle::testing::{write_hf_model, ShardProcess, TinyModelSpec};
 use wick_router::infer::Infer;
 use wick_router::startup::{connect, BackendInfo, ShardSetup};
 
-/// The shard process; killed on drop, its log printed when a test fails.
+/// The shard process (killed on drop, its log printed when a test fails) and its socket.
 pub struct Shard {
-    child: Child,
-    log: PathBuf,
+    process: ShardProcess,
     /// Its socket (`{uds}-0`).
     pub socket: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- wick-shard log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
 }
 
 /// `target/<profile>/wick-shard`, next to the directory of this test executable.
@@ -54,21 +39,10 @@ pub fn start_shard(args: &[&str]) -> Shard {
     write_hf_model(&model, &TinyModelSpec::llama()).unwrap();
     let uds = dir.path().join("shard");
     let log = dir.path().join("shard.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(shard_binary())
-        .args(["serve", "--model-id"])
-        .arg(&model)
-        .arg("--uds-path")
-        .arg(&uds)
-        .args(["--threads", "1", "--offline"])
-        .args(args)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("wick-shard starts");
+    let mut all = vec!["--threads", "1", "--offline"];
+    all.extend_from_slice(args);
     Shard {
-        child,
-        log,
+        process: ShardProcess::spawn(&shard_binary(), &model, &uds, &all, log),
         socket: PathBuf::from(format!("{}-0", uds.display())),
         _dir: dir,
     }
@@ -77,7 +51,7 @@ pub fn start_shard(args: &[&str]) -> Shard {
 /// Connects the scheduler to `shard` once it answers (`setup` names its socket).
 pub async fn connect_when_ready(shard: &mut Shard, setup: &ShardSetup) -> (Infer, BackendInfo) {
     for _ in 0..600 {
-        if let Some(status) = shard.child.try_wait().unwrap() {
+        if let Some(status) = shard.process.child.try_wait().unwrap() {
             panic!("wick-shard exited early: {status}");
         }
         if shard.socket.exists() {

@@ -3,47 +3,27 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
 use std::time::Duration;
 
+use wick_backend_candle::testing::ShardProcess;
 use wick_proto::v1 as pb;
 use wick_proto::ShardClient;
 
 /// The shard process; killed on drop (also when a test fails), its log printed on failure.
-pub struct Shard {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- wick-shard log ---\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
+pub type Shard = ShardProcess;
 
 /// Starts `wick-shard serve` on `model` at `uds_base` (1 MiB of KV cache, one thread, offline)
 /// with `extra` arguments, logging to `log`.
 pub fn start_shard(model: &Path, uds_base: &Path, log: PathBuf, extra: &[&str]) -> Shard {
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_wick-shard"))
-        .args(["serve", "--model-id"])
-        .arg(model)
-        .arg("--uds-path")
-        .arg(uds_base)
-        .args(["--kv-cache-memory", "1MiB", "--threads", "1", "--offline"])
-        .args(extra)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("wick-shard starts");
-    Shard { child, log }
+    let mut args = vec!["--kv-cache-memory", "1MiB", "--threads", "1", "--offline"];
+    args.extend_from_slice(extra);
+    ShardProcess::spawn(
+        Path::new(env!("CARGO_BIN_EXE_wick-shard")),
+        model,
+        uds_base,
+        &args,
+        log,
+    )
 }
 
 /// Connects once the shard answers `Health`.
