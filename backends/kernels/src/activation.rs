@@ -1,0 +1,130 @@
+//! Activations quantized to 8-bit blocks, once per step, for every matrix that reads them.
+
+use rayon::prelude::*;
+
+use crate::format::BLOCK;
+
+/// `[rows, k]` f32 activations as blocks of 32 `i8` with one f32 scale each
+/// (`x ≈ scale · q`, `|q| ≤ 127`) and each block's integer sum `Σq`, which the offset formats
+/// (Q4_0's −8, Q4_1's `m`) need.
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedRows {
+    rows: usize,
+    k: usize,
+    pub(crate) qs: Vec<i8>,
+    pub(crate) scales: Vec<f32>,
+    pub(crate) sums: Vec<i32>,
+}
+
+impl QuantizedRows {
+    /// Quantizes row-major `x: [rows, k]`; `k` must be a multiple of 32.
+    pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
+        let mut q = Self::default();
+        q.requantize(x, rows, k);
+        q
+    }
+
+    /// As [`QuantizedRows::quantize`], reusing this value's buffers.
+    pub fn requantize(&mut self, x: &[f32], rows: usize, k: usize) {
+        assert!(
+            k.is_multiple_of(BLOCK),
+            "k = {k} is not a multiple of {BLOCK}"
+        );
+        assert_eq!(x.len(), rows * k, "activation size");
+        let blocks = rows * k / BLOCK;
+        self.rows = rows;
+        self.k = k;
+        self.qs.resize(rows * k, 0);
+        self.scales.resize(blocks, 0.0);
+        self.sums.resize(blocks, 0);
+        let work = self
+            .qs
+            .par_chunks_mut(BLOCK)
+            .zip(self.scales.par_iter_mut())
+            .zip(self.sums.par_iter_mut())
+            .zip(x.par_chunks(BLOCK));
+        work.with_min_len(64)
+            .for_each(|(((q, scale), sum), x)| *sum = quantize_block(x, q, scale));
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Row `r`'s quants.
+    pub(crate) fn row_qs(&self, r: usize) -> &[i8] {
+        &self.qs[r * self.k..(r + 1) * self.k]
+    }
+
+    /// Row `r`'s block scales.
+    pub(crate) fn row_scales(&self, r: usize) -> &[f32] {
+        let nb = self.k / BLOCK;
+        &self.scales[r * nb..(r + 1) * nb]
+    }
+
+    /// Row `r`'s block sums.
+    pub(crate) fn row_sums(&self, r: usize) -> &[i32] {
+        let nb = self.k / BLOCK;
+        &self.sums[r * nb..(r + 1) * nb]
+    }
+
+    /// Row `r` as f32, as the kernels see it (`scale · q`).
+    pub fn dequantized_row(&self, r: usize) -> Vec<f32> {
+        self.row_qs(r)
+            .chunks_exact(BLOCK)
+            .zip(self.row_scales(r))
+            .flat_map(|(q, &d)| q.iter().map(move |&v| d * v as f32))
+            .collect()
+    }
+}
+
+/// One block: round-to-nearest onto `amax / 127` steps; returns `Σq`.
+fn quantize_block(x: &[f32], q: &mut [i8], scale: &mut f32) -> i32 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in q.iter_mut().zip(x) {
+        // `as` saturates and maps NaN to 0; |v·id| ≤ 127 up to rounding.
+        let r = (v * id).round().clamp(-127.0, 127.0) as i8;
+        *q = r;
+        sum += r as i32;
+    }
+    *scale = d;
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_round_to_their_own_scale() {
+        let x: Vec<f32> = (0..96)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)
+            .collect();
+        let q = QuantizedRows::quantize(&x, 1, 96);
+        for (b, block) in x.chunks(BLOCK).enumerate() {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert_eq!(q.scales[b], amax / 127.0);
+            let qs = &q.qs[b * BLOCK..(b + 1) * BLOCK];
+            assert_eq!(q.sums[b], qs.iter().map(|&v| v as i32).sum::<i32>());
+            assert!(qs.iter().any(|&v| v.abs() == 127));
+        }
+        let back = q.dequantized_row(0);
+        for (a, b) in x.iter().zip(&back) {
+            assert!((a - b).abs() <= 1.1 / 127.0 * 0.5 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn a_zero_block_has_zero_scale_and_quants() {
+        let q = QuantizedRows::quantize(&[0.0; 64], 2, 32);
+        assert_eq!(q.scales, vec![0.0, 0.0]);
+        assert!(q.qs.iter().all(|&v| v == 0));
+    }
+}

@@ -1,0 +1,146 @@
+//! Which instruction set a kernel runs with, chosen at run time.
+//!
+//! Every level computes the same integers and performs the same float operations in the same
+//! order, so all levels give bit-identical results: a level is a speed, never an answer.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A dispatch level, from the portable scalar code up. Ordered: a cap of `Avx2` allows
+/// `Scalar` and `Avx2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// Portable Rust; the twin every SIMD path is tested against.
+    Scalar,
+    /// AVX2 with FMA and F16C (`vpmaddubsw` for the 8-bit dot products).
+    Avx2,
+    /// AVX-512 F/BW with VNNI (`vpdpbusd`).
+    Avx512,
+}
+
+impl Level {
+    /// Every level, lowest first.
+    pub const ALL: [Level; 3] = [Level::Scalar, Level::Avx2, Level::Avx512];
+
+    /// The best level this CPU runs.
+    pub fn detected() -> Level {
+        use std::sync::OnceLock;
+        static DETECTED: OnceLock<Level> = OnceLock::new();
+        *DETECTED.get_or_init(detect)
+    }
+
+    /// The levels this CPU runs, lowest first (what a test suite should cover here).
+    pub fn supported() -> Vec<Level> {
+        let best = Level::detected();
+        Level::ALL.into_iter().filter(|l| *l <= best).collect()
+    }
+
+    /// `self`, lowered to what this CPU runs.
+    pub fn capped(self) -> Level {
+        self.min(Level::detected())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Level {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Ok(Level::Scalar),
+            "avx2" => Ok(Level::Avx2),
+            "avx512" => Ok(Level::Avx512),
+            other => Err(format!(
+                "unknown CPU kernel level {other:?} (expected avx512, avx2 or scalar)"
+            )),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Level {
+    use std::arch::is_x86_feature_detected as has;
+    if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c") && has!("fma") {
+        Level::Avx512
+    } else if has!("avx2") && has!("fma") && has!("f16c") {
+        Level::Avx2
+    } else {
+        Level::Scalar
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Level {
+    Level::Scalar
+}
+
+/// The CPU features wick's kernels look for, each with whether this CPU has it: for logs,
+/// `/info` and benchmark reports.
+pub fn cpu_features() -> Vec<(&'static str, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        vec![
+            ("avx2", has!("avx2")),
+            ("fma", has!("fma")),
+            ("f16c", has!("f16c")),
+            ("avxvnni", has!("avxvnni")),
+            ("avx512f", has!("avx512f")),
+            ("avx512bw", has!("avx512bw")),
+            ("avx512vnni", has!("avx512vnni")),
+            ("avx512bf16", has!("avx512bf16")),
+        ]
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Vec::new()
+    }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`'s "model name"), or the architecture when unknown.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_order_and_cap() {
+        for l in Level::ALL {
+            assert_eq!(l.name().parse::<Level>().unwrap(), l);
+        }
+        assert!("AVX512".parse::<Level>().is_ok());
+        assert!("sse"
+            .parse::<Level>()
+            .unwrap_err()
+            .contains("avx512, avx2 or scalar"));
+        assert!(Level::Scalar < Level::Avx2 && Level::Avx2 < Level::Avx512);
+        assert_eq!(Level::Scalar.capped(), Level::Scalar);
+        assert!(Level::Avx512.capped() <= Level::detected());
+        assert_eq!(Level::supported()[0], Level::Scalar);
+        assert_eq!(*Level::supported().last().unwrap(), Level::detected());
+    }
+}

@@ -1,0 +1,26 @@
+//! wick's CPU kernels: plain slices in, plain slices out, no tensors.
+//!
+//! - [`PackedMatrix`]: a quantized weight (Q8_0, Q4_0, Q4_1 as GGUF stores them, any `k` that
+//!   is a multiple of 32, any number of outputs) repacked at load into panels of 16 outputs.
+//! - [`QuantizedRows`]: the step's activations quantized once to 8-bit blocks, shared by every
+//!   matrix that reads them.
+//! - [`PackedMatrix::matmul`]: one code path for one row (decode) and many (batches, prefill):
+//!   each panel stays in cache while all rows sweep over it, so a weight byte is read from
+//!   memory once per step whatever the batch.
+//! - [`Level`]: AVX-512 VNNI, AVX2 or scalar, detected at run time and capped by the caller;
+//!   every level returns the same bits, checked by the tests on every level the host runs.
+
+mod activation;
+pub mod format;
+mod level;
+mod packed;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use activation::QuantizedRows;
+pub use format::{Format, BLOCK};
+pub use level::{cpu_features, cpu_model, Level};
+pub use packed::{PackedMatrix, PANEL};
+
+#[cfg(test)]
+mod tests;

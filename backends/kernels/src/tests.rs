@@ -1,0 +1,204 @@
+//! Every format and level against a dequantize-then-f64 reference on odd shapes and tails, and
+//! every SIMD level against its scalar twin bit for bit.
+
+use crate::format::{dequantize, quantize};
+use crate::{Format, Level, PackedMatrix, QuantizedRows};
+
+/// xorshift64*: deterministic test data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let u = (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32;
+        2.0 * u - 1.0
+    }
+
+    /// Roughly normal, with a few large values, as real weights and activations have.
+    fn vec(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let v = (self.next() + self.next() + self.next()) * scale;
+                if i % 97 == 5 {
+                    v * 8.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+}
+
+struct Case {
+    format: Format,
+    n: usize,
+    k: usize,
+    m: usize,
+}
+
+/// Runs `case` at every level the host has and checks each against the references; returns
+/// the scalar output.
+fn check(case: &Case, seed: u64) -> Vec<f32> {
+    let Case { format, n, k, m } = *case;
+    let mut rng = Rng(seed | 1);
+    let w = rng.vec(n * k, 0.05);
+    let x = rng.vec(m * k, 1.0);
+    let stored = quantize(format, &w, n, k);
+    let wd = dequantize(format, &stored, n, k);
+    let packed = PackedMatrix::from_ggml(format, &stored, n, k).unwrap();
+    let xq = QuantizedRows::quantize(&x, m, k);
+    let mut scalar = vec![f32::NAN; m * n];
+    packed.matmul(&xq, Level::Scalar, &mut scalar);
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        let xqr = xq.dequantized_row(r);
+        for o in 0..n {
+            let wr = &wd[o * k..(o + 1) * k];
+            let exact: f64 = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let on_q: f64 = xqr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let magnitude: f64 = xqr
+                .iter()
+                .zip(wr)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            // Activation rounding: at most half a step (amax/127/2) per element.
+            let rounding: f64 = xr
+                .chunks(32)
+                .zip(wr.chunks(32))
+                .map(|(xb, wb)| {
+                    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                    amax / 254.0 * wb.iter().map(|v| v.abs() as f64).sum::<f64>()
+                })
+                .sum();
+            let float = 4e-5 * magnitude + 1e-6;
+            let got = scalar[r * n + o] as f64;
+            assert!(
+                (got - on_q).abs() <= float,
+                "{format:?} [{m}x{k}]·[{n}x{k}]ᵀ at ({r},{o}): {got} vs {on_q} (bound {float})"
+            );
+            assert!(
+                (got - exact).abs() <= rounding * 1.001 + float,
+                "{format:?} [{m}x{k}]·[{n}x{k}]ᵀ at ({r},{o}): {got} vs f32 {exact}"
+            );
+        }
+    }
+    for level in Level::supported() {
+        let mut got = vec![f32::NAN; m * n];
+        packed.matmul(&xq, level, &mut got);
+        let same = got
+            .iter()
+            .zip(&scalar)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{format:?} [{m}x{k}]·[{n}x{k}]ᵀ: {level} differs from scalar"
+        );
+    }
+    scalar
+}
+
+#[test]
+fn every_format_and_level_on_odd_shapes() {
+    let mut seed = 7;
+    for format in Format::ALL {
+        for &(n, k) in &[(1, 32), (17, 64), (33, 576), (16, 2048), (40, 96)] {
+            for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 31, 33] {
+                seed += 1;
+                check(&Case { format, n, k, m }, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn long_rows_and_many_rows() {
+    for format in Format::ALL {
+        check(
+            &Case {
+                format,
+                n: 19,
+                k: 8192,
+                m: 3,
+            },
+            11,
+        );
+        check(
+            &Case {
+                format,
+                n: 70,
+                k: 576,
+                m: 64,
+            },
+            12,
+        );
+        // More rows than one task sweeps (64), with a tail.
+        check(
+            &Case {
+                format,
+                n: 48,
+                k: 128,
+                m: 130,
+            },
+            13,
+        );
+    }
+}
+
+#[test]
+fn a_row_does_not_depend_on_the_other_rows() {
+    for format in Format::ALL {
+        let (n, k) = (37, 320);
+        let mut rng = Rng(99);
+        let stored = quantize(format, &rng.vec(n * k, 0.05), n, k);
+        let packed = PackedMatrix::from_ggml(format, &stored, n, k).unwrap();
+        let x = rng.vec(20 * k, 1.0);
+        let mut all = vec![0f32; 20 * n];
+        packed.matmul(
+            &QuantizedRows::quantize(&x, 20, k),
+            Level::detected(),
+            &mut all,
+        );
+        for r in [0, 7, 19] {
+            let mut one = vec![0f32; n];
+            let row = QuantizedRows::quantize(&x[r * k..(r + 1) * k], 1, k);
+            packed.matmul(&row, Level::detected(), &mut one);
+            assert_eq!(one, all[r * n..(r + 1) * n], "{format:?} row {r}");
+        }
+    }
+}
+
+#[test]
+fn stacked_matrices_equal_their_parts() {
+    let k = 64;
+    let mut rng = Rng(5);
+    let parts: Vec<(Vec<u8>, usize)> = [24, 8, 8]
+        .iter()
+        .map(|&n| (quantize(Format::Q4_1, &rng.vec(n * k, 0.05), n, k), n))
+        .collect();
+    let refs: Vec<(&[u8], usize)> = parts.iter().map(|(b, n)| (b.as_slice(), *n)).collect();
+    let stacked = PackedMatrix::from_ggml_stacked(Format::Q4_1, &refs, k).unwrap();
+    assert_eq!(stacked.n(), 40);
+    let x = QuantizedRows::quantize(&rng.vec(3 * k, 1.0), 3, k);
+    let mut all = vec![0f32; 3 * 40];
+    stacked.matmul(&x, Level::detected(), &mut all);
+    let mut col = 0;
+    for (bytes, n) in &parts {
+        let one = PackedMatrix::from_ggml(Format::Q4_1, bytes, *n, k).unwrap();
+        let mut y = vec![0f32; 3 * n];
+        one.matmul(&x, Level::detected(), &mut y);
+        for r in 0..3 {
+            assert_eq!(y[r * n..(r + 1) * n], all[r * 40 + col..r * 40 + col + n]);
+        }
+        col += n;
+    }
+}
+
+#[test]
+fn bad_shapes_are_refused() {
+    let e = PackedMatrix::from_ggml(Format::Q8_0, &[0; 34], 1, 48).unwrap_err();
+    assert!(e.contains("multiple of 32"), "{e}");
+    let e = PackedMatrix::from_ggml(Format::Q4_0, &[0; 17], 1, 32).unwrap_err();
+    assert!(e.contains("takes 18 bytes"), "{e}");
+}

@@ -1,0 +1,63 @@
+//! x86-64 kernels, each compiled for its instruction set and called only after run-time
+//! detection (see [`crate::Level`]).
+
+pub(crate) mod avx2;
+pub(crate) mod avx512;
+
+/// Formats as const parameters, so each tile is compiled once per format with its branches
+/// folded away.
+pub(crate) const Q8_0: u8 = 0;
+pub(crate) const Q4_0: u8 = 1;
+pub(crate) const Q4_1: u8 = 2;
+
+/// A row tile's inputs: for each of its rows, the row's quants, block scales and block sums.
+pub(crate) struct Rows<const R: usize> {
+    pub qs: [*const i8; R],
+    pub scales: [*const f32; R],
+    pub sums: [*const i32; R],
+}
+
+impl<const R: usize> Rows<R> {
+    pub fn new(x: &crate::QuantizedRows, first: usize) -> Self {
+        Self {
+            qs: std::array::from_fn(|i| x.row_qs(first + i).as_ptr()),
+            scales: std::array::from_fn(|i| x.row_scales(first + i).as_ptr()),
+            sums: std::array::from_fn(|i| x.row_sums(first + i).as_ptr()),
+        }
+    }
+}
+
+/// Calls `$tile::<R, F>(…)` for `rows` in tiles of `$max` rows and one tail tile.
+macro_rules! for_row_tiles {
+    ($tile:ident, $max:literal, $f:expr, $x:expr, $rows:expr, $out:expr, $($arg:expr),*) => {{
+        let rows: std::ops::Range<usize> = $rows;
+        let out: &mut [[f32; crate::PANEL]] = $out;
+        let mut r = rows.start;
+        while r < rows.end {
+            let o = &mut out[r - rows.start..];
+            let left = rows.end - r;
+            macro_rules! call {
+                ($n:literal) => {
+                    match $f {
+                        crate::Format::Q8_0 => $tile::<$n, { crate::x86::Q8_0 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q4_0 => $tile::<$n, { crate::x86::Q4_0 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q4_1 => $tile::<$n, { crate::x86::Q4_1 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                    }
+                };
+            }
+            let step = if left >= $max { $max } else { left };
+            match step {
+                1 => call!(1),
+                2 => call!(2),
+                3 => call!(3),
+                4 => call!(4),
+                5 => call!(5),
+                6 => call!(6),
+                7 => call!(7),
+                _ => call!($max),
+            }
+            r += step;
+        }
+    }};
+}
+pub(crate) use for_row_tiles;
