@@ -38,6 +38,11 @@ pub struct Args {
     #[arg(long, env = "QUANTIZE", value_enum)]
     pub quantize: Option<Quantize>,
 
+    /// The highest instruction set the shards' CPU kernels use: `auto`, `avx512`, `avx2` or
+    /// `scalar` (every level computes the same bits; lower ones are for comparing hosts).
+    #[arg(long, env = "CPU_KERNELS", value_enum)]
+    pub cpu_kernels: Option<CpuKernels>,
+
     /// Compute dtype of dense weights. bf16 checkpoints load as float32 on CPU.
     #[arg(long, env = "DTYPE", value_enum)]
     pub dtype: Option<Dtype>,
@@ -175,6 +180,8 @@ pub struct Args {
 pub enum Quantize {
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
     #[value(name = "q4k")]
     Q4K,
 }
@@ -183,7 +190,28 @@ impl Quantize {
     pub fn as_arg(self) -> &'static str {
         match self {
             Quantize::Q8_0 => "q8_0",
+            Quantize::Q4_0 => "q4_0",
             Quantize::Q4K => "q4k",
+        }
+    }
+}
+
+/// `--cpu-kernels` values (the shard's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CpuKernels {
+    Auto,
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+impl CpuKernels {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            CpuKernels::Auto => "auto",
+            CpuKernels::Avx512 => "avx512",
+            CpuKernels::Avx2 => "avx2",
+            CpuKernels::Scalar => "scalar",
         }
     }
 }

@@ -60,6 +60,11 @@ pub fn shard_args(args: &Args, model_path: &Path, rank: usize) -> Vec<OsString> 
     }
     push_opt(&mut out, "--dtype", args.dtype.map(|d| d.as_arg()));
     push_opt(&mut out, "--quantize", args.quantize.map(|q| q.as_arg()));
+    push_opt(
+        &mut out,
+        "--cpu-kernels",
+        args.cpu_kernels.map(|k| k.as_arg()),
+    );
     push(
         &mut out,
         "--kv-cache-memory",

@@ -1,8 +1,13 @@
-//! Linear layers: dense (f32/f16) or quantized (candle `QMatMul`). Activations are always f32.
+//! Linear layers: dense (f32/f16), quantized on wick's own kernels (`wick-kernels`: Q8_0, Q4_0,
+//! Q4_1, repacked at load), or quantized on candle's `QMatMul` (the other GGUF types).
+//! Activations are always f32.
+
+use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{bail, DType, Layout, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
+use wick_kernels::{Level, PackedMatrix, QuantizedRows};
 
 /// Up to this many rows, f32 dense layers run [`gemv`] instead of candle's GEMM: the GEMM
 /// packs the whole transposed weight on every call, which at one row costs more than the
@@ -15,6 +20,13 @@ pub enum Linear {
     /// `weight: [out, in]` in f32 or f16.
     Dense {
         weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// A weight in wick's kernel layout; the step's rows are quantized to 8-bit blocks and one
+    /// pass over the weight serves all of them.
+    Packed {
+        weight: Arc<PackedMatrix>,
+        level: Level,
         bias: Option<Tensor>,
     },
     Quantized {
@@ -46,6 +58,11 @@ impl Linear {
                 };
                 (y, bias)
             }
+            Linear::Packed {
+                weight,
+                level,
+                bias,
+            } => (packed(x, weight, *level)?, bias),
             Linear::Quantized { weight, bias } => (weight.forward(x)?, bias),
             Linear::Hybrid {
                 quantized,
@@ -71,12 +88,107 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => weight.dims()[0],
             Linear::Hybrid { dense, .. } => dense.dims()[0],
+            Linear::Packed { weight, .. } => weight.n(),
             Linear::Quantized { weight, .. } => match weight {
                 QMatMul::QTensor(q) => q.shape().dims()[0],
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
             },
         }
     }
+
+    /// The format the weight is held in (`"q4_1"`, `"f32"`, ...).
+    pub fn format_name(&self) -> String {
+        let qmatmul = |q: &QMatMul| match q {
+            QMatMul::QTensor(q) => crate::weights::ggml_name(q.dtype()).to_string(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => format!("{:?}", t.dtype()).to_lowercase(),
+        };
+        match self {
+            Linear::Dense { weight, .. } => format!("{:?}", weight.dtype()).to_lowercase(),
+            Linear::Packed { weight, .. } => weight.format().name().to_string(),
+            Linear::Quantized { weight, .. } => qmatmul(weight),
+            Linear::Hybrid { quantized, .. } => qmatmul(quantized),
+        }
+    }
+
+    /// Where this layer computes, for logs: `"wick avx512"`, `"candle"`, `"dense f32"`, ...
+    pub fn kernel(&self) -> String {
+        match self {
+            Linear::Dense { weight, .. } => {
+                format!("candle dense {:?}", weight.dtype()).to_lowercase()
+            }
+            Linear::Packed { level, .. } => format!("wick {level}"),
+            Linear::Quantized { .. } => "candle".to_string(),
+            Linear::Hybrid { .. } => "candle, with an f32 copy".to_string(),
+        }
+    }
+
+    /// One layer computing several layers that read the same input (q/k/v, gate/up): their
+    /// outputs side by side, in order. `None` when they cannot share one weight (different
+    /// formats, or a kind of weight that is not stacked).
+    pub fn stack(parts: &[Linear]) -> Result<Option<Linear>> {
+        let biases: Vec<Option<&Tensor>> = parts.iter().map(Linear::bias).collect();
+        let bias = if biases.iter().all(Option::is_none) {
+            None
+        } else {
+            let filled = parts
+                .iter()
+                .zip(&biases)
+                .map(|(p, b)| match b {
+                    Some(b) => Ok((*b).clone()),
+                    None => Tensor::zeros(p.out_dim(), DType::F32, &candle_core::Device::Cpu),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&filled, 0)?)
+        };
+        let mut packed = Vec::new();
+        let mut dense = Vec::new();
+        for p in parts {
+            match p {
+                Linear::Packed { weight, level, .. } => packed.push((weight.as_ref(), *level)),
+                Linear::Dense { weight, .. } if weight.device().is_cpu() => dense.push(weight),
+                _ => return Ok(None),
+            }
+        }
+        if packed.len() == parts.len() {
+            let level = packed[0].1;
+            let matrices: Vec<&PackedMatrix> = packed.iter().map(|(m, _)| *m).collect();
+            return Ok(PackedMatrix::stack(&matrices).ok().map(|m| Linear::Packed {
+                weight: Arc::new(m),
+                level,
+                bias,
+            }));
+        }
+        let same_dtype = dense.iter().all(|w| w.dtype() == dense[0].dtype());
+        if dense.len() == parts.len() && same_dtype {
+            return Ok(Some(Linear::Dense {
+                weight: Tensor::cat(&dense, 0)?,
+                bias,
+            }));
+        }
+        Ok(None)
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Linear::Dense { bias, .. }
+            | Linear::Packed { bias, .. }
+            | Linear::Quantized { bias, .. }
+            | Linear::Hybrid { bias, .. } => bias.as_ref(),
+        }
+    }
+}
+
+/// `x · Wᵀ` on wick's kernels: the rows are quantized once, then one pass over the weight.
+fn packed(x: &Tensor, weight: &PackedMatrix, level: Level) -> Result<Tensor> {
+    let rows = x.dims().first().copied().unwrap_or(0);
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let mut y = vec![0f32; rows * weight.n()];
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let q = QuantizedRows::quantize(host_f32(&xs, xl)?, rows, weight.k());
+        weight.matmul(&q, level, &mut y);
+    }
+    Tensor::from_vec(y, (rows, weight.n()), x.device())
 }
 
 /// `x · Wᵀ` for f32 `x: [rows, in]` and `W: [out, in]`.

@@ -39,9 +39,8 @@ pub struct SeqSpan<'a> {
 /// One decoder layer's weights.
 struct DecoderLayer {
     input_layernorm: Tensor,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v projections.
+    qkv: Projections,
     o_proj: Linear,
     /// o_proj's bias, added once after the sum over ranks.
     o_bias: Option<Tensor>,
@@ -49,9 +48,52 @@ struct DecoderLayer {
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     post_attention_layernorm: Tensor,
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate and up projections.
+    gate_up: Projections,
     down_proj: Linear,
+}
+
+/// Linear layers that read the same input: one stacked layer when their weights allow it (the
+/// input is then quantized once and read by one pass), else each on its own.
+enum Projections {
+    Stacked { linear: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let widths = parts.iter().map(Linear::out_dim).collect();
+        Ok(match Linear::stack(&parts)? {
+            Some(linear) => Projections::Stacked { linear, widths },
+            None => Projections::Separate(parts),
+        })
+    }
+
+    /// Each layer's output `[tokens, out_i]`, in order.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Projections::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+            Projections::Stacked { linear, widths } => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(1, start, w)?.contiguous();
+                        start += w;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Projections::Stacked { linear, .. } => vec![linear],
+            Projections::Separate(parts) => parts.iter().collect(),
+        }
+    }
 }
 
 /// A Llama-family decoder that runs a packed batch over a paged KV cache, whole or as one
@@ -156,16 +198,20 @@ impl LlamaModel {
             };
             layers.push(DecoderLayer {
                 input_layernorm: dense(&format!("{p}.input_layernorm.weight"))?,
-                q_proj: qkv("q_proj", &q_rows)?,
-                k_proj: qkv("k_proj", &kv_rows)?,
-                v_proj: qkv("v_proj", &kv_rows)?,
+                qkv: Projections::new(vec![
+                    qkv("q_proj", &q_rows)?,
+                    qkv("k_proj", &kv_rows)?,
+                    qkv("v_proj", &kv_rows)?,
+                ])?,
                 o_proj: weights.linear_part(&format!("{attn}.o_proj"), false, &o_cols, opts)?,
                 o_bias,
                 q_norm,
                 k_norm,
                 post_attention_layernorm: dense(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate_proj: mlp("gate_proj", &mlp_rows)?,
-                up_proj: mlp("up_proj", &mlp_rows)?,
+                gate_up: Projections::new(vec![
+                    mlp("gate_proj", &mlp_rows)?,
+                    mlp("up_proj", &mlp_rows)?,
+                ])?,
                 down_proj: mlp("down_proj", &mlp_cols)?,
             });
         }
@@ -187,7 +233,7 @@ impl LlamaModel {
         }
         let (gather_width, gather_columns) = gather_layout(c.vocab_size, &plan, &device)?;
         let (rope_cos, rope_sin) = rope_tables(c, &device)?;
-        Ok(Self {
+        let model = Self {
             config: config.clone(),
             plan,
             comm,
@@ -200,7 +246,26 @@ impl LlamaModel {
             rope_cos,
             rope_sin,
             device,
-        })
+        };
+        for (format, kernel) in model.kernels() {
+            tracing::info!(format, kernel, "linear layers");
+        }
+        Ok(model)
+    }
+
+    /// For each weight format the linear layers hold, where it computes (`"wick avx512"`,
+    /// `"candle"`, ...).
+    pub fn kernels(&self) -> std::collections::BTreeMap<String, String> {
+        let mut linears = vec![&self.lm_head];
+        for l in &self.layers {
+            linears.extend(l.qkv.linears());
+            linears.extend(l.gate_up.linears());
+            linears.extend([&l.o_proj, &l.down_proj]);
+        }
+        linears
+            .into_iter()
+            .map(|l| (l.format_name(), l.kernel()))
+            .collect()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -238,9 +303,13 @@ impl LlamaModel {
 
         for (layer, (cache_k, cache_v)) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let q = layer.q_proj.forward(&h)?.reshape((1, n_tokens, nh, hd))?;
-            let k = layer.k_proj.forward(&h)?.reshape((1, n_tokens, nkv, hd))?;
-            let v = layer.v_proj.forward(&h)?;
+            let [q, k, v]: [Tensor; 3] = layer
+                .qkv
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("q/k/v projections".to_string()))?;
+            let q = q.reshape((1, n_tokens, nh, hd))?;
+            let k = k.reshape((1, n_tokens, nkv, hd))?;
             let (q, k) = match (&layer.q_norm, &layer.k_norm) {
                 (Some(qn), Some(kn)) => (
                     candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?,
@@ -258,8 +327,12 @@ impl LlamaModel {
             x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            let gate = candle_nn::ops::silu(&layer.gate_proj.forward(&h)?)?;
-            let mlp = (gate * layer.up_proj.forward(&h)?)?;
+            let [gate, up]: [Tensor; 2] = layer
+                .gate_up
+                .forward(&h)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up projections".to_string()))?;
+            let mlp = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + self.sum_over_ranks(layer.down_proj.forward(&mlp)?)?)?;
         }
 

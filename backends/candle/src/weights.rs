@@ -18,12 +18,15 @@ use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor};
 
+use wick_kernels::{Format, Level, PackedMatrix};
+
 use crate::linear::Linear;
 
 /// A quantization applied at load time to dense (safetensors) weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantize {
     Q8_0,
+    Q4_0,
     Q4K,
 }
 
@@ -32,8 +35,20 @@ impl Quantize {
     pub fn ggml_dtype(self) -> GgmlDType {
         match self {
             Quantize::Q8_0 => GgmlDType::Q8_0,
+            Quantize::Q4_0 => GgmlDType::Q4_0,
             Quantize::Q4K => GgmlDType::Q4K,
         }
+    }
+}
+
+/// The ggml types wick's own kernels compute (on the CPU, any shape); the others go to
+/// candle's `QMatMul`.
+pub fn kernel_format(dtype: GgmlDType) -> Option<Format> {
+    match dtype {
+        GgmlDType::Q8_0 => Some(Format::Q8_0),
+        GgmlDType::Q4_0 => Some(Format::Q4_0),
+        GgmlDType::Q4_1 => Some(Format::Q4_1),
+        _ => None,
     }
 }
 
@@ -51,6 +66,8 @@ pub struct LoadOptions {
     pub dense_copy_min_rows: Option<usize>,
     /// Those f32 copies are made only while all of them together fit in this many bytes.
     pub dense_copy_budget: usize,
+    /// The highest instruction set wick's kernels may use (lowered to what the CPU has).
+    pub kernel_level: Level,
 }
 
 /// Steps of at least this many tokens use the f32 copy of a slow quantized weight. One: on
@@ -69,6 +86,7 @@ impl Default for LoadOptions {
             dequantize: false,
             dense_copy_min_rows: Some(DEFAULT_DENSE_COPY_MIN_ROWS),
             dense_copy_budget: DEFAULT_DENSE_COPY_BUDGET,
+            kernel_level: Level::detected(),
         }
     }
 }
@@ -157,6 +175,7 @@ impl WeightStore {
                             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
                         )
                         && !fast_cpu_kernel(i.ggml_dtype, dims)
+                        && kernel_format(i.ggml_dtype).is_none()
                 })
                 .map(|i| i.shape.elem_count() * 4)
                 .sum(),
@@ -312,6 +331,9 @@ impl WeightStore {
             {
                 q.dequantize(&Device::Cpu)?
             }
+            Stored::Quantized(q) if opts.device.is_cpu() && kernel_format(q.dtype()).is_some() => {
+                return packed_linear(&q, bias, opts.kernel_level);
+            }
             Stored::Quantized(q) => {
                 let q = if q.device().same_device(&opts.device) {
                     q
@@ -350,6 +372,21 @@ impl WeightStore {
             let in_dim = dense.dims().last().copied().unwrap_or(0);
             if dense.rank() == 2 && in_dim.is_multiple_of(ggml.block_size()) {
                 let cpu = dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                if let (Some(format), true) = (kernel_format(ggml), opts.device.is_cpu()) {
+                    let (n, k) = cpu.dims2()?;
+                    let bytes = wick_kernels::format::quantize(
+                        format,
+                        &cpu.flatten_all()?.to_vec1()?,
+                        n,
+                        k,
+                    );
+                    let weight = PackedMatrix::from_ggml(format, &bytes, n, k).map_err(err)?;
+                    return Ok(Linear::Packed {
+                        weight: std::sync::Arc::new(weight),
+                        level: opts.kernel_level,
+                        bias,
+                    });
+                }
                 let q = QTensor::quantize_onto(&cpu, ggml, &opts.device)?;
                 return Ok(Linear::Quantized {
                     weight: QMatMul::QTensor(std::sync::Arc::new(q)),
@@ -576,6 +613,18 @@ impl GgufWeights {
             _ => Ok(Stored::Quantized(q)),
         }
     }
+}
+
+/// A GGUF weight of a format wick's kernels compute, repacked for them.
+fn packed_linear(q: &QTensor, bias: Option<Tensor>, level: Level) -> Result<Linear> {
+    let format = kernel_format(q.dtype()).ok_or_else(|| err(format!("{:?}", q.dtype())))?;
+    let (n, k) = q.shape().dims2()?;
+    let weight = PackedMatrix::from_ggml(format, &q.data()?, n, k).map_err(err)?;
+    Ok(Linear::Packed {
+        weight: std::sync::Arc::new(weight),
+        level,
+        bias,
+    })
 }
 
 /// Whether candle's CPU `QMatMul` has its fast repacked kernel for this weight (Q4K, Q8_0 and

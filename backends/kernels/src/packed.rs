@@ -167,6 +167,71 @@ impl PackedMatrix {
         Self::from_ggml(format, &bytes, n, k)
     }
 
+    /// Several packed matrices of one format and `k` stacked along their outputs. Parts whose
+    /// outputs fill whole panels are joined as they are; otherwise the rows are re-interleaved.
+    pub fn stack(parts: &[&PackedMatrix]) -> Result<Self, String> {
+        let first = parts.first().ok_or("nothing to stack")?;
+        if parts
+            .iter()
+            .any(|p| p.format != first.format || p.k != first.k)
+        {
+            return Err("stacked matrices must share their format and k".to_string());
+        }
+        let n = parts.iter().map(|p| p.n).sum();
+        if parts[..parts.len() - 1]
+            .iter()
+            .all(|p| p.n.is_multiple_of(PANEL))
+        {
+            let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+            return Ok(Self {
+                format: first.format,
+                n,
+                k: first.k,
+                data,
+            });
+        }
+        let bytes: Vec<u8> = parts.iter().flat_map(|p| p.to_ggml()).collect();
+        Self::from_ggml(first.format, &bytes, n, first.k)
+    }
+
+    /// The matrix back in ggml's stored layout (`n` rows of blocks).
+    pub fn to_ggml(&self) -> Vec<u8> {
+        let (format, nb) = (self.format, self.k / BLOCK);
+        let (st, qb, bb) = (stride(format), quant_bytes(format), format.block_bytes());
+        let mut out = vec![0u8; self.n * format.row_bytes(self.k)];
+        for (row, dst_row) in out.chunks_exact_mut(format.row_bytes(self.k)).enumerate() {
+            let (p, c) = (row / PANEL, row % PANEL);
+            let panel = self.panel(p);
+            for (b, dst) in dst_row.chunks_exact_mut(bb).enumerate() {
+                let src = &panel[b * st..(b + 1) * st];
+                dst[0..2].copy_from_slice(&src[qb + 2 * c..qb + 2 * c + 2]);
+                match format {
+                    Format::Q8_0 => {
+                        for g in 0..8 {
+                            for j in 0..4 {
+                                dst[2 + 4 * g + j] = src[(g * PANEL + c) * 4 + j] ^ 0x80;
+                            }
+                        }
+                    }
+                    Format::Q4_0 | Format::Q4_1 => {
+                        let at = if format == Format::Q4_1 {
+                            dst[2..4].copy_from_slice(&src[qb + 2 * PANEL + 2 * c..][..2]);
+                            4
+                        } else {
+                            2
+                        };
+                        for h in 0..4 {
+                            dst[at + 4 * h..at + 4 * h + 4]
+                                .copy_from_slice(&src[(h * PANEL + c) * 4..][..4]);
+                        }
+                    }
+                }
+            }
+            debug_assert!(nb * bb == dst_row.len());
+        }
+        out
+    }
+
     pub fn format(&self) -> Format {
         self.format
     }

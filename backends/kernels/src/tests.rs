@@ -196,6 +196,32 @@ fn stacked_matrices_equal_their_parts() {
 }
 
 #[test]
+fn packing_round_trips_and_stacks_by_panels_or_rows() {
+    let k = 96;
+    let mut rng = Rng(17);
+    for format in Format::ALL {
+        let sizes = [[32, 16, 16], [20, 7, 7]];
+        for sizes in sizes {
+            let stored: Vec<Vec<u8>> = sizes
+                .iter()
+                .map(|&n| quantize(format, &rng.vec(n * k, 0.05), n, k))
+                .collect();
+            let packed: Vec<PackedMatrix> = stored
+                .iter()
+                .zip(sizes)
+                .map(|(b, n)| PackedMatrix::from_ggml(format, b, n, k).unwrap())
+                .collect();
+            for (p, b) in packed.iter().zip(&stored) {
+                assert_eq!(&p.to_ggml(), b, "{format:?}");
+            }
+            let refs: Vec<&PackedMatrix> = packed.iter().collect();
+            let stacked = PackedMatrix::stack(&refs).unwrap();
+            assert_eq!(stacked.to_ggml(), stored.concat(), "{format:?} {sizes:?}");
+        }
+    }
+}
+
+#[test]
 fn bad_shapes_are_refused() {
     let e = PackedMatrix::from_ggml(Format::Q8_0, &[0; 34], 1, 48).unwrap_err();
     assert!(e.contains("multiple of 32"), "{e}");

@@ -11,6 +11,7 @@ use wick_backend_candle::engine::DEFAULT_BLOCK_SIZE;
 use wick_backend_candle::parse_bytes;
 use wick_backend_candle::service::{serve, ShardConfig};
 use wick_backend_candle::weights::{LoadOptions, Quantize};
+use wick_kernels::Level;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,6 +78,12 @@ struct ServeArgs {
     #[arg(long, env = "QUANTIZE", value_enum)]
     quantize: Option<QuantizeArg>,
 
+    /// The highest instruction set wick's CPU kernels use: `auto` (the best this CPU has),
+    /// `avx512` (AVX-512 VNNI), `avx2` or `scalar`. Every level computes the same bits. Below
+    /// `avx512` it also keeps candle's quantized kernels (Q4_K, Q6_K, ...) off AVX-512.
+    #[arg(long, env = "CPU_KERNELS", value_enum, default_value_t = CpuKernelsArg::Auto)]
+    cpu_kernels: CpuKernelsArg,
+
     /// Memory for the KV cache, e.g. `2GiB`, `512MiB`, `1.5GB` or plain bytes.
     #[arg(long, env = "KV_CACHE_MEMORY", default_value = "2GiB", value_parser = parse_bytes)]
     kv_cache_memory: u64,
@@ -136,8 +143,30 @@ enum DtypeArg {
 enum QuantizeArg {
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
     #[value(name = "q4k")]
     Q4K,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CpuKernelsArg {
+    Auto,
+    Avx512,
+    Avx2,
+    Scalar,
+}
+
+impl CpuKernelsArg {
+    /// The level asked for, lowered to what this CPU has.
+    fn level(self) -> Level {
+        match self {
+            CpuKernelsArg::Auto | CpuKernelsArg::Avx512 => Level::Avx512,
+            CpuKernelsArg::Avx2 => Level::Avx2,
+            CpuKernelsArg::Scalar => Level::Scalar,
+        }
+        .capped()
+    }
 }
 
 fn init_logging(args: &ServeArgs) {
@@ -180,6 +209,22 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
     // candle sizes its matmul parallelism from RAYON_NUM_THREADS, not from the global pool;
     // set it before any thread exists so both agree.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let kernel_level = args.cpu_kernels.level();
+    if kernel_level < Level::Avx512 {
+        // candle 0.11 reads this once, at its first quantized matmul, to keep its repacked
+        // kernels on 256-bit AVX2; it has no scalar switch.
+        std::env::set_var("MISTRALRS_FORCE_AVX2", "1");
+    }
+    tracing::info!(
+        cpu = wick_kernels::cpu_model(),
+        features = ?wick_kernels::cpu_features()
+            .into_iter()
+            .filter(|(_, has)| *has)
+            .map(|(f, _)| f)
+            .collect::<Vec<_>>(),
+        %kernel_level,
+        "CPU kernels"
+    );
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -215,6 +260,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
             quantize: args.quantize.map(|q| match q {
                 QuantizeArg::Q8_0 => Quantize::Q8_0,
+                QuantizeArg::Q4_0 => Quantize::Q4_0,
                 QuantizeArg::Q4K => Quantize::Q4K,
             }),
             device,
@@ -222,6 +268,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
             dense_copy_min_rows: (args.dense_copy_min_rows > 0)
                 .then_some(args.dense_copy_min_rows as usize),
             dense_copy_budget: usize::try_from(args.dense_copy_budget).unwrap_or(usize::MAX),
+            kernel_level,
         },
         kv_cache_bytes: usize::try_from(args.kv_cache_memory).unwrap_or(usize::MAX),
         block_size: args.block_size as usize,

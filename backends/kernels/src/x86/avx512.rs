@@ -58,7 +58,7 @@ unsafe fn tile<const R: usize, const F: u8>(
         } else {
             _mm512_setzero_ps()
         };
-        for r in 0..R {
+        for (r, acc) in acc.iter_mut().enumerate() {
             let a = rows.qs[r].add(b * 32);
             let mut dot = _mm512_setzero_si512();
             for (g, w) in w.iter().enumerate() {
@@ -71,9 +71,9 @@ unsafe fn tile<const R: usize, const F: u8>(
                 dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(off * isum));
             }
             let dd = _mm512_mul_ps(d, _mm512_set1_ps(da));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, acc[r]);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, *acc);
             if F == Q4_1 {
-                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(da * isum as f32), acc[r]);
+                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(da * isum as f32), *acc);
             }
         }
     }
