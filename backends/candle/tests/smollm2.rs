@@ -239,12 +239,99 @@ fn smollm2_split_over_three_ranks_matches_the_whole_model() {
         .collect();
     assert!(ranks.iter().all(|r| r == &ranks[0]), "ranks disagree");
     let mut worst = 0f32;
+    let (mut sum, mut count) = (0f64, 0usize);
     for (a, b) in ranks[0].iter().zip(&whole) {
-        assert_eq!(argmax(a), argmax(b));
         for (x, y) in a.iter().zip(b) {
             worst = worst.max((x - y).abs());
+            sum += (x - y).abs() as f64;
+            count += 1;
+        }
+        // The top choice must agree wherever the whole model's margin exceeds the bound.
+        let (best, margin) = top_margin(b);
+        if margin > SPLIT_MAX_DIFF {
+            assert_eq!(argmax(a), best, "margin {margin}");
         }
     }
-    eprintln!("SmolLM2 over 3 ranks: max |Δlogit| = {worst:.2e}");
-    assert!(worst <= 1e-4, "max |Δlogit| {worst}");
+    let mean = sum / count as f64;
+    eprintln!("SmolLM2 over 3 ranks: |Δlogit| max {worst:.3}, mean {mean:.2e}");
+    assert!(worst <= SPLIT_MAX_DIFF, "max |Δlogit| {worst}");
+    assert!(mean <= SPLIT_MEAN_DIFF, "mean |Δlogit| {mean}");
+}
+
+/// Split and whole run the same kernels, but the ranks' partial sums add up in another order
+/// than the whole model's, a float-level difference. With 8-bit activations that is enough to
+/// move activations across rounding boundaries (one step of amax/127 in that element), and
+/// this model carries such steps through its 30 layers: split and whole then differ about as
+/// much as either differs from the f32 path (see the log-probability test): |Δlogit| 0.87 at
+/// most and 0.14 on average, measured. A misread slice is off by several logits everywhere.
+const SPLIT_MAX_DIFF: f32 = 1.5;
+const SPLIT_MEAN_DIFF: f64 = 0.25;
+
+/// The top entry and its lead over the second.
+fn top_margin(v: &[f32]) -> (usize, f32) {
+    let best = argmax(v);
+    let second = (0..v.len())
+        .filter(|&i| i != best)
+        .map(|i| v[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    (best, v[best] - second)
+}
+
+/// Log-probabilities of each next prompt token under `logits` (position `i` predicts `i + 1`).
+fn prompt_logprobs(logits: &[Vec<f32>], ids: &[u32]) -> Vec<f64> {
+    logits
+        .iter()
+        .zip(&ids[1..])
+        .map(|(row, &next)| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            row[next as usize] as f64 - max - sum.ln()
+        })
+        .collect()
+}
+
+/// wick's kernels (Q4_1 weights as stored, 8-bit activations) against the same weights
+/// dequantized to f32 and run in f32. 8-bit activation blocks (as llama.cpp's q8_0/q8_1) move
+/// the prompt log-probabilities by 0.074 nats on average here (measured; the rounding of every
+/// matrix's input contributes, the lm_head's alone 0.034), so the bound is 0.1; f32 activations
+/// on the same packed weights give 0.0.
+#[test]
+fn smollm2_prompt_logprobs_stay_close_to_the_f32_path() {
+    let Some(path) = model_path() else { return };
+    let text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\
+                Write one sentence about the sea, the wind and the old lighthouse keeper.<|im_end|>";
+    let logprobs = |opts: LoadOptions| {
+        let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
+        let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
+        let ids = loaded
+            .tokenizer
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert!(ids.len() >= 24 && ids.len() <= 64, "{} tokens", ids.len());
+        let kernels = model.kernels();
+        (
+            prompt_logprobs(&prefill_logits(&model, &ids, &[0, 1, 2, 3]), &ids),
+            kernels,
+        )
+    };
+    let (ours, kernels) = logprobs(LoadOptions::default());
+    assert!(kernels["q4_1"].starts_with("wick"), "{kernels:?}");
+    let (f32_path, kernels) = logprobs(LoadOptions {
+        dequantize: true,
+        ..LoadOptions::default()
+    });
+    assert!(!kernels.contains_key("q4_1"), "{kernels:?}");
+    let mean: f64 = ours
+        .iter()
+        .zip(&f32_path)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f64>()
+        / ours.len() as f64;
+    eprintln!(
+        "prompt logprobs, wick kernels vs f32: mean |Δ| {mean:.4} nats over {}",
+        ours.len()
+    );
+    assert!(mean <= 0.1, "mean |Δlogprob| {mean}");
 }

@@ -1,7 +1,9 @@
 //! Tensor parallelism in one process: N ranks on threads, joined by the unix-socket collective,
 //! each loading its part of the same tiny model from the same files. Their logits must equal
-//! the whole model's within 1e-4 at every position of a packed prefill and of the greedy decode
-//! steps that follow, give the same greedy tokens, and agree among the ranks bit for bit.
+//! the whole model's within a tolerance set by the weights' compute path at every position of a
+//! packed prefill and of the decode steps that follow (fed the whole model's greedy tokens),
+//! pick the same top token wherever the whole model's lead exceeds twice that tolerance, and
+//! agree among the ranks bit for bit.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +20,12 @@ use wick_backend_candle::testing::{
 };
 use wick_backend_candle::weights::LoadOptions;
 
+/// Dense f32 weights: split and whole differ only in the order partial sums are added.
 const TOL: f32 = 1e-4;
+/// Quantized weights on wick's kernels: the same kernels on every rank and in the whole model,
+/// but a float-level difference in a sum can move an 8-bit activation across a rounding
+/// boundary (a step of amax/127), which the next layers carry.
+const QUANTIZED_TOL: f32 = 0.05;
 const BLOCK_SIZE: usize = 4;
 const BLOCKS_PER_SEQ: usize = 8;
 const DECODE_STEPS: usize = 4;
@@ -43,9 +50,9 @@ fn argmax(row: &[f32]) -> u32 {
         .0 as u32
 }
 
-/// A packed prefill of `prompts` (logits of every position), then greedy decode steps of all
-/// sequences together.
-fn run(model: &LlamaModel, prompts: &[Vec<u32>]) -> Run {
+/// A packed prefill of `prompts` (logits of every position), then decode steps of all
+/// sequences together, each fed its greedy token or, with `forced`, another run's.
+fn run(model: &LlamaModel, prompts: &[Vec<u32>], forced: Option<&[Vec<u32>]>) -> Run {
     let mut cache = KvCache::with_kv_heads(
         model.config(),
         model.plan().kv_heads.len(),
@@ -101,9 +108,10 @@ fn run(model: &LlamaModel, prompts: &[Vec<u32>]) -> Run {
             .unwrap();
         drop(input);
         let next: Vec<u32> = last_rows.iter().map(|&r| argmax(&logits[r])).collect();
+        let fed = forced.map_or(&next, |f| &f[step]);
         for (s, seq) in seqs.iter_mut().enumerate() {
             cached[s] = seq.len();
-            seq.push(next[s]);
+            seq.push(fed[s]);
         }
         out.logits.push(logits);
         out.tokens.push(next);
@@ -129,12 +137,18 @@ fn load(path: &Path) -> source::LoadedModel {
 }
 
 /// Runs the model at `path` split over `world` ranks on threads; returns every rank's run.
-fn run_parallel(path: &Path, world: usize, prompts: &[Vec<u32>]) -> Vec<Run> {
+fn run_parallel(
+    path: &Path,
+    world: usize,
+    prompts: &[Vec<u32>],
+    forced: Option<&[Vec<u32>]>,
+) -> Vec<Run> {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("tp");
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             let (base, path, prompts) = (base.clone(), path.to_path_buf(), prompts.to_vec());
+            let forced = forced.map(|f| f.to_vec());
             std::thread::spawn(move || {
                 let comm =
                     SocketCollective::connect(&base, rank, world, Duration::from_secs(60)).unwrap();
@@ -147,7 +161,7 @@ fn run_parallel(path: &Path, world: usize, prompts: &[Vec<u32>]) -> Vec<Run> {
                 )
                 .unwrap();
                 assert_eq!(model.plan().world_size, world);
-                run(&model, &prompts)
+                run(&model, &prompts, forced.as_deref())
             })
         })
         .collect();
@@ -167,26 +181,34 @@ fn prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// Compares `world`-rank runs of the model at `path` with the whole model.
-fn assert_split_matches_whole(path: &Path, worlds: &[usize]) {
+/// The top entry's lead over the second.
+fn margin(row: &[f32]) -> f32 {
+    let best = argmax(row) as usize;
+    let second = row
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != best)
+        .fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
+    row[best] - second
+}
+
+/// Compares `world`-rank runs of the model at `path` with the whole model, within `tol`.
+fn assert_split_matches_whole(path: &Path, worlds: &[usize], tol: f32) {
     let prompts = prompts();
     let loaded = load(path);
     let whole = run(
         &LlamaModel::load(&loaded.config, &loaded.weights, &options(path)).unwrap(),
         &prompts,
+        None,
     );
     for &world in worlds {
-        let ranks = run_parallel(path, world, &prompts);
+        let ranks = run_parallel(path, world, &prompts, Some(&whole.tokens));
         for (rank, r) in ranks.iter().enumerate() {
             // The same bits on every rank: they sample the same tokens.
             assert!(r == &ranks[0], "rank {rank} of {world} differs from rank 0");
         }
         let split = &ranks[0];
-        assert_eq!(
-            split.tokens, whole.tokens,
-            "greedy tokens with {world} ranks"
-        );
-        let mut worst = 0f32;
+        let (mut worst, mut compared) = (0f32, 0);
         for (a, b) in split.logits.iter().zip(&whole.logits) {
             assert_eq!(a.len(), b.len());
             for (x, y) in a.iter().zip(b) {
@@ -194,13 +216,19 @@ fn assert_split_matches_whole(path: &Path, worlds: &[usize]) {
                 for (p, q) in x.iter().zip(y) {
                     worst = worst.max((p - q).abs());
                 }
+                // Greedy choices must agree where a difference within `tol` cannot flip them.
+                if margin(y) > 2.0 * tol {
+                    assert_eq!(argmax(x), argmax(y), "top token with {world} ranks");
+                    compared += 1;
+                }
             }
         }
+        assert!(compared > 0, "no row had a clear top token");
         eprintln!(
             "{} with {world} ranks: max |Δlogit| = {worst:.2e}",
             path.display()
         );
-        assert!(worst <= TOL, "{world} ranks: max |Δlogit| {worst}");
+        assert!(worst <= tol, "{world} ranks: max |Δlogit| {worst}");
     }
 }
 
@@ -224,20 +252,20 @@ fn llama_split_over_two_and_three_ranks_matches_whole() {
         ..splittable(TinyModelSpec::llama())
     };
     write_hf_model(dir.path(), &spec).unwrap();
-    assert_split_matches_whole(dir.path(), &[3]);
+    assert_split_matches_whole(dir.path(), &[3], TOL);
     let spec = TinyModelSpec {
         num_attention_heads: 12,
         ..splittable(TinyModelSpec::llama())
     };
     write_hf_model(dir.path(), &spec).unwrap();
-    assert_split_matches_whole(dir.path(), &[2, 3]);
+    assert_split_matches_whole(dir.path(), &[2, 3], TOL);
 }
 
 #[test]
 fn qwen2_bias_and_tied_embeddings_split_matches_whole() {
     let dir = tempfile::tempdir().unwrap();
     write_hf_model(dir.path(), &splittable(TinyModelSpec::qwen2())).unwrap();
-    assert_split_matches_whole(dir.path(), &[2, 3]);
+    assert_split_matches_whole(dir.path(), &[2, 3], TOL);
 }
 
 #[test]
@@ -249,14 +277,14 @@ fn qwen3_qk_norm_split_matches_whole() {
     };
     assert_eq!(spec.architecture, Architecture::Qwen3);
     write_hf_model(dir.path(), &spec).unwrap();
-    assert_split_matches_whole(dir.path(), &[2]);
+    assert_split_matches_whole(dir.path(), &[2], TOL);
 }
 
 #[test]
 fn mistral_sliding_window_split_matches_whole() {
     let dir = tempfile::tempdir().unwrap();
     write_hf_model(dir.path(), &splittable(TinyModelSpec::mistral())).unwrap();
-    assert_split_matches_whole(dir.path(), &[2]);
+    assert_split_matches_whole(dir.path(), &[2], TOL);
 }
 
 /// GGUF weights split as stored: rows of Q8_0 blocks, and columns on block boundaries (64 of
@@ -274,7 +302,7 @@ fn quantized_gguf_split_matches_whole() {
         ..TinyModelSpec::llama()
     };
     write_gguf_model(&path, &spec, GgmlDType::Q8_0).unwrap();
-    assert_split_matches_whole(&path, &[2, 4]);
+    assert_split_matches_whole(&path, &[2, 4], QUANTIZED_TOL);
 }
 
 /// With the `nccl` feature, on a machine with CUDA devices: the model on GPUs, one rank per
@@ -303,6 +331,7 @@ fn cuda_ranks_over_nccl_match_the_cpu_model() {
     let cpu = run(
         &LlamaModel::load(&loaded.config, &loaded.weights, &LoadOptions::default()).unwrap(),
         &prompts,
+        None,
     );
     let base = dir.path().join("tp");
     let handles: Vec<_> = (0..world)
@@ -323,7 +352,7 @@ fn cuda_ranks_over_nccl_match_the_cpu_model() {
                             .unwrap();
                     LlamaModel::load_parallel(&loaded.config, &loaded.weights, &opts, comm).unwrap()
                 };
-                run(&model, &prompts)
+                run(&model, &prompts, None)
             })
         })
         .collect();

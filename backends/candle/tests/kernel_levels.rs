@@ -1,0 +1,112 @@
+//! wick's CPU kernels at every level this host runs (AVX-512 VNNI, AVX2, scalar) give the model
+//! the same logits bit for bit, for each format they compute, so a request's tokens do not
+//! depend on which CPU serves it; and those logits stay near the same weights run in f32.
+
+use candle_core::quantized::GgmlDType;
+use wick_backend_candle::kv_cache::KvCache;
+use wick_backend_candle::model::{LlamaModel, SeqSpan, StepInput};
+use wick_backend_candle::source;
+use wick_backend_candle::testing::{tiny_vocab_size, write_gguf_model, TinyModelSpec};
+use wick_backend_candle::weights::LoadOptions;
+use wick_kernels::Level;
+
+/// Logits of every position of two packed sequences.
+fn logits(model: &LlamaModel) -> Vec<Vec<f32>> {
+    let vocab = tiny_vocab_size() as u32;
+    let (a, b): (Vec<u32>, Vec<u32>) = (
+        (0..13).map(|i| (i * 7 + 3) % vocab).collect(),
+        (0..6).map(|i| (i * 11 + 5) % vocab).collect(),
+    );
+    let mut cache = KvCache::with_kv_heads(model.config(), model.plan().kv_heads.len(), 8, 4);
+    let (ta, tb) = ([0u32, 1, 2, 3], [4u32, 5, 6, 7]);
+    let mut step = StepInput {
+        tokens: [a.clone(), b.clone()].concat(),
+        positions: (0..a.len() as u32).chain(0..b.len() as u32).collect(),
+        slots: Vec::new(),
+        seqs: vec![
+            SeqSpan {
+                start: 0,
+                len: a.len(),
+                context_len: a.len(),
+                block_table: &ta,
+            },
+            SeqSpan {
+                start: a.len(),
+                len: b.len(),
+                context_len: b.len(),
+                block_table: &tb,
+            },
+        ],
+        logit_rows: (0..(a.len() + b.len()) as u32).collect(),
+    };
+    step.slots = (0..a.len())
+        .map(|p| ta[p / 4] * 4 + (p % 4) as u32)
+        .chain((0..b.len()).map(|p| tb[p / 4] * 4 + (p % 4) as u32))
+        .collect();
+    model.forward(&step, &mut cache).unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn every_kernel_level_gives_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyModelSpec {
+        hidden_size: 64,
+        intermediate_size: 160,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        ..TinyModelSpec::llama()
+    };
+    let levels = Level::supported();
+    eprintln!("levels on this host: {levels:?}");
+    for (dtype, name) in [
+        (GgmlDType::Q8_0, "q8_0"),
+        (GgmlDType::Q4_0, "q4_0"),
+        (GgmlDType::Q4_1, "q4_1"),
+    ] {
+        let path = dir.path().join(format!("{name}.gguf"));
+        write_gguf_model(&path, &spec, dtype).unwrap();
+        let run = |opts: LoadOptions| {
+            let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
+            let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
+            (logits(&model), model.kernels())
+        };
+        let runs: Vec<_> = levels
+            .iter()
+            .map(|&kernel_level| {
+                run(LoadOptions {
+                    kernel_level,
+                    ..LoadOptions::default()
+                })
+            })
+            .collect();
+        for (level, (logits, kernels)) in levels.iter().zip(&runs) {
+            assert_eq!(kernels[name], format!("wick {level}"), "{kernels:?}");
+            let same = logits
+                .iter()
+                .flatten()
+                .zip(runs[0].0.iter().flatten())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name}: {level} differs from {}", levels[0]);
+        }
+        let (f32_logits, _) = run(LoadOptions {
+            dequantize: true,
+            ..LoadOptions::default()
+        });
+        let worst = runs[0]
+            .0
+            .iter()
+            .flatten()
+            .zip(f32_logits.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = f32_logits
+            .iter()
+            .flatten()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!("{name}: max |Δlogit| vs f32 {worst:.2e} (logits up to {scale:.2})");
+        // 8-bit activations move these logits by a few percent of their range; a wrong layout
+        // or scale moves them by their whole range.
+        assert!(worst < 0.1 * scale, "{name}: max |Δlogit| vs f32 {worst}");
+    }
+}
