@@ -2,6 +2,8 @@
 
 mod arrivals;
 mod compare;
+mod kernels;
+mod model_gen;
 mod openai;
 mod plot;
 mod prompts;
@@ -38,6 +40,11 @@ enum Command {
     Shard(shard::ShardArgs),
     /// Load an OpenAI-compatible server with streaming requests, level by level.
     Serve(serve::ServeArgs),
+    /// The linear-layer kernels alone: GEMV GB/s and GEMM GOP/s by format, shape and rows.
+    Kernels(kernels::KernelArgs),
+    /// Write a random-weight GGUF of a real model's shape (e.g. Llama-3.2-1B) with another
+    /// GGUF's tokenizer, loadable by wick and llama.cpp alike.
+    MakeModel(model_gen::MakeModelArgs),
     /// Ratios B/A, level by level, of two `serve --json` reports.
     Compare {
         /// The baseline report.
@@ -75,6 +82,14 @@ async fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
         }
+        Command::Kernels(args) => {
+            let report = kernels::run(args)?;
+            println!("{}", kernels::markdown(&report));
+            if let Some(path) = cli.json {
+                write_json(&path, &report)?;
+            }
+        }
+        Command::MakeModel(args) => model_gen::run(args)?,
         Command::Compare { a, b } => {
             println!(
                 "{}",

@@ -15,6 +15,15 @@ pub struct RunInfo {
     /// UTC, RFC 3339.
     pub timestamp: String,
     pub wick_bench_version: String,
+    /// The CPU's model name, so runs on different hosts are told apart.
+    #[serde(default)]
+    pub cpu_model: String,
+    /// The CPU features wick's kernels use that this CPU has.
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
+    /// The best level wick's kernels run at on this CPU (avx512, avx2, scalar).
+    #[serde(default)]
+    pub kernel_level: String,
 }
 
 impl RunInfo {
@@ -24,6 +33,13 @@ impl RunInfo {
             git_revision: git_revision(),
             timestamp: rfc3339(SystemTime::now()),
             wick_bench_version: env!("CARGO_PKG_VERSION").to_string(),
+            cpu_model: wick_kernels::cpu_model(),
+            cpu_features: wick_kernels::cpu_features()
+                .into_iter()
+                .filter(|(_, has)| *has)
+                .map(|(name, _)| name.to_string())
+                .collect(),
+            kernel_level: wick_kernels::Level::detected().to_string(),
         }
     }
 }

@@ -1,0 +1,172 @@
+//! `wick-bench kernels`: the linear-layer kernels alone, on random weights of real shapes:
+//! GEMV bandwidth against the machine's measured read bandwidth, GEMM throughput by rows.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde::Serialize;
+use wick_kernels::{format, Format, Level, PackedMatrix, QuantizedRows};
+
+use crate::run_info::RunInfo;
+
+#[derive(Args, Debug)]
+pub struct KernelArgs {
+    /// Weight formats (q8_0, q4_0, q4_1).
+    #[arg(long, value_delimiter = ',', default_value = "q4_0,q4_1,q8_0")]
+    pub formats: Vec<String>,
+    /// Matrix shapes as OUTxIN (Llama-3.2-1B's gate/up and down, SmolLM2's gate/up).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8192x2048,2048x8192,1536x576"
+    )]
+    pub shapes: Vec<String>,
+    /// Activation rows per product.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,128")]
+    pub rows: Vec<usize>,
+    /// Kernel level (avx512, avx2, scalar); default: the best this CPU runs.
+    #[arg(long)]
+    pub level: Option<Level>,
+    /// Time spent on each measurement.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KernelReport {
+    pub run: RunInfo,
+    pub level: String,
+    pub threads: usize,
+    /// Reading a 512 MiB buffer with every thread, GB/s.
+    pub read_bandwidth_gbs: f64,
+    pub results: Vec<KernelResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KernelResult {
+    pub format: String,
+    pub n: usize,
+    pub k: usize,
+    pub rows: usize,
+    pub micros: f64,
+    /// Packed weight bytes over the time of one product.
+    pub weight_gbs: f64,
+    /// `2·rows·n·k` over the time of one product.
+    pub gops: f64,
+}
+
+fn parse_format(s: &str) -> anyhow::Result<Format> {
+    Format::ALL
+        .into_iter()
+        .find(|f| f.name() == s)
+        .ok_or_else(|| anyhow::anyhow!("unknown format {s:?} (q8_0, q4_0, q4_1)"))
+}
+
+fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
+    let (n, k) = s
+        .split_once('x')
+        .ok_or_else(|| anyhow::anyhow!("shape {s:?} is not OUTxIN"))?;
+    Ok((n.parse()?, k.parse()?))
+}
+
+/// Median time of `f` over about `seconds`.
+fn time(seconds: f64, mut f: impl FnMut()) -> Duration {
+    f();
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < 5 || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed());
+        if samples.len() >= 10_000 {
+            break;
+        }
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn read_bandwidth(seconds: f64) -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1u64; 64 << 20];
+    let t = time(seconds, || {
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0, |a, &b| a ^ b))
+            .sum();
+        std::hint::black_box(s);
+    });
+    (buf.len() * 8) as f64 / t.as_secs_f64() / 1e9
+}
+
+pub fn run(args: KernelArgs) -> anyhow::Result<KernelReport> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let level = args.level.unwrap_or_else(Level::detected).capped();
+    pool.install(|| {
+        let read_bandwidth_gbs = read_bandwidth(args.seconds);
+        let mut results = Vec::new();
+        for f in &args.formats {
+            let format = parse_format(f)?;
+            for shape in &args.shapes {
+                let (n, k) = parse_shape(shape)?;
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-4)
+                    .collect();
+                let stored = format::quantize(format, &w, n, k);
+                let packed =
+                    PackedMatrix::from_ggml(format, &stored, n, k).map_err(anyhow::Error::msg)?;
+                for &rows in &args.rows {
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|i| ((i * 31 % 257) as f32 - 128.0) / 64.0)
+                        .collect();
+                    let mut out = vec![0f32; rows * n];
+                    let mut xq = QuantizedRows::default();
+                    let t = time(args.seconds, || {
+                        xq.requantize(&x, rows, k);
+                        packed.matmul(&xq, level, &mut out);
+                    });
+                    let secs = t.as_secs_f64();
+                    results.push(KernelResult {
+                        format: format.name().to_string(),
+                        n,
+                        k,
+                        rows,
+                        micros: secs * 1e6,
+                        weight_gbs: packed.bytes() as f64 / secs / 1e9,
+                        gops: 2.0 * (rows * n * k) as f64 / secs / 1e9,
+                    });
+                }
+            }
+        }
+        Ok(KernelReport {
+            run: RunInfo::collect(),
+            level: level.to_string(),
+            threads,
+            read_bandwidth_gbs,
+            results,
+        })
+    })
+}
+
+pub fn markdown(r: &KernelReport) -> String {
+    let mut s = format!(
+        "kernels at {} on {} thread(s), {}; memory read {:.1} GB/s\n\n",
+        r.level, r.threads, r.run.cpu_model, r.read_bandwidth_gbs
+    );
+    s += "| format | out x in | rows | µs | weight GB/s | GOP/s |\n|---|---|---:|---:|---:|---:|\n";
+    for x in &r.results {
+        s += &format!(
+            "| {} | {}x{} | {} | {:.1} | {:.1} | {:.1} |\n",
+            x.format, x.n, x.k, x.rows, x.micros, x.weight_gbs, x.gops
+        );
+    }
+    s
+}
