@@ -60,6 +60,17 @@ async fn answers_the_capital_of_france(shards: &str) {
         .as_str()
         .unwrap_or_else(|| panic!("no content in {response}"));
     assert!(content.contains("Paris"), "{content}");
+    // Its Q4_1 layers and Q8_0 embedding (the tied lm_head) run on wick's own kernels.
+    let info: serde_json::Value = reqwest::get(wick.url("/info"))
+        .await
+        .expect("a response")
+        .json()
+        .await
+        .expect("a JSON body");
+    for format in ["q4_1", "q8_0"] {
+        let kernel = info["kernels"][format].as_str().unwrap_or_default();
+        assert!(kernel.starts_with("wick "), "{format}: {info}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

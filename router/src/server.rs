@@ -179,6 +179,9 @@ pub fn app(config: &Config, infer: Infer, backend: BackendInfo) -> anyhow::Resul
         device_type: backend.device_type.clone(),
         quantize: backend.quantize.clone(),
         world_size: backend.world_size,
+        cpu_model: backend.cpu_model.clone(),
+        cpu_features: backend.cpu_features.clone(),
+        kernels: backend.kernels.clone(),
     };
     let compute_type = HeaderValue::from_str(&backend.device_type.to_ascii_lowercase())
         .unwrap_or_else(|_| HeaderValue::from_static("cpu"));

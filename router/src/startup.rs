@@ -49,6 +49,9 @@ pub struct BackendInfo {
     pub device_type: String,
     pub quantize: String,
     pub world_size: usize,
+    pub cpu_model: String,
+    pub cpu_features: Vec<String>,
+    pub kernels: std::collections::BTreeMap<String, String>,
 }
 
 /// ServiceDiscovery from rank 0, connect to every rank, ClearCache → Info → Warmup (TGI's rules
@@ -140,6 +143,9 @@ pub async fn connect(setup: &ShardSetup) -> anyhow::Result<(Infer, BackendInfo)>
         device_type: info.device_type,
         quantize: info.quantize,
         world_size,
+        cpu_model: info.cpu_model,
+        cpu_features: info.cpu_features,
+        kernels: info.kernels.into_iter().collect(),
     };
     Ok((infer, backend))
 }

@@ -243,6 +243,12 @@ pub struct Info {
     pub device_type: String,
     pub quantize: String,
     pub world_size: usize,
+    /// The CPU rank 0 runs on (`/proc/cpuinfo`'s model name).
+    pub cpu_model: String,
+    /// The CPU features wick's kernels use that this CPU has (avx2, avx512vnni, ...).
+    pub cpu_features: Vec<String>,
+    /// Where each weight format of the linear layers computes, e.g. `{"q4_1": "wick avx512"}`.
+    pub kernels: std::collections::BTreeMap<String, String>,
 }
 
 /// One prompt token of `/tokenize`, with byte offsets into `inputs`.

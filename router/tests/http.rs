@@ -282,6 +282,10 @@ fn native_routes() {
         assert_eq!(info["max_input_tokens"], 64);
         assert_eq!(info["max_total_tokens"], 128);
         assert_eq!(info["max_client_batch_size"], 4);
+        // Which CPU served it and where each weight format computes (an f32 model: candle).
+        assert!(!info["cpu_model"].as_str().unwrap().is_empty(), "{info}");
+        assert!(info["cpu_features"].is_array(), "{info}");
+        assert_eq!(info["kernels"]["f32"], "candle dense f32", "{info}");
         assert_eq!(
             s.get("/").await.status(),
             StatusCode::OK,

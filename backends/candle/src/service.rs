@@ -91,6 +91,8 @@ pub struct ShardInfo {
     pub uds_path: PathBuf,
     pub rank: u32,
     pub world_size: u32,
+    /// Where each weight format computes (see [`LlamaModel::kernels`]).
+    pub kernels: std::collections::BTreeMap<String, String>,
 }
 
 type Job = Box<dyn FnOnce(&mut Engine) + Send>;
@@ -347,6 +349,13 @@ impl TextGenerationService for ShardService {
             quantize: i.quantize.clone(),
             rank: i.rank,
             world_size: i.world_size,
+            cpu_model: wick_kernels::cpu_model(),
+            cpu_features: wick_kernels::cpu_features()
+                .into_iter()
+                .filter(|(_, has)| *has)
+                .map(|(f, _)| f.to_string())
+                .collect(),
+            kernels: i.kernels.clone().into_iter().collect(),
         }))
     }
 
@@ -539,6 +548,7 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         uds_path: config.uds_path.clone(),
         rank: config.rank,
         world_size: config.world_size,
+        kernels: model.kernels(),
     };
     tracing::info!(
         model_id = %info.model_id,
