@@ -88,6 +88,42 @@ impl Projections {
         }
     }
 
+    /// `SiLU(gate) · up` for gate/up projections, in one pass over the stacked output when
+    /// they are stacked.
+    fn silu_mul(&self, x: &Tensor) -> Result<Tensor> {
+        let (linear, width) = match self {
+            Projections::Stacked { linear, widths }
+                if widths.len() == 2 && widths[0] == widths[1] =>
+            {
+                (linear, widths[0])
+            }
+            _ => {
+                let [gate, up]: [Tensor; 2] = self
+                    .forward(x)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("gate/up projections".to_string()))?;
+                return candle_nn::ops::silu(&gate)? * up;
+            }
+        };
+        let y = linear.forward(x)?.contiguous()?;
+        let rows = y.dim(0)?;
+        let mut out = vec![0f32; rows * width];
+        {
+            let (storage, layout) = y.storage_and_layout();
+            let y = host_f32(&storage, layout)?;
+            use rayon::prelude::*;
+            out.par_chunks_mut(width)
+                .zip(y.par_chunks(2 * width))
+                .for_each(|(o, y)| {
+                    let (gate, up) = y.split_at(width);
+                    for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                        *o = g / (1.0 + (-g).exp()) * u;
+                    }
+                });
+        }
+        Tensor::from_vec(out, (rows, width), x.device())
+    }
+
     fn linears(&self) -> Vec<&Linear> {
         match self {
             Projections::Stacked { linear, .. } => vec![linear],
@@ -327,12 +363,7 @@ impl LlamaModel {
             x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            let [gate, up]: [Tensor; 2] = layer
-                .gate_up
-                .forward(&h)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("gate/up projections".to_string()))?;
-            let mlp = (candle_nn::ops::silu(&gate)? * up)?;
+            let mlp = layer.gate_up.silu_mul(&h)?;
             x = (x + self.sum_over_ranks(layer.down_proj.forward(&mlp)?)?)?;
         }
 

@@ -37,14 +37,23 @@ impl QuantizedRows {
         self.qs.resize(rows * k, 0);
         self.scales.resize(blocks, 0.0);
         self.sums.resize(blocks, 0);
-        let work = self
-            .qs
-            .par_chunks_mut(BLOCK)
-            .zip(self.scales.par_iter_mut())
-            .zip(self.sums.par_iter_mut())
-            .zip(x.par_chunks(BLOCK));
-        work.with_min_len(64)
-            .for_each(|(((q, scale), sum), x)| *sum = quantize_block(x, q, scale));
+        // Runs of 64 blocks per task: a decode row is one or a few tasks, a prefill many.
+        const RUN: usize = 64;
+        self.qs
+            .par_chunks_mut(RUN * BLOCK)
+            .zip(self.scales.par_chunks_mut(RUN))
+            .zip(self.sums.par_chunks_mut(RUN))
+            .zip(x.par_chunks(RUN * BLOCK))
+            .for_each(|(((qs, scales), sums), x)| {
+                for (((q, scale), sum), x) in qs
+                    .chunks_exact_mut(BLOCK)
+                    .zip(scales.iter_mut())
+                    .zip(sums.iter_mut())
+                    .zip(x.chunks_exact(BLOCK))
+                {
+                    *sum = quantize_block(x, q, scale);
+                }
+            });
     }
 
     pub fn rows(&self) -> usize {
@@ -89,10 +98,12 @@ fn quantize_block(x: &[f32], q: &mut [i8], scale: &mut f32) -> i32 {
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for (q, &v) in q.iter_mut().zip(x) {
-        // `as` saturates and maps NaN to 0; |v·id| ≤ 127 up to rounding.
-        let r = (v * id).round().clamp(-127.0, 127.0) as i8;
-        *q = r;
-        sum += r as i32;
+        // Half away from zero, then truncation: `round` without a libm call, so the loop
+        // vectorises. `as` saturates and maps NaN to 0; |v·id| ≤ 127 up to rounding.
+        let s = v * id;
+        let r = ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127);
+        *q = r as i8;
+        sum += r;
     }
     *scale = d;
     sum
