@@ -34,10 +34,9 @@ impl RunInfo {
             timestamp: rfc3339(SystemTime::now()),
             wick_bench_version: env!("CARGO_PKG_VERSION").to_string(),
             cpu_model: wick_kernels::cpu_model(),
-            cpu_features: wick_kernels::cpu_features()
+            cpu_features: wick_kernels::present_cpu_features()
                 .into_iter()
-                .filter(|(_, has)| *has)
-                .map(|(name, _)| name.to_string())
+                .map(String::from)
                 .collect(),
             kernel_level: wick_kernels::Level::detected().to_string(),
         }

@@ -350,10 +350,9 @@ impl TextGenerationService for ShardService {
             rank: i.rank,
             world_size: i.world_size,
             cpu_model: wick_kernels::cpu_model(),
-            cpu_features: wick_kernels::cpu_features()
+            cpu_features: wick_kernels::present_cpu_features()
                 .into_iter()
-                .filter(|(_, has)| *has)
-                .map(|(f, _)| f.to_string())
+                .map(String::from)
                 .collect(),
             kernels: i.kernels.clone().into_iter().collect(),
         }))

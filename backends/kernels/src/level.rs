@@ -110,6 +110,15 @@ pub fn cpu_features() -> Vec<(&'static str, bool)> {
     }
 }
 
+/// The names of the features in [`cpu_features`] that this CPU has.
+pub fn present_cpu_features() -> Vec<&'static str> {
+    cpu_features()
+        .into_iter()
+        .filter(|(_, has)| *has)
+        .map(|(name, _)| name)
+        .collect()
+}
+
 /// The CPU's model name (`/proc/cpuinfo`'s "model name"), or the architecture when unknown.
 pub fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")

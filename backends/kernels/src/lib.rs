@@ -19,7 +19,7 @@ mod x86;
 
 pub use activation::QuantizedRows;
 pub use format::{Format, BLOCK};
-pub use level::{cpu_features, cpu_model, Level};
+pub use level::{cpu_features, cpu_model, present_cpu_features, Level};
 pub use packed::{PackedMatrix, PANEL};
 
 #[cfg(test)]

@@ -217,11 +217,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!(
         cpu = wick_kernels::cpu_model(),
-        features = ?wick_kernels::cpu_features()
-            .into_iter()
-            .filter(|(_, has)| *has)
-            .map(|(f, _)| f)
-            .collect::<Vec<_>>(),
+        features = ?wick_kernels::present_cpu_features(),
         %kernel_level,
         "CPU kernels"
     );

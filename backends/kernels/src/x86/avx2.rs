@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{for_row_tiles, Rows, Q4_1, Q8_0};
+use super::{for_row_tiles, format_of, Rows, Q4_1, Q8_0};
 use crate::packed::{quant_bytes, stride};
 use crate::{Format, QuantizedRows, PANEL};
 
@@ -43,11 +43,7 @@ unsafe fn tile<const R: usize, const F: u8>(
     nb: usize,
     half: usize,
 ) {
-    let format = match F {
-        Q8_0 => Format::Q8_0,
-        Q4_1 => Format::Q4_1,
-        _ => Format::Q4_0,
-    };
+    let format = format_of(F);
     let (st, qb) = (stride(format), quant_bytes(format));
     let low = _mm256_set1_epi8(0x0f);
     let flip = _mm256_set1_epi8(-128);

@@ -10,6 +10,15 @@ pub(crate) const Q8_0: u8 = 0;
 pub(crate) const Q4_0: u8 = 1;
 pub(crate) const Q4_1: u8 = 2;
 
+/// The format a const parameter stands for.
+pub(crate) const fn format_of(f: u8) -> crate::Format {
+    match f {
+        Q8_0 => crate::Format::Q8_0,
+        Q4_1 => crate::Format::Q4_1,
+        _ => crate::Format::Q4_0,
+    }
+}
+
 /// A row tile's inputs: for each of its rows, the row's quants, block scales and block sums.
 pub(crate) struct Rows<const R: usize> {
     pub qs: [*const i8; R],
