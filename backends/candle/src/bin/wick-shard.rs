@@ -92,9 +92,10 @@ struct ServeArgs {
     #[arg(long, env = "DEQUANTIZE", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     dequantize: bool,
 
-    /// Quantized weights whose CPU kernel does not get faster with more rows (every GGUF type
-    /// but Q4_K/Q8_0/Q6_K, and those too when the in-dim is not a multiple of 256) also keep an
-    /// f32 copy, used by steps of at least this many tokens (batched decode, prefill). 0 = never.
+    /// Quantized weights left to candle's generic CPU kernel, which does not get faster with more
+    /// rows (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K, and Q4_K/Q6_K when the in-dim is not a multiple of 256;
+    /// wick's kernels compute Q8_0/Q4_0/Q4_1), also keep an f32 copy, used by steps of at least
+    /// this many tokens (batched decode, prefill). 0 = never.
     #[arg(long, env = "DENSE_COPY_MIN_ROWS", default_value_t = wick_backend_candle::weights::DEFAULT_DENSE_COPY_MIN_ROWS as u32)]
     dense_copy_min_rows: u32,
 
