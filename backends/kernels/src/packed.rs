@@ -201,7 +201,7 @@ impl PackedMatrix {
         let mut out = vec![0u8; self.n * format.row_bytes(self.k)];
         for (row, dst_row) in out.chunks_exact_mut(format.row_bytes(self.k)).enumerate() {
             let (p, c) = (row / PANEL, row % PANEL);
-            let panel = self.panel(p);
+            let panel = self.panel(p).data;
             for (b, dst) in dst_row.chunks_exact_mut(bb).enumerate() {
                 let src = &panel[b * st..(b + 1) * st];
                 dst[0..2].copy_from_slice(&src[qb + 2 * c..qb + 2 * c + 2]);
@@ -251,9 +251,14 @@ impl PackedMatrix {
         self.data.len()
     }
 
-    fn panel(&self, p: usize) -> &[u8] {
-        let len = self.k / BLOCK * stride(self.format);
-        &self.data[p * len..(p + 1) * len]
+    fn panel(&self, p: usize) -> Panel<'_> {
+        let blocks = self.k / BLOCK;
+        let len = blocks * stride(self.format);
+        Panel {
+            format: self.format,
+            data: &self.data[p * len..(p + 1) * len],
+            blocks,
+        }
     }
 
     /// `out[r][o] = Σ_i x[r][i] · w[o][i]` for every row of `x`; `out` is row-major
@@ -284,15 +289,7 @@ impl PackedMatrix {
             let mut tile = [[0f32; PANEL]; ROW_CHUNK];
             for p in g * per_group..((g + 1) * per_group).min(panels) {
                 let tile = &mut tile[..rows.len()];
-                run_panel(
-                    level,
-                    self.format,
-                    self.panel(p),
-                    self.k / BLOCK,
-                    x,
-                    rows.clone(),
-                    tile,
-                );
+                run_panel(level, self.panel(p), x, rows.clone(), tile);
                 let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
                 for (r, vals) in rows.clone().zip(tile.iter()) {
                     // SAFETY: tasks write disjoint (row chunk, panel) rectangles of `out`, whose
@@ -324,37 +321,41 @@ impl SharedOut {
     }
 }
 
+/// One panel of a [`PackedMatrix`]: 16 output features over all `blocks` blocks of `k`.
+#[derive(Clone, Copy)]
+pub(crate) struct Panel<'a> {
+    pub format: Format,
+    pub data: &'a [u8],
+    pub blocks: usize,
+}
+
 /// One panel against `rows` of `x` at `level`, into `out` (a row of 16 per activation row).
-pub(crate) fn run_panel(
+fn run_panel(
     level: Level,
-    format: Format,
-    panel: &[u8],
-    nb: usize,
+    panel: Panel,
     x: &QuantizedRows,
     rows: Range<usize>,
     out: &mut [[f32; PANEL]],
 ) {
-    debug_assert_eq!(panel.len(), nb * stride(format));
+    debug_assert_eq!(panel.data.len(), panel.blocks * stride(panel.format));
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Level::capped` only yields levels the CPU was detected to run.
-        Level::Avx512 => unsafe { crate::x86::avx512::panel(format, panel, nb, x, rows, out) },
+        Level::Avx512 => unsafe { crate::x86::avx512::panel(panel, x, rows, out) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { crate::x86::avx2::panel(format, panel, nb, x, rows, out) },
-        _ => scalar_panel(format, panel, nb, x, rows, out),
+        Level::Avx2 => unsafe { crate::x86::avx2::panel(panel, x, rows, out) },
+        _ => scalar_panel(panel, x, rows, out),
     }
 }
 
 /// The portable twin: the same integer dot products and the same float operations in the same
 /// order as the SIMD levels.
-pub(crate) fn scalar_panel(
-    format: Format,
-    panel: &[u8],
-    nb: usize,
-    x: &QuantizedRows,
-    rows: Range<usize>,
-    out: &mut [[f32; PANEL]],
-) {
+fn scalar_panel(panel: Panel, x: &QuantizedRows, rows: Range<usize>, out: &mut [[f32; PANEL]]) {
+    let Panel {
+        format,
+        data: panel,
+        blocks: nb,
+    } = panel;
     let (st, qb, off) = (stride(format), quant_bytes(format), offset(format));
     let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     for (acc, r) in out.iter_mut().zip(rows) {

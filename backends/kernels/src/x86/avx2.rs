@@ -6,32 +6,21 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{for_row_tiles, format_of, Rows, Q4_1, Q8_0};
-use crate::packed::{quant_bytes, stride};
-use crate::{Format, QuantizedRows, PANEL};
+use crate::packed::{quant_bytes, stride, Panel};
+use crate::{QuantizedRows, PANEL};
 
 /// # Safety
 /// The CPU must have AVX2, F16C and FMA; `panel` holds `nb` blocks of `format`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn panel(
-    format: Format,
-    panel: &[u8],
-    nb: usize,
+    panel: Panel,
     x: &QuantizedRows,
     rows: Range<usize>,
     out: &mut [[f32; PANEL]],
 ) {
+    let (format, data, nb) = (panel.format, panel.data.as_ptr(), panel.blocks);
     for half in 0..2 {
-        for_row_tiles!(
-            tile,
-            4,
-            format,
-            x,
-            rows.clone(),
-            &mut *out,
-            panel.as_ptr(),
-            nb,
-            half
-        );
+        for_row_tiles!(tile, 4, format, x, rows.clone(), &mut *out, data, nb, half);
     }
 }
 

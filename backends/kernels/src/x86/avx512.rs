@@ -6,21 +6,20 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{for_row_tiles, format_of, Rows, Q4_1, Q8_0};
-use crate::packed::{quant_bytes, stride};
-use crate::{Format, QuantizedRows, PANEL};
+use crate::packed::{quant_bytes, stride, Panel};
+use crate::{QuantizedRows, PANEL};
 
 /// # Safety
 /// The CPU must have AVX-512 F/BW/VNNI, F16C and FMA; `panel` holds `nb` blocks of `format`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
 pub(crate) unsafe fn panel(
-    format: Format,
-    panel: &[u8],
-    nb: usize,
+    panel: Panel,
     x: &QuantizedRows,
     rows: Range<usize>,
     out: &mut [[f32; PANEL]],
 ) {
-    for_row_tiles!(tile, 8, format, x, rows, out, panel.as_ptr(), nb);
+    let (format, data, nb) = (panel.format, panel.data.as_ptr(), panel.blocks);
+    for_row_tiles!(tile, 8, format, x, rows, out, data, nb);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
