@@ -9,6 +9,8 @@ use candle_core::{bail, DType, Layout, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
 use wick_kernels::{Level, PackedMatrix, QuantizedRows};
 
+use crate::weights::{dtype_name, ggml_name};
+
 /// Up to this many rows, f32 dense layers run [`gemv`] instead of candle's GEMM: the GEMM
 /// packs the whole transposed weight on every call, which at one row costs more than the
 /// product itself.
@@ -97,14 +99,14 @@ impl Linear {
     }
 
     /// The format the weight is held in (`"q4_1"`, `"f32"`, ...).
-    pub fn format_name(&self) -> String {
+    pub fn format_name(&self) -> &'static str {
         let qmatmul = |q: &QMatMul| match q {
-            QMatMul::QTensor(q) => crate::weights::ggml_name(q.dtype()).to_string(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            QMatMul::QTensor(q) => ggml_name(q.dtype()),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => dtype_name(t.dtype()),
         };
         match self {
-            Linear::Dense { weight, .. } => format!("{:?}", weight.dtype()).to_lowercase(),
-            Linear::Packed { weight, .. } => weight.format().name().to_string(),
+            Linear::Dense { weight, .. } => dtype_name(weight.dtype()),
+            Linear::Packed { weight, .. } => weight.format().name(),
             Linear::Quantized { weight, .. } => qmatmul(weight),
             Linear::Hybrid { quantized, .. } => qmatmul(quantized),
         }
@@ -113,9 +115,7 @@ impl Linear {
     /// Where this layer computes, for logs: `"wick avx512"`, `"candle"`, `"dense f32"`, ...
     pub fn kernel(&self) -> String {
         match self {
-            Linear::Dense { weight, .. } => {
-                format!("candle dense {:?}", weight.dtype()).to_lowercase()
-            }
+            Linear::Dense { weight, .. } => format!("candle dense {}", dtype_name(weight.dtype())),
             Linear::Packed { level, .. } => format!("wick {level}"),
             Linear::Quantized { .. } => "candle".to_string(),
             Linear::Hybrid { .. } => "candle, with an f32 copy".to_string(),
@@ -123,49 +123,46 @@ impl Linear {
     }
 
     /// One layer computing several layers that read the same input (q/k/v, gate/up): their
-    /// outputs side by side, in order. `None` when they cannot share one weight (different
-    /// formats, or a kind of weight that is not stacked).
+    /// outputs side by side, in order. `None` when they cannot share one weight: different
+    /// formats, candle's quantized weights, or biases on some parts only.
     pub fn stack(parts: &[Linear]) -> Result<Option<Linear>> {
-        let biases: Vec<Option<&Tensor>> = parts.iter().map(Linear::bias).collect();
-        let bias = if biases.iter().all(Option::is_none) {
-            None
-        } else {
-            let filled = parts
-                .iter()
-                .zip(&biases)
-                .map(|(p, b)| match b {
-                    Some(b) => Ok((*b).clone()),
-                    None => Tensor::zeros(p.out_dim(), DType::F32, &candle_core::Device::Cpu),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            Some(Tensor::cat(&filled, 0)?)
+        let biases: Option<Vec<Tensor>> = parts.iter().map(|p| p.bias().cloned()).collect();
+        let bias = match biases {
+            Some(b) => Some(Tensor::cat(&b, 0)?),
+            None if parts.iter().all(|p| p.bias().is_none()) => None,
+            None => return Ok(None),
         };
-        let mut packed = Vec::new();
-        let mut dense = Vec::new();
-        for p in parts {
-            match p {
-                Linear::Packed { weight, level, .. } => packed.push((weight.as_ref(), *level)),
-                Linear::Dense { weight, .. } if weight.device().is_cpu() => dense.push(weight),
-                _ => return Ok(None),
-            }
-        }
-        if packed.len() == parts.len() {
-            let level = packed[0].1;
-            let matrices: Vec<&PackedMatrix> = packed.iter().map(|(m, _)| *m).collect();
+        if let Some(matrices) = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Packed { weight, .. } => Some(weight.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<&PackedMatrix>>>()
+        {
+            let Linear::Packed { level, .. } = parts[0] else {
+                unreachable!("every part is packed")
+            };
             return Ok(PackedMatrix::stack(&matrices).ok().map(|m| Linear::Packed {
                 weight: Arc::new(m),
                 level,
                 bias,
             }));
         }
-        let same_dtype = dense.iter().all(|w| w.dtype() == dense[0].dtype());
-        if dense.len() == parts.len() && same_dtype {
-            return Ok(Some(Linear::Dense {
-                weight: Tensor::cat(&dense, 0)?,
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Dense { weight, .. } if weight.device().is_cpu() => Some(weight),
+                _ => None,
+            })
+            .collect();
+        Ok(match dense {
+            Some(w) if w.iter().all(|t| t.dtype() == w[0].dtype()) => Some(Linear::Dense {
+                weight: Tensor::cat(&w, 0)?,
                 bias,
-            }));
-        }
-        Ok(None)
+            }),
+            _ => None,
+        })
     }
 
     fn bias(&self) -> Option<&Tensor> {
@@ -178,16 +175,26 @@ impl Linear {
     }
 }
 
+thread_local! {
+    /// The calling thread's activation buffers, reused from matmul to matmul: a prefill chunk's
+    /// quantized rows are megabytes that would otherwise be freshly mapped (and page-faulted)
+    /// four times per layer.
+    static QUANTIZED: std::cell::Cell<QuantizedRows> = std::cell::Cell::new(QuantizedRows::default());
+}
+
 /// `x · Wᵀ` on wick's kernels: the rows are quantized once, then one pass over the weight.
 fn packed(x: &Tensor, weight: &PackedMatrix, level: Level) -> Result<Tensor> {
     let rows = x.dims().first().copied().unwrap_or(0);
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let mut y = vec![0f32; rows * weight.n()];
+    // Taken out of the cell, not borrowed: nothing stays borrowed while the pool runs.
+    let mut q = QUANTIZED.take();
     {
         let (xs, xl) = x.storage_and_layout();
-        let q = QuantizedRows::quantize(host_f32(&xs, xl)?, rows, weight.k());
+        q.requantize(host_f32(&xs, xl)?, rows, weight.k());
         weight.matmul(&q, level, &mut y);
     }
+    QUANTIZED.set(q);
     Tensor::from_vec(y, (rows, weight.n()), x.device())
 }
 

@@ -300,7 +300,7 @@ impl LlamaModel {
         }
         linears
             .into_iter()
-            .map(|l| (l.format_name(), l.kernel()))
+            .map(|l| (l.format_name().to_string(), l.kernel()))
             .collect()
     }
 

@@ -331,7 +331,7 @@ impl WeightStore {
             {
                 q.dequantize(&Device::Cpu)?
             }
-            Stored::Quantized(q) if opts.device.is_cpu() && kernel_format(q.dtype()).is_some() => {
+            Stored::Quantized(q) if on_wick_kernels(q.dtype(), opts) => {
                 return packed_linear(&q, bias, opts.kernel_level);
             }
             Stored::Quantized(q) => {
@@ -372,22 +372,10 @@ impl WeightStore {
             let in_dim = dense.dims().last().copied().unwrap_or(0);
             if dense.rank() == 2 && in_dim.is_multiple_of(ggml.block_size()) {
                 let cpu = dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-                if let (Some(format), true) = (kernel_format(ggml), opts.device.is_cpu()) {
-                    let (n, k) = cpu.dims2()?;
-                    let bytes = wick_kernels::format::quantize(
-                        format,
-                        &cpu.flatten_all()?.to_vec1()?,
-                        n,
-                        k,
-                    );
-                    let weight = PackedMatrix::from_ggml(format, &bytes, n, k).map_err(err)?;
-                    return Ok(Linear::Packed {
-                        weight: std::sync::Arc::new(weight),
-                        level: opts.kernel_level,
-                        bias,
-                    });
-                }
                 let q = QTensor::quantize_onto(&cpu, ggml, &opts.device)?;
+                if on_wick_kernels(ggml, opts) {
+                    return packed_linear(&q, bias, opts.kernel_level);
+                }
                 return Ok(Linear::Quantized {
                     weight: QMatMul::QTensor(std::sync::Arc::new(q)),
                     bias,
@@ -615,7 +603,12 @@ impl GgufWeights {
     }
 }
 
-/// A GGUF weight of a format wick's kernels compute, repacked for them.
+/// Whether a weight of this type computes on wick's kernels under `opts` (CPU only).
+fn on_wick_kernels(dtype: GgmlDType, opts: &LoadOptions) -> bool {
+    opts.device.is_cpu() && kernel_format(dtype).is_some()
+}
+
+/// A quantized weight of a format wick's kernels compute, repacked for them.
 fn packed_linear(q: &QTensor, bias: Option<Tensor>, level: Level) -> Result<Linear> {
     let format = kernel_format(q.dtype()).ok_or_else(|| err(format!("{:?}", q.dtype())))?;
     let (n, k) = q.shape().dims2()?;
@@ -789,7 +782,7 @@ fn is_linear_weight(name: &str) -> bool {
         || GGUF.iter().any(|s| name.ends_with(s))
 }
 
-fn dtype_name(dtype: DType) -> &'static str {
+pub(crate) fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "f32",
         DType::F16 => "f16",
