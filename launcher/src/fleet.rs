@@ -422,6 +422,8 @@ mod tests {
             "3",
             "--kv-cache-memory",
             "1MiB",
+            "--cpu-kernels",
+            "avx2",
         ]);
         let out = strings(shard_args(&a, Path::new("/models/m"), 0));
         assert_eq!(out[0], "serve");
@@ -431,6 +433,7 @@ mod tests {
         assert_eq!(value(&out, "--quantize"), Some("q8_0"));
         assert_eq!(value(&out, "--threads"), Some("3"));
         assert_eq!(value(&out, "--kv-cache-memory"), Some("1048576"));
+        assert_eq!(value(&out, "--cpu-kernels"), Some("avx2"));
         assert_eq!(value(&out, "--dtype"), None);
         assert!(out.iter().any(|a| a == "--json-output"));
         // One shard needs no rendezvous.
