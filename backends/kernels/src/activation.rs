@@ -5,8 +5,9 @@ use rayon::prelude::*;
 use crate::format::BLOCK;
 
 /// `[rows, k]` f32 activations as blocks of 32 `i8` with one f32 scale each
-/// (`x ≈ scale · q`, `|q| ≤ 127`) and each block's integer sum `Σq`, which the offset formats
-/// (Q4_0's −8, Q4_1's `m`) need.
+/// (`x ≈ scale · q`, `|q| ≤ 127`), each block's integer sum `Σq`, which the offset formats
+/// (Q4_0's −8, Q4_1's and Q4_K's minimums) need, and the sum of its first 16 quants (Q6_K
+/// has a scale per 16).
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedRows {
     rows: usize,
@@ -14,6 +15,7 @@ pub struct QuantizedRows {
     pub(crate) qs: Vec<i8>,
     pub(crate) scales: Vec<f32>,
     pub(crate) sums: Vec<i32>,
+    pub(crate) half_sums: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -37,21 +39,25 @@ impl QuantizedRows {
         self.qs.resize(rows * k, 0);
         self.scales.resize(blocks, 0.0);
         self.sums.resize(blocks, 0);
+        self.half_sums.resize(blocks, 0);
         // Runs of 64 blocks per task: a decode row is one or a few tasks, a prefill many.
         const RUN: usize = 64;
         self.qs
             .par_chunks_mut(RUN * BLOCK)
             .zip(self.scales.par_chunks_mut(RUN))
             .zip(self.sums.par_chunks_mut(RUN))
+            .zip(self.half_sums.par_chunks_mut(RUN))
             .zip(x.par_chunks(RUN * BLOCK))
-            .for_each(|(((qs, scales), sums), x)| {
-                for (((q, scale), sum), x) in qs
+            .for_each(|((((qs, scales), sums), half_sums), x)| {
+                for ((((q, scale), sum), half), x) in qs
                     .chunks_exact_mut(BLOCK)
                     .zip(scales.iter_mut())
                     .zip(sums.iter_mut())
+                    .zip(half_sums.iter_mut())
                     .zip(x.chunks_exact(BLOCK))
                 {
                     *sum = quantize_block(x, q, scale);
+                    *half = q[..BLOCK / 2].iter().map(|&v| v as i32).sum();
                 }
             });
     }
@@ -79,6 +85,12 @@ impl QuantizedRows {
     pub(crate) fn row_sums(&self, r: usize) -> &[i32] {
         let nb = self.k / BLOCK;
         &self.sums[r * nb..(r + 1) * nb]
+    }
+
+    /// Row `r`'s sums of the first half of each block.
+    pub(crate) fn row_half_sums(&self, r: usize) -> &[i32] {
+        let nb = self.k / BLOCK;
+        &self.half_sums[r * nb..(r + 1) * nb]
     }
 
     /// Row `r` as f32, as the kernels see it (`scale · q`).
@@ -124,6 +136,10 @@ mod tests {
             assert_eq!(q.scales[b], amax / 127.0);
             let qs = &q.qs[b * BLOCK..(b + 1) * BLOCK];
             assert_eq!(q.sums[b], qs.iter().map(|&v| v as i32).sum::<i32>());
+            assert_eq!(
+                q.half_sums[b],
+                qs[..16].iter().map(|&v| v as i32).sum::<i32>()
+            );
             assert!(qs.iter().any(|&v| v.abs() == 127));
         }
         let back = q.dequantized_row(0);

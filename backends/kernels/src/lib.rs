@@ -1,7 +1,10 @@
 //! wick's CPU kernels: plain slices in, plain slices out, no tensors.
 //!
-//! - [`PackedMatrix`]: a quantized weight (Q8_0, Q4_0, Q4_1 as GGUF stores them, any `k` that
-//!   is a multiple of 32, any number of outputs) repacked at load into panels of 16 outputs.
+//! - [`PackedMatrix`]: a quantized weight (Q8_0, Q4_0/Q4_1, Q5_0/Q5_1, Q4_K/Q5_K/Q6_K as GGUF
+//!   stores them, any `k` that is a multiple of the block, any number of outputs) repacked at
+//!   load into panels of 16 outputs.
+//! - [`Bf16Matrix`]: a bf16 weight kept in bf16 (half an f32 copy's memory and traffic),
+//!   computed in f32 with one fused multiply-add per input.
 //! - [`QuantizedRows`]: the step's activations quantized once to 8-bit blocks, shared by every
 //!   matrix that reads them.
 //! - [`PackedMatrix::matmul`]: one code path for one row (decode) and many (batches, prefill):
@@ -11,6 +14,7 @@
 //!   every level returns the same bits, checked by the tests on every level the host runs.
 
 mod activation;
+mod dense;
 pub mod format;
 mod level;
 mod packed;
@@ -18,6 +22,7 @@ mod packed;
 mod x86;
 
 pub use activation::QuantizedRows;
+pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
 pub use format::{Format, BLOCK};
 pub use level::{cpu_features, cpu_model, present_cpu_features, Level};
 pub use packed::{PackedMatrix, PANEL};

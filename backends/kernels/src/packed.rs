@@ -1,11 +1,14 @@
 //! Weight matrices repacked at load for the kernels, and the threaded matmul over them.
 //!
 //! Layout: output features (the matrix's rows) are grouped in panels of [`PANEL`] = 16. A
-//! panel holds, block after block along `k`, the 32 quants of each of its 16 features
-//! interleaved four bytes at a time (`[group 0..8][feature 0..16][4 bytes]`, so one 64-byte
-//! load holds four consecutive quants of all 16 features), then their 16 f16 scales, then (Q4_1)
-//! their 16 f16 minimums. Q4 panels keep two groups per byte (group `g` in the low nibbles,
-//! group `g + 4` in the high ones: exactly the stored bytes, re-interleaved); Q8_0 quants are
+//! panel holds, unit after unit along `k` (a unit is one stored block: 32 elements, or a K
+//! format's super-block of 256 = 8 sub-blocks of 32), for each 32-element sub-block the quants
+//! of its 16 features interleaved four bytes at a time (`[group 0..8][feature 0..16][4 bytes]`,
+//! so one 64-byte load holds four consecutive quants of all 16 features), then the unit's
+//! scales, feature after feature. 4-bit quants keep two groups per byte (group `g` in the low
+//! nibbles, group `g + 4` in the high ones: Q4_0's stored bytes, re-interleaved; Q4_K's
+//! sub-blocks are brought to the same order); Q6_K adds two planes of its high 2 bits (groups
+//! 0..4 in the first, 4..8 in the second, group `g % 4` at bits `2·(g % 4)`); Q8_0 quants are
 //! stored offset by 128 as `u8`, so every format feeds the `u8 × i8` dot-product instructions
 //! and subtracts its offset once per block through the activation block sums. The last panel
 //! is padded with zero scales.
@@ -19,7 +22,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::activation::QuantizedRows;
-use crate::format::{Format, BLOCK};
+use crate::format::{self, Format, BLOCK};
 use crate::level::Level;
 
 /// Output features per panel.
@@ -28,20 +31,82 @@ pub const PANEL: usize = 16;
 /// Activation rows one task sweeps over a panel before moving on.
 const ROW_CHUNK: usize = 64;
 
-/// Bytes of the interleaved quants of one panel block.
-pub(crate) const fn quant_bytes(format: Format) -> usize {
+/// 32-element sub-blocks per unit.
+pub(crate) const fn subs(format: Format) -> usize {
+    format.block_elems() / BLOCK
+}
+
+/// How a format's block scales turn integer dots into floats.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `acc += f32(dot − offset·Σa) · (d·da)`: Q8_0, Q4_0, Q5_0.
+    Offset,
+    /// `acc += f32(dot) · (d·da); acc += m · (da·f32(Σa))`: Q4_1, Q5_1.
+    Min,
+    /// `acc += f32(dot) · ((d·f32(sc))·da); acc −= (dmin·f32(m)) · (da·f32(Σa))`: Q4_K, Q5_K.
+    SubScaled,
+    /// `acc += f32(sc₀·(dot₀ − 32·Σa₀) + sc₁·(dot₁ − 32·Σa₁)) · (d·da)` over the two halves
+    /// of the block: Q6_K.
+    Halves,
+}
+
+pub(crate) const fn kind(format: Format) -> Kind {
     match format {
-        Format::Q8_0 => PANEL * BLOCK,
-        Format::Q4_0 | Format::Q4_1 => PANEL * BLOCK / 2,
+        Format::Q8_0 | Format::Q4_0 | Format::Q5_0 => Kind::Offset,
+        Format::Q4_1 | Format::Q5_1 => Kind::Min,
+        Format::Q4K | Format::Q5K => Kind::SubScaled,
+        Format::Q6K => Kind::Halves,
     }
 }
 
-/// Bytes of one panel block: quants, scales, minimums.
-pub(crate) const fn stride(format: Format) -> usize {
-    let scales = 2 * PANEL;
+/// Bits of a quant above its low nibble, kept in planes after the nibbles (8-bit Q8_0: 0).
+pub(crate) const fn high_bits(format: Format) -> usize {
     match format {
-        Format::Q4_1 => quant_bytes(format) + 2 * scales,
-        _ => quant_bytes(format) + scales,
+        Format::Q5_0 | Format::Q5_1 | Format::Q5K => 1,
+        Format::Q6K => 2,
+        _ => 0,
+    }
+}
+
+/// Bytes of the interleaved quants of one sub-block of a panel.
+pub(crate) const fn sub_bytes(format: Format) -> usize {
+    match format {
+        Format::Q8_0 => PANEL * BLOCK,
+        _ => PANEL * BLOCK / 2 + PANEL * BLOCK * high_bits(format) / 8,
+    }
+}
+
+/// Where a unit's 16 f16 scales `d` start (after its quants).
+pub(crate) const fn scales_at(format: Format) -> usize {
+    subs(format) * sub_bytes(format)
+}
+
+/// Where a unit's 16 f16 minimums start: Q4_1/Q5_1's `m`, Q4_K/Q5_K's `dmin`.
+pub(crate) const fn mins_at(format: Format) -> usize {
+    scales_at(format) + 2 * PANEL
+}
+
+/// Where the 16 integer scales of group `j` start: Q4_K/Q5_K's 6-bit `sc` of sub-block `j`
+/// (`u8`), Q6_K's scale of elements `16j..16j + 16` (`i8`).
+pub(crate) const fn sub_scales_at(format: Format, j: usize) -> usize {
+    match format {
+        Format::Q6K => scales_at(format) + 2 * PANEL + PANEL * j,
+        _ => scales_at(format) + 4 * PANEL + PANEL * j,
+    }
+}
+
+/// Where Q4_K/Q5_K's 16 6-bit minimums `m` of sub-block `j` start.
+pub(crate) const fn sub_mins_at(format: Format, j: usize) -> usize {
+    sub_scales_at(format, 8) + PANEL * j
+}
+
+/// Bytes of one panel unit.
+pub(crate) const fn stride(format: Format) -> usize {
+    match kind(format) {
+        Kind::Offset => scales_at(format) + 2 * PANEL,
+        Kind::Min => mins_at(format) + 2 * PANEL,
+        Kind::SubScaled => sub_mins_at(format, 8),
+        Kind::Halves => sub_scales_at(format, 16),
     }
 }
 
@@ -50,7 +115,147 @@ pub(crate) const fn offset(format: Format) -> i32 {
     match format {
         Format::Q8_0 => 128,
         Format::Q4_0 => 8,
-        Format::Q4_1 => 0,
+        Format::Q5_0 => 16,
+        Format::Q6K => 32,
+        _ => 0,
+    }
+}
+
+/// Byte of quant `i` (0..32) of feature `c` in a sub-block: 8-bit groups, or 4-bit
+/// groups two per byte.
+const fn quant_byte(format: Format, c: usize, i: usize) -> usize {
+    match format {
+        Format::Q8_0 => (i / 4 * PANEL + c) * 4 + i % 4,
+        _ => (i % 16 / 4 * PANEL + c) * 4 + i % 4,
+    }
+}
+
+/// Byte and shift of the bits above the nibble of quant `i` of feature `c` in a sub-block:
+/// one plane with group `g`'s fifth bits at bit `g`, or (Q6_K) two planes with group `g`'s
+/// two bits at bits `2·(g % 4)` of plane `g / 4`.
+const fn high_bits_place(format: Format, c: usize, i: usize) -> (usize, u32) {
+    let g = i / 4;
+    let (plane, shift) = match high_bits(format) {
+        1 => (0, g),
+        _ => (g / 4, 2 * (g % 4)),
+    };
+    (
+        PANEL * BLOCK / 2 + (plane * PANEL + c) * 4 + i % 4,
+        shift as u32,
+    )
+}
+
+/// Quant `i` of sub-block `sub` of feature `c`, as the kernels see it (`u8`, offset included).
+pub(crate) fn quant(format: Format, sub: &[u8], c: usize, i: usize) -> u8 {
+    let byte = sub[quant_byte(format, c, i)];
+    if format == Format::Q8_0 {
+        return byte;
+    }
+    let q = if i < 16 { byte & 0x0f } else { byte >> 4 };
+    let bits = high_bits(format);
+    if bits == 0 {
+        return q;
+    }
+    let (at, shift) = high_bits_place(format, c, i);
+    q | (((sub[at] >> shift) & ((1 << bits) - 1)) << 4)
+}
+
+fn set_quant(format: Format, sub: &mut [u8], c: usize, i: usize, q: u8) {
+    let at = quant_byte(format, c, i);
+    if format == Format::Q8_0 {
+        sub[at] = q;
+        return;
+    }
+    let shift = if i < 16 { 0 } else { 4 };
+    sub[at] = (sub[at] & !(0x0f << shift)) | ((q & 0x0f) << shift);
+    let bits = high_bits(format);
+    if bits > 0 {
+        let (at, shift) = high_bits_place(format, c, i);
+        let mask = ((1u8 << bits) - 1) << shift;
+        sub[at] = (sub[at] & !mask) | (((q >> 4) << shift) & mask);
+    }
+}
+
+/// Element `e`'s stored quant in a ggml block, as the kernels hold it.
+fn stored_quant(format: Format, block: &[u8], e: usize) -> u8 {
+    match format {
+        Format::Q8_0 => block[2 + e] ^ 0x80,
+        Format::Q4_0 | Format::Q4_1 => {
+            let qs = &block[block.len() - 16..];
+            if e < 16 {
+                qs[e] & 0x0f
+            } else {
+                qs[e - 16] >> 4
+            }
+        }
+        Format::Q5_0 | Format::Q5_1 => format::q5_quant(format, block, e),
+        Format::Q4K | Format::Q5K => format::k_quant(format, block, e),
+        Format::Q6K => format::q6k_quant(block, e),
+    }
+}
+
+fn set_stored_quant(format: Format, block: &mut [u8], e: usize, q: u8) {
+    match format {
+        Format::Q8_0 => block[2 + e] = q ^ 0x80,
+        Format::Q4_0 | Format::Q4_1 => {
+            let at = block.len() - 16 + e % 16;
+            let shift = if e < 16 { 0 } else { 4 };
+            block[at] = (block[at] & !(0x0f << shift)) | (q << shift);
+        }
+        Format::Q5_0 | Format::Q5_1 => format::q5_set_quant(format, block, e, q),
+        Format::Q4K | Format::Q5K => format::k_set_quant(format, block, e, q),
+        Format::Q6K => format::q6k_set_quant(block, e, q),
+    }
+}
+
+/// The bytes of a stored block that are not quants, and where each lives in a panel unit
+/// (feature `c`'s copy): `(stored offset, unit offset, bytes)`.
+fn scale_places(format: Format, c: usize) -> Vec<(usize, usize, usize)> {
+    let (d, m) = (scales_at(format) + 2 * c, mins_at(format) + 2 * c);
+    match format {
+        Format::Q8_0 | Format::Q4_0 | Format::Q5_0 => vec![(0, d, 2)],
+        Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K => vec![(0, d, 2), (2, m, 2)],
+        Format::Q6K => {
+            let mut v = vec![(208, d, 2)];
+            v.extend((0..16).map(|s| (192 + s, sub_scales_at(format, s) + c, 1)));
+            v
+        }
+    }
+}
+
+/// Feature `c`'s stored block into its place in a panel unit.
+fn pack_block(format: Format, block: &[u8], unit: &mut [u8], c: usize) {
+    for (from, to, len) in scale_places(format, c) {
+        unit[to..to + len].copy_from_slice(&block[from..from + len]);
+    }
+    if kind(format) == Kind::SubScaled {
+        for j in 0..8 {
+            let (sc, m) = format::q4k_scale_min(&block[4..16], j);
+            unit[sub_scales_at(format, j) + c] = sc;
+            unit[sub_mins_at(format, j) + c] = m;
+        }
+    }
+    let sb = sub_bytes(format);
+    for e in 0..format.block_elems() {
+        let sub = &mut unit[e / BLOCK * sb..][..sb];
+        set_quant(format, sub, c, e % BLOCK, stored_quant(format, block, e));
+    }
+}
+
+/// The inverse of [`pack_block`].
+fn unpack_block(format: Format, unit: &[u8], c: usize, block: &mut [u8]) {
+    for (from, to, len) in scale_places(format, c) {
+        block[from..from + len].copy_from_slice(&unit[to..to + len]);
+    }
+    if kind(format) == Kind::SubScaled {
+        let sc = std::array::from_fn(|j| unit[sub_scales_at(format, j) + c]);
+        let m = std::array::from_fn(|j| unit[sub_mins_at(format, j) + c]);
+        block[4..16].copy_from_slice(&format::q4k_pack_scales(&sc, &m));
+    }
+    let sb = sub_bytes(format);
+    for e in 0..format.block_elems() {
+        let sub = &unit[e / BLOCK * sb..][..sb];
+        set_stored_quant(format, block, e, quant(format, sub, c, e % BLOCK));
     }
 }
 
@@ -76,11 +281,12 @@ impl std::fmt::Debug for PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Repacks a matrix stored as ggml blocks (`n` rows of `k / 32` blocks each).
+    /// Repacks a matrix stored as ggml blocks (`n` rows of `k / block_elems` blocks each).
     pub fn from_ggml(format: Format, bytes: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        if n == 0 || k == 0 || !k.is_multiple_of(BLOCK) {
+        let be = format.block_elems();
+        if n == 0 || k == 0 || !k.is_multiple_of(be) {
             return Err(format!(
-                "a {} matrix needs k to be a positive multiple of {BLOCK}, got [{n}, {k}]",
+                "a {} matrix needs k to be a positive multiple of {be}, got [{n}, {k}]",
                 format.name()
             ));
         }
@@ -93,51 +299,26 @@ impl PackedMatrix {
                 bytes.len()
             ));
         }
-        let (nb, panels, st, qb) = (
-            k / BLOCK,
+        let (units, panels, st, bb) = (
+            k / be,
             n.div_ceil(PANEL),
             stride(format),
-            quant_bytes(format),
+            format.block_bytes(),
         );
-        let mut data = vec![0u8; panels * nb * st];
-        data.par_chunks_mut(nb * st)
+        let mut data = vec![0u8; panels * units * st];
+        data.par_chunks_mut(units * st)
             .enumerate()
             .for_each(|(p, panel)| {
-                for (b, dst) in panel.chunks_exact_mut(st).enumerate() {
+                for (u, unit) in panel.chunks_exact_mut(st).enumerate() {
                     for c in 0..PANEL {
                         let row = p * PANEL + c;
-                        if row >= n {
-                            if format == Format::Q8_0 {
-                                // Quant 0, stored offset by 128; its scale stays 0.
-                                for g in 0..8 {
-                                    dst[(g * PANEL + c) * 4..][..4].fill(0x80);
-                                }
-                            }
-                            continue;
-                        }
-                        let block = &bytes[row * row_bytes + b * format.block_bytes()..]
-                            [..format.block_bytes()];
-                        dst[qb + 2 * c..qb + 2 * c + 2].copy_from_slice(&block[0..2]);
-                        match format {
-                            Format::Q8_0 => {
-                                for g in 0..8 {
-                                    for j in 0..4 {
-                                        dst[(g * PANEL + c) * 4 + j] = block[2 + 4 * g + j] ^ 0x80;
-                                    }
-                                }
-                            }
-                            Format::Q4_0 | Format::Q4_1 => {
-                                let qs = if format == Format::Q4_1 {
-                                    dst[qb + 2 * PANEL + 2 * c..][..2]
-                                        .copy_from_slice(&block[2..4]);
-                                    &block[4..20]
-                                } else {
-                                    &block[2..18]
-                                };
-                                for h in 0..4 {
-                                    dst[(h * PANEL + c) * 4..][..4]
-                                        .copy_from_slice(&qs[4 * h..4 * h + 4]);
-                                }
+                        if row < n {
+                            let block = &bytes[row * row_bytes + u * bb..][..bb];
+                            pack_block(format, block, unit, c);
+                        } else if format == Format::Q8_0 {
+                            // Quant 0, stored offset by 128; its scale stays 0.
+                            for i in 0..BLOCK {
+                                set_quant(format, unit, c, i, 0x80);
                             }
                         }
                     }
@@ -196,38 +377,15 @@ impl PackedMatrix {
 
     /// The matrix back in ggml's stored layout (`n` rows of blocks).
     pub fn to_ggml(&self) -> Vec<u8> {
-        let (format, nb) = (self.format, self.k / BLOCK);
-        let (st, qb, bb) = (stride(format), quant_bytes(format), format.block_bytes());
+        let format = self.format;
+        let (st, bb) = (stride(format), format.block_bytes());
         let mut out = vec![0u8; self.n * format.row_bytes(self.k)];
         for (row, dst_row) in out.chunks_exact_mut(format.row_bytes(self.k)).enumerate() {
             let (p, c) = (row / PANEL, row % PANEL);
             let panel = self.panel(p).data;
-            for (b, dst) in dst_row.chunks_exact_mut(bb).enumerate() {
-                let src = &panel[b * st..(b + 1) * st];
-                dst[0..2].copy_from_slice(&src[qb + 2 * c..qb + 2 * c + 2]);
-                match format {
-                    Format::Q8_0 => {
-                        for g in 0..8 {
-                            for j in 0..4 {
-                                dst[2 + 4 * g + j] = src[(g * PANEL + c) * 4 + j] ^ 0x80;
-                            }
-                        }
-                    }
-                    Format::Q4_0 | Format::Q4_1 => {
-                        let at = if format == Format::Q4_1 {
-                            dst[2..4].copy_from_slice(&src[qb + 2 * PANEL + 2 * c..][..2]);
-                            4
-                        } else {
-                            2
-                        };
-                        for h in 0..4 {
-                            dst[at + 4 * h..at + 4 * h + 4]
-                                .copy_from_slice(&src[(h * PANEL + c) * 4..][..4]);
-                        }
-                    }
-                }
+            for (unit, block) in panel.chunks_exact(st).zip(dst_row.chunks_exact_mut(bb)) {
+                unpack_block(format, unit, c, block);
             }
-            debug_assert!(nb * bb == dst_row.len());
         }
         out
     }
@@ -252,12 +410,12 @@ impl PackedMatrix {
     }
 
     fn panel(&self, p: usize) -> Panel<'_> {
-        let blocks = self.k / BLOCK;
-        let len = blocks * stride(self.format);
+        let units = self.k / self.format.block_elems();
+        let len = units * stride(self.format);
         Panel {
             format: self.format,
             data: &self.data[p * len..(p + 1) * len],
-            blocks,
+            units,
         }
     }
 
@@ -309,24 +467,24 @@ impl PackedMatrix {
 
 /// The output buffer, written by tasks at disjoint places.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: see `PackedMatrix::matmul`: every element is written by exactly one task.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         // SAFETY: callers stay within the buffer.
         unsafe { self.0.add(i) }
     }
 }
 
-/// One panel of a [`PackedMatrix`]: 16 output features over all `blocks` blocks of `k`.
+/// One panel of a [`PackedMatrix`]: 16 output features over all `units` stored blocks of `k`.
 #[derive(Clone, Copy)]
 pub(crate) struct Panel<'a> {
     pub format: Format,
     pub data: &'a [u8],
-    pub blocks: usize,
+    pub units: usize,
 }
 
 /// One panel against `rows` of `x` at `level`, into `out` (a row of 16 per activation row).
@@ -337,7 +495,7 @@ fn run_panel(
     rows: Range<usize>,
     out: &mut [[f32; PANEL]],
 ) {
-    debug_assert_eq!(panel.data.len(), panel.blocks * stride(panel.format));
+    debug_assert_eq!(panel.data.len(), panel.units * stride(panel.format));
     match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Level::capped` only yields levels the CPU was detected to run.
@@ -349,39 +507,56 @@ fn run_panel(
 }
 
 /// The portable twin: the same integer dot products and the same float operations in the same
-/// order as the SIMD levels.
+/// order as the SIMD levels (see [`Kind`]); each `+=` is one fused multiply-add.
 fn scalar_panel(panel: Panel, x: &QuantizedRows, rows: Range<usize>, out: &mut [[f32; PANEL]]) {
     let Panel {
         format,
         data: panel,
-        blocks: nb,
+        units,
     } = panel;
-    let (st, qb, off) = (stride(format), quant_bytes(format), offset(format));
+    let (st, sb, off) = (stride(format), sub_bytes(format), offset(format));
     let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     for (acc, r) in out.iter_mut().zip(rows) {
         let (qs, scales, sums) = (x.row_qs(r), x.row_scales(r), x.row_sums(r));
+        let half_sums = x.row_half_sums(r);
         *acc = [0.0; PANEL];
-        for b in 0..nb {
-            let blk = &panel[b * st..(b + 1) * st];
-            let a = &qs[b * BLOCK..(b + 1) * BLOCK];
-            let (da, isum) = (scales[b], sums[b]);
-            for (c, acc) in acc.iter_mut().enumerate() {
-                let mut dot = 0i32;
-                for g in 0..8 {
-                    for j in 0..4 {
-                        let u = match format {
-                            Format::Q8_0 => blk[(g * PANEL + c) * 4 + j],
-                            _ if g < 4 => blk[(g * PANEL + c) * 4 + j] & 0x0f,
-                            _ => blk[((g - 4) * PANEL + c) * 4 + j] >> 4,
-                        };
-                        dot += u as i32 * a[4 * g + j] as i32;
+        for u in 0..units {
+            let unit = &panel[u * st..(u + 1) * st];
+            for j in 0..subs(format) {
+                let b = u * subs(format) + j;
+                let sub = &unit[j * sb..(j + 1) * sb];
+                let a = &qs[b * BLOCK..(b + 1) * BLOCK];
+                let (da, isum) = (scales[b], sums[b]);
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let mut dots = [0i32; 2];
+                    for (i, &a) in a.iter().enumerate() {
+                        dots[i / 16] += quant(format, sub, c, i) as i32 * a as i32;
                     }
-                }
-                let d = f16_at(blk, qb + 2 * c);
-                *acc = ((dot - off * isum) as f32).mul_add(d * da, *acc);
-                if format == Format::Q4_1 {
-                    let m = f16_at(blk, qb + 2 * PANEL + 2 * c);
-                    *acc = m.mul_add(da * isum as f32, *acc);
+                    let dot = dots[0] + dots[1];
+                    let d = f16_at(unit, scales_at(format) + 2 * c);
+                    let mins = || f16_at(unit, mins_at(format) + 2 * c);
+                    match kind(format) {
+                        Kind::Offset => {
+                            *acc = ((dot - off * isum) as f32).mul_add(d * da, *acc);
+                        }
+                        Kind::Min => {
+                            *acc = (dot as f32).mul_add(d * da, *acc);
+                            *acc = mins().mul_add(da * isum as f32, *acc);
+                        }
+                        Kind::SubScaled => {
+                            let dj = d * unit[sub_scales_at(format, j) + c] as f32;
+                            let mj = mins() * unit[sub_mins_at(format, j) + c] as f32;
+                            *acc = (dot as f32).mul_add(dj * da, *acc);
+                            *acc = mj.mul_add(-(da * isum as f32), *acc);
+                        }
+                        Kind::Halves => {
+                            let sc = |h: usize| unit[sub_scales_at(format, 2 * j + h) + c] as i8;
+                            let lo = half_sums[b];
+                            let t = sc(0) as i32 * (dots[0] - off * lo)
+                                + sc(1) as i32 * (dots[1] - off * (isum - lo));
+                            *acc = (t as f32).mul_add(d * da, *acc);
+                        }
+                    }
                 }
             }
         }

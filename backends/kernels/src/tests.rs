@@ -103,7 +103,12 @@ fn check(case: &Case, seed: u64) -> Vec<f32> {
 fn every_format_and_level_on_odd_shapes() {
     let mut seed = 7;
     for format in Format::ALL {
-        for &(n, k) in &[(1, 32), (17, 64), (33, 576), (16, 2048), (40, 96)] {
+        let shapes: &[(usize, usize)] = if format.block_elems() == 32 {
+            &[(1, 32), (17, 64), (33, 576), (16, 2048), (40, 96)]
+        } else {
+            &[(1, 256), (17, 512), (33, 768), (16, 2048)]
+        };
+        for &(n, k) in shapes {
             for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 31, 33] {
                 seed += 1;
                 check(&Case { format, n, k, m }, seed);
@@ -128,7 +133,7 @@ fn long_rows_and_many_rows() {
             &Case {
                 format,
                 n: 70,
-                k: 576,
+                k: 768,
                 m: 64,
             },
             12,
@@ -138,7 +143,7 @@ fn long_rows_and_many_rows() {
             &Case {
                 format,
                 n: 48,
-                k: 128,
+                k: 256,
                 m: 130,
             },
             13,
@@ -149,7 +154,7 @@ fn long_rows_and_many_rows() {
 #[test]
 fn a_row_does_not_depend_on_the_other_rows() {
     for format in Format::ALL {
-        let (n, k) = (37, 320);
+        let (n, k) = (37, 512);
         let mut rng = Rng(99);
         let stored = quantize(format, &rng.vec(n * k, 0.05), n, k);
         let packed = PackedMatrix::from_ggml(format, &stored, n, k).unwrap();
@@ -197,7 +202,7 @@ fn stacked_matrices_equal_their_parts() {
 
 #[test]
 fn packing_round_trips_and_stacks_by_panels_or_rows() {
-    let k = 96;
+    let k = 512;
     let mut rng = Rng(17);
     for format in Format::ALL {
         let sizes = [[32, 16, 16], [20, 7, 7]];
@@ -227,4 +232,103 @@ fn bad_shapes_are_refused() {
     assert!(e.contains("multiple of 32"), "{e}");
     let e = PackedMatrix::from_ggml(Format::Q4_0, &[0; 17], 1, 32).unwrap_err();
     assert!(e.contains("takes 18 bytes"), "{e}");
+    let e = PackedMatrix::from_ggml(Format::Q4K, &[0; 144], 1, 128).unwrap_err();
+    assert!(e.contains("multiple of 256"), "{e}");
+}
+
+#[test]
+fn bf16_rounds_to_nearest_even() {
+    use crate::{bf16_from_f32, bf16_to_f32};
+    assert_eq!(bf16_from_f32(1.0), 0x3f80);
+    // 1 + 2⁻⁸ is halfway between two bf16 values: to the even one (1.0).
+    assert_eq!(bf16_from_f32(1.0 + 1.0 / 256.0), 0x3f80);
+    assert_eq!(bf16_from_f32(1.0 + 3.0 / 256.0), 0x3f82);
+    assert_eq!(bf16_to_f32(0xc040), -3.0);
+    assert!(bf16_to_f32(bf16_from_f32(f32::NAN)).is_nan());
+    assert_eq!(bf16_from_f32(f32::INFINITY), 0x7f80);
+}
+
+#[test]
+fn bf16_every_level_on_odd_shapes() {
+    use crate::{bf16_to_f32, Bf16Matrix};
+    let mut seed = 40;
+    for &(n, k) in &[(1, 1), (17, 7), (33, 576), (16, 2048), (40, 96), (5, 8192)] {
+        for m in [1, 2, 3, 5, 8, 9, 17, 65] {
+            seed += 1;
+            let mut rng = Rng(seed);
+            let w = rng.vec(n * k, 0.05);
+            let x = rng.vec(m * k, 1.0);
+            let packed = Bf16Matrix::from_f32(&w, n, k).unwrap();
+            let wb: Vec<f32> = packed.to_bf16().iter().map(|&v| bf16_to_f32(v)).collect();
+            let mut scalar = vec![f32::NAN; m * n];
+            packed.matmul(&x, m, Level::Scalar, &mut scalar);
+            for r in 0..m {
+                for o in 0..n {
+                    let (xr, wr) = (&x[r * k..(r + 1) * k], &wb[o * k..(o + 1) * k]);
+                    let exact: f64 = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let magnitude: f64 = xr
+                        .iter()
+                        .zip(wr)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum();
+                    // One f32 rounding per input, in a chain of k.
+                    let bound = magnitude * k as f64 * 6e-8 + 1e-7;
+                    let got = scalar[r * n + o] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "bf16 [{m}x{k}]·[{n}x{k}]ᵀ at ({r},{o}): {got} vs {exact}"
+                    );
+                    // bf16 rounding of the weights: at most 2⁻⁹ of each.
+                    let from_f32: f64 = xr
+                        .iter()
+                        .zip(&w[o * k..(o + 1) * k])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    assert!((got - from_f32).abs() <= magnitude / 256.0 + bound);
+                }
+            }
+            for level in Level::supported() {
+                let mut got = vec![f32::NAN; m * n];
+                packed.matmul(&x, m, level, &mut got);
+                let same = got
+                    .iter()
+                    .zip(&scalar)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "bf16 [{m}x{k}]·[{n}x{k}]ᵀ: {level} differs from scalar"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_round_trips_stacks_and_rows_stand_alone() {
+    use crate::Bf16Matrix;
+    let k = 40;
+    let mut rng = Rng(3);
+    let parts: Vec<Bf16Matrix> = [20, 7, 16]
+        .iter()
+        .map(|&n| Bf16Matrix::from_f32(&rng.vec(n * k, 0.1), n, k).unwrap())
+        .collect();
+    let refs: Vec<&Bf16Matrix> = parts.iter().collect();
+    let stacked = Bf16Matrix::stack(&refs).unwrap();
+    assert_eq!(stacked.n(), 43);
+    let joined: Vec<u16> = parts.iter().flat_map(|p| p.to_bf16()).collect();
+    assert_eq!(stacked.to_bf16(), joined);
+    assert_eq!(
+        Bf16Matrix::from_bf16(&joined, 43, k).unwrap().to_bf16(),
+        joined
+    );
+    let x = rng.vec(9 * k, 1.0);
+    let mut all = vec![0f32; 9 * 43];
+    stacked.matmul(&x, 9, Level::detected(), &mut all);
+    for r in [0, 4, 8] {
+        let mut one = vec![0f32; 43];
+        stacked.matmul(&x[r * k..(r + 1) * k], 1, Level::detected(), &mut one);
+        assert_eq!(one, all[r * 43..(r + 1) * 43], "row {r}");
+    }
+    let e = Bf16Matrix::from_bf16(&[0; 5], 2, 3).unwrap_err();
+    assert!(e.contains("takes 6 values"), "{e}");
 }

@@ -1,16 +1,20 @@
 //! AVX-512 VNNI: one `vpdpbusd` multiplies four quants of all 16 features of a panel by four
 //! broadcast activation quants; a tile keeps 8 activation rows in registers against one
-//! decoded weight block.
+//! decoded weight sub-block.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{for_row_tiles, format_of, Rows, Q4_1, Q8_0};
-use crate::packed::{quant_bytes, stride, Panel};
+use super::{for_row_tiles, format_of, Rows, Q8_0};
+use crate::packed::{
+    high_bits, kind, mins_at, offset, scales_at, stride, sub_bytes, sub_mins_at, sub_scales_at,
+    subs, Kind, Panel,
+};
 use crate::{QuantizedRows, PANEL};
 
 /// # Safety
-/// The CPU must have AVX-512 F/BW/VNNI, F16C and FMA; `panel` holds `nb` blocks of `format`.
+/// The CPU must have AVX-512 F/BW/VNNI, F16C and FMA; `panel` holds `units` blocks of its
+/// format.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
 pub(crate) unsafe fn panel(
     panel: Panel,
@@ -18,8 +22,68 @@ pub(crate) unsafe fn panel(
     rows: Range<usize>,
     out: &mut [[f32; PANEL]],
 ) {
-    let (format, data, nb) = (panel.format, panel.data.as_ptr(), panel.blocks);
-    for_row_tiles!(tile, 8, format, x, rows, out, data, nb);
+    let (format, data, units) = (panel.format, panel.data.as_ptr(), panel.units);
+    for_row_tiles!(tile, 8, format, x, rows, out, data, units);
+}
+
+/// 16 f16 at `at` as f32.
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn halves(at: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(at as *const __m256i))
+}
+
+/// The 8 groups of one sub-block's quants (`u8`, 16 features × 4 each).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn weights<const F: u8>(sub: *const u8) -> [__m512i; 8] {
+    let low = _mm512_set1_epi8(0x0f);
+    let load = |at: usize| _mm512_loadu_si512(sub.add(at) as *const _);
+    let mut w = [_mm512_setzero_si512(); 8];
+    if F == Q8_0 {
+        for (g, w) in w.iter_mut().enumerate() {
+            *w = load(64 * g);
+        }
+        return w;
+    }
+    for h in 0..4 {
+        let v = load(64 * h);
+        w[h] = _mm512_and_si512(v, low);
+        w[h + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+    }
+    let bits = high_bits(format_of(F));
+    if bits == 1 {
+        // Bit g of the plane becomes group g's bit 4.
+        let hb = load(256);
+        let one = _mm512_set1_epi8(0x10);
+        let shifted = [
+            _mm512_slli_epi16::<4>(hb),
+            _mm512_slli_epi16::<3>(hb),
+            _mm512_slli_epi16::<2>(hb),
+            _mm512_slli_epi16::<1>(hb),
+            hb,
+            _mm512_srli_epi16::<1>(hb),
+            _mm512_srli_epi16::<2>(hb),
+            _mm512_srli_epi16::<3>(hb),
+        ];
+        for (w, s) in w.iter_mut().zip(shifted) {
+            *w = _mm512_or_si512(*w, _mm512_and_si512(s, one));
+        }
+    } else if bits == 2 {
+        // Bits 2h..2h+2 of the high planes become bits 4..6.
+        let two = _mm512_set1_epi8(0x30);
+        for (plane, w) in w.chunks_exact_mut(4).enumerate() {
+            let hb = load(256 + 64 * plane);
+            let shifted = [
+                _mm512_slli_epi16::<4>(hb),
+                _mm512_slli_epi16::<2>(hb),
+                hb,
+                _mm512_srli_epi16::<2>(hb),
+            ];
+            for (w, s) in w.iter_mut().zip(shifted) {
+                *w = _mm512_or_si512(*w, _mm512_and_si512(s, two));
+            }
+        }
+    }
+    w
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
@@ -27,48 +91,82 @@ unsafe fn tile<const R: usize, const F: u8>(
     rows: &Rows<R>,
     out: &mut [[f32; PANEL]],
     panel: *const u8,
-    nb: usize,
+    units: usize,
 ) {
     let format = format_of(F);
-    let (st, qb) = (stride(format), quant_bytes(format));
-    let low = _mm512_set1_epi8(0x0f);
+    let (st, sb, n_sub, off) = (
+        stride(format),
+        sub_bytes(format),
+        subs(format),
+        offset(format),
+    );
+    let kd = kind(format);
+    let bytes16 = |at: *const u8| _mm_loadu_si128(at as *const __m128i);
     let mut acc = [_mm512_setzero_ps(); R];
-    for b in 0..nb {
-        let blk = panel.add(b * st);
-        let mut w = [_mm512_setzero_si512(); 8];
-        if F == Q8_0 {
-            for (g, w) in w.iter_mut().enumerate() {
-                *w = _mm512_loadu_si512(blk.add(64 * g) as *const _);
-            }
-        } else {
-            for h in 0..4 {
-                let v = _mm512_loadu_si512(blk.add(64 * h) as *const _);
-                w[h] = _mm512_and_si512(v, low);
-                w[h + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-            }
-        }
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(qb) as *const __m256i));
-        let m = if F == Q4_1 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(qb + 2 * PANEL) as *const __m256i))
+    for u in 0..units {
+        let unit = panel.add(u * st);
+        let d = halves(unit.add(scales_at(format)));
+        let mins = if kd == Kind::Min || kd == Kind::SubScaled {
+            halves(unit.add(mins_at(format)))
         } else {
             _mm512_setzero_ps()
         };
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let a = rows.qs[r].add(b * 32);
-            let mut dot = _mm512_setzero_si512();
-            for (g, w) in w.iter().enumerate() {
-                let ab = _mm512_set1_epi32(std::ptr::read_unaligned(a.add(4 * g) as *const i32));
-                dot = _mm512_dpbusd_epi32(dot, *w, ab);
-            }
-            let (da, isum) = (*rows.scales[r].add(b), *rows.sums[r].add(b));
-            let off = crate::packed::offset(format);
-            if off != 0 {
-                dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(off * isum));
-            }
-            let dd = _mm512_mul_ps(d, _mm512_set1_ps(da));
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, *acc);
-            if F == Q4_1 {
-                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(da * isum as f32), *acc);
+        for j in 0..n_sub {
+            let b = u * n_sub + j;
+            let w = weights::<F>(unit.add(j * sb));
+            let (dj, mj) = if kd == Kind::SubScaled {
+                let sc = _mm512_cvtepu8_epi32(bytes16(unit.add(sub_scales_at(format, j))));
+                let m = _mm512_cvtepu8_epi32(bytes16(unit.add(sub_mins_at(format, j))));
+                (
+                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc)),
+                    _mm512_mul_ps(mins, _mm512_cvtepi32_ps(m)),
+                )
+            } else {
+                (d, mins)
+            };
+            let sc6 = |h: usize| {
+                _mm512_cvtepi8_epi32(bytes16(unit.add(sub_scales_at(format, 2 * j + h))))
+            };
+            let (sc0, sc1) = if kd == Kind::Halves {
+                (sc6(0), sc6(1))
+            } else {
+                (_mm512_setzero_si512(), _mm512_setzero_si512())
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = rows.qs[r].add(b * 32);
+                let bcast = |g: usize| {
+                    _mm512_set1_epi32(std::ptr::read_unaligned(a.add(4 * g) as *const i32))
+                };
+                let (da, isum) = (*rows.scales[r].add(b), *rows.sums[r].add(b));
+                let dd = _mm512_mul_ps(dj, _mm512_set1_ps(da));
+                if kd == Kind::Halves {
+                    let (mut lo, mut hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for g in 0..4 {
+                        lo = _mm512_dpbusd_epi32(lo, w[g], bcast(g));
+                        hi = _mm512_dpbusd_epi32(hi, w[g + 4], bcast(g + 4));
+                    }
+                    let s0 = *rows.half_sums[r].add(b);
+                    lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(off * s0));
+                    hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(off * (isum - s0)));
+                    let t =
+                        _mm512_add_epi32(_mm512_mullo_epi32(sc0, lo), _mm512_mullo_epi32(sc1, hi));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), dd, *acc);
+                    continue;
+                }
+                let mut dot = _mm512_setzero_si512();
+                for (g, w) in w.iter().enumerate() {
+                    dot = _mm512_dpbusd_epi32(dot, *w, bcast(g));
+                }
+                if off != 0 {
+                    dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(off * isum));
+                }
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dd, *acc);
+                let s = _mm512_set1_ps(da * isum as f32);
+                if kd == Kind::Min {
+                    *acc = _mm512_fmadd_ps(mj, s, *acc);
+                } else if kd == Kind::SubScaled {
+                    *acc = _mm512_fnmadd_ps(mj, s, *acc);
+                }
             }
         }
     }

@@ -3,27 +3,40 @@
 
 pub(crate) mod avx2;
 pub(crate) mod avx512;
+pub(crate) mod dense;
 
 /// Formats as const parameters, so each tile is compiled once per format with its branches
 /// folded away.
 pub(crate) const Q8_0: u8 = 0;
 pub(crate) const Q4_0: u8 = 1;
 pub(crate) const Q4_1: u8 = 2;
+pub(crate) const Q4K: u8 = 3;
+pub(crate) const Q6K: u8 = 4;
+pub(crate) const Q5_0: u8 = 5;
+pub(crate) const Q5_1: u8 = 6;
+pub(crate) const Q5K: u8 = 7;
 
 /// The format a const parameter stands for.
 pub(crate) const fn format_of(f: u8) -> crate::Format {
     match f {
         Q8_0 => crate::Format::Q8_0,
         Q4_1 => crate::Format::Q4_1,
+        Q4K => crate::Format::Q4K,
+        Q6K => crate::Format::Q6K,
+        Q5_0 => crate::Format::Q5_0,
+        Q5_1 => crate::Format::Q5_1,
+        Q5K => crate::Format::Q5K,
         _ => crate::Format::Q4_0,
     }
 }
 
-/// A row tile's inputs: for each of its rows, the row's quants, block scales and block sums.
+/// A row tile's inputs: for each of its rows, the row's quants, block scales, block sums and
+/// half-block sums.
 pub(crate) struct Rows<const R: usize> {
     pub qs: [*const i8; R],
     pub scales: [*const f32; R],
     pub sums: [*const i32; R],
+    pub half_sums: [*const i32; R],
 }
 
 impl<const R: usize> Rows<R> {
@@ -32,6 +45,7 @@ impl<const R: usize> Rows<R> {
             qs: std::array::from_fn(|i| x.row_qs(first + i).as_ptr()),
             scales: std::array::from_fn(|i| x.row_scales(first + i).as_ptr()),
             sums: std::array::from_fn(|i| x.row_sums(first + i).as_ptr()),
+            half_sums: std::array::from_fn(|i| x.row_half_sums(first + i).as_ptr()),
         }
     }
 }
@@ -51,6 +65,11 @@ macro_rules! for_row_tiles {
                         crate::Format::Q8_0 => $tile::<$n, { crate::x86::Q8_0 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
                         crate::Format::Q4_0 => $tile::<$n, { crate::x86::Q4_0 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
                         crate::Format::Q4_1 => $tile::<$n, { crate::x86::Q4_1 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q4K => $tile::<$n, { crate::x86::Q4K }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q6K => $tile::<$n, { crate::x86::Q6K }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q5_0 => $tile::<$n, { crate::x86::Q5_0 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q5_1 => $tile::<$n, { crate::x86::Q5_1 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q5K => $tile::<$n, { crate::x86::Q5K }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
                     }
                 };
             }
