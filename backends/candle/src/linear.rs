@@ -1,13 +1,13 @@
-//! Linear layers: dense (f32/f16), quantized on wick's own kernels (`wick-kernels`: Q8_0, Q4_0,
-//! Q4_1, repacked at load), or quantized on candle's `QMatMul` (the other GGUF types).
-//! Activations are always f32.
+//! Linear layers: dense (f32/f16 on candle, bf16 on wick's kernels), quantized on wick's own
+//! kernels (`wick-kernels`: Q8_0, Q4_x, Q5_x, Q4_K/Q5_K/Q6_K, repacked at load), or quantized on
+//! candle's `QMatMul` (the other GGUF types). Activations are always f32.
 
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{bail, DType, Layout, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
-use wick_kernels::{Level, PackedMatrix, QuantizedRows};
+use wick_kernels::{Bf16Matrix, Level, PackedMatrix, QuantizedRows};
 
 use crate::weights::{dtype_name, ggml_name};
 
@@ -28,6 +28,12 @@ pub enum Linear {
     /// pass over the weight serves all of them.
     Packed {
         weight: Arc<PackedMatrix>,
+        level: Level,
+        bias: Option<Tensor>,
+    },
+    /// A bf16 weight in wick's kernel layout, computed in f32 from the bf16 values.
+    Bf16 {
+        weight: Arc<Bf16Matrix>,
         level: Level,
         bias: Option<Tensor>,
     },
@@ -65,6 +71,11 @@ impl Linear {
                 level,
                 bias,
             } => (packed(x, weight, *level)?, bias),
+            Linear::Bf16 {
+                weight,
+                level,
+                bias,
+            } => (bf16(x, weight, *level)?, bias),
             Linear::Quantized { weight, bias } => (weight.forward(x)?, bias),
             Linear::Hybrid {
                 quantized,
@@ -91,6 +102,7 @@ impl Linear {
             Linear::Dense { weight, .. } => weight.dims()[0],
             Linear::Hybrid { dense, .. } => dense.dims()[0],
             Linear::Packed { weight, .. } => weight.n(),
+            Linear::Bf16 { weight, .. } => weight.n(),
             Linear::Quantized { weight, .. } => match weight {
                 QMatMul::QTensor(q) => q.shape().dims()[0],
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
@@ -107,6 +119,7 @@ impl Linear {
         match self {
             Linear::Dense { weight, .. } => dtype_name(weight.dtype()),
             Linear::Packed { weight, .. } => weight.format().name(),
+            Linear::Bf16 { .. } => "bf16",
             Linear::Quantized { weight, .. } => qmatmul(weight),
             Linear::Hybrid { quantized, .. } => qmatmul(quantized),
         }
@@ -116,7 +129,7 @@ impl Linear {
     pub fn kernel(&self) -> String {
         match self {
             Linear::Dense { weight, .. } => format!("candle dense {}", dtype_name(weight.dtype())),
-            Linear::Packed { level, .. } => format!("wick {level}"),
+            Linear::Packed { level, .. } | Linear::Bf16 { level, .. } => format!("wick {level}"),
             Linear::Quantized { .. } => "candle".to_string(),
             Linear::Hybrid { .. } => "candle, with an f32 copy".to_string(),
         }
@@ -149,6 +162,23 @@ impl Linear {
                 bias,
             }));
         }
+        if let Some(matrices) = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Bf16 { weight, .. } => Some(weight.as_ref()),
+                _ => None,
+            })
+            .collect::<Option<Vec<&Bf16Matrix>>>()
+        {
+            let Linear::Bf16 { level, .. } = parts[0] else {
+                unreachable!("every part is bf16")
+            };
+            return Ok(Bf16Matrix::stack(&matrices).ok().map(|m| Linear::Bf16 {
+                weight: Arc::new(m),
+                level,
+                bias,
+            }));
+        }
         let dense: Option<Vec<&Tensor>> = parts
             .iter()
             .map(|p| match p {
@@ -169,6 +199,7 @@ impl Linear {
         match self {
             Linear::Dense { bias, .. }
             | Linear::Packed { bias, .. }
+            | Linear::Bf16 { bias, .. }
             | Linear::Quantized { bias, .. }
             | Linear::Hybrid { bias, .. } => bias.as_ref(),
         }
@@ -195,6 +226,18 @@ fn packed(x: &Tensor, weight: &PackedMatrix, level: Level) -> Result<Tensor> {
         weight.matmul(&q, level, &mut y);
     }
     QUANTIZED.set(q);
+    Tensor::from_vec(y, (rows, weight.n()), x.device())
+}
+
+/// `x · Wᵀ` on wick's bf16 kernels, from the f32 rows as they are.
+fn bf16(x: &Tensor, weight: &Bf16Matrix, level: Level) -> Result<Tensor> {
+    let rows = x.dims().first().copied().unwrap_or(0);
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let mut y = vec![0f32; rows * weight.n()];
+    {
+        let (xs, xl) = x.storage_and_layout();
+        weight.matmul(host_f32(&xs, xl)?, rows, level, &mut y);
+    }
     Tensor::from_vec(y, (rows, weight.n()), x.device())
 }
 

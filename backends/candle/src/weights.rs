@@ -48,6 +48,11 @@ pub fn kernel_format(dtype: GgmlDType) -> Option<Format> {
         GgmlDType::Q8_0 => Some(Format::Q8_0),
         GgmlDType::Q4_0 => Some(Format::Q4_0),
         GgmlDType::Q4_1 => Some(Format::Q4_1),
+        GgmlDType::Q5_0 => Some(Format::Q5_0),
+        GgmlDType::Q5_1 => Some(Format::Q5_1),
+        GgmlDType::Q4K => Some(Format::Q4K),
+        GgmlDType::Q5K => Some(Format::Q5K),
+        GgmlDType::Q6K => Some(Format::Q6K),
         _ => None,
     }
 }
@@ -55,7 +60,8 @@ pub fn kernel_format(dtype: GgmlDType) -> Option<Format> {
 /// How to build the model's layers.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Dense compute dtype: F32 or F16 (bf16 checkpoints load as f32 on CPU).
+    /// Dense compute dtype: F32, F16, or BF16 (dense linear weights held in bf16 on wick's
+    /// kernels, CPU only; norms and embeddings f32).
     pub dtype: DType,
     pub quantize: Option<Quantize>,
     pub device: Device,
@@ -98,6 +104,16 @@ impl LoadOptions {
             DType::F16
         } else {
             DType::F32
+        }
+    }
+
+    /// The dtype dense linear weights compute in: `dtype`, where bf16 means wick's bf16
+    /// kernels (CPU only; elsewhere f32).
+    fn linear_dtype(&self) -> DType {
+        if self.dtype == DType::BF16 && self.device.is_cpu() {
+            DType::BF16
+        } else {
+            self.dense_dtype()
         }
     }
 }
@@ -388,6 +404,19 @@ impl WeightStore {
                 "in-dim is not a multiple of the quantization block; keeping this weight dense"
             );
         }
+        if opts.linear_dtype() == DType::BF16 && dense.rank() == 2 {
+            let (n, k) = dense.dims2()?;
+            let w = dense
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let weight = wick_kernels::Bf16Matrix::from_f32(&w, n, k).map_err(err)?;
+            return Ok(Linear::Bf16 {
+                weight: std::sync::Arc::new(weight),
+                level: opts.kernel_level,
+                bias,
+            });
+        }
         let weight = dense
             .to_dtype(opts.dense_dtype())?
             .to_device(&opts.device)?;
@@ -443,7 +472,7 @@ impl WeightStore {
         match (dense, opts.quantize) {
             (false, _) => stored,
             (true, Some(q)) => ggml_name(q.ggml_dtype()).to_string(),
-            (true, None) => dtype_name(opts.dense_dtype()).to_string(),
+            (true, None) => dtype_name(opts.linear_dtype()).to_string(),
         }
     }
 

@@ -1,14 +1,19 @@
 //! wick's CPU kernels at every level this host runs (AVX-512 VNNI, AVX2, scalar) give the model
 //! the same logits bit for bit, for each format they compute, so a request's tokens do not
 //! depend on which CPU serves it; and those logits stay near the same weights run in f32.
+//! wick reads every block format as candle does (candle quantizes with llama.cpp's searches,
+//! and dequantizes with its own code).
 
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
 use wick_backend_candle::kv_cache::KvCache;
 use wick_backend_candle::model::{LlamaModel, SeqSpan, StepInput};
 use wick_backend_candle::source;
-use wick_backend_candle::testing::{tiny_vocab_size, write_gguf_model, TinyModelSpec};
+use wick_backend_candle::testing::{
+    tiny_vocab_size, write_gguf_model, write_hf_model_with, TinyModelSpec, WriteOptions,
+};
 use wick_backend_candle::weights::LoadOptions;
-use wick_kernels::Level;
+use wick_kernels::{format, Format, Level};
 
 /// Logits of every position of two packed sequences.
 fn logits(model: &LlamaModel) -> Vec<Vec<f32>> {
@@ -49,7 +54,7 @@ fn logits(model: &LlamaModel) -> Vec<Vec<f32>> {
 #[test]
 fn every_kernel_level_gives_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = TinyModelSpec {
+    let small = TinyModelSpec {
         hidden_size: 64,
         intermediate_size: 160,
         num_attention_heads: 4,
@@ -57,15 +62,29 @@ fn every_kernel_level_gives_the_same_logits() {
         head_dim: 16,
         ..TinyModelSpec::llama()
     };
+    // The K formats' super-blocks are 256 wide.
+    let wide = TinyModelSpec {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        ..TinyModelSpec::llama()
+    };
     let levels = Level::supported();
     eprintln!("levels on this host: {levels:?}");
-    for (dtype, name) in [
-        (GgmlDType::Q8_0, "q8_0"),
-        (GgmlDType::Q4_0, "q4_0"),
-        (GgmlDType::Q4_1, "q4_1"),
+    for (dtype, name, spec) in [
+        (GgmlDType::Q8_0, "q8_0", &small),
+        (GgmlDType::Q4_0, "q4_0", &small),
+        (GgmlDType::Q4_1, "q4_1", &small),
+        (GgmlDType::Q5_0, "q5_0", &small),
+        (GgmlDType::Q5_1, "q5_1", &small),
+        (GgmlDType::Q4K, "q4_k", &wide),
+        (GgmlDType::Q5K, "q5_k", &wide),
+        (GgmlDType::Q6K, "q6_k", &wide),
     ] {
         let path = dir.path().join(format!("{name}.gguf"));
-        write_gguf_model(&path, &spec, dtype).unwrap();
+        write_gguf_model(&path, spec, dtype).unwrap();
         let run = |opts: LoadOptions| {
             let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
             let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
@@ -109,4 +128,96 @@ fn every_kernel_level_gives_the_same_logits() {
         // or scale moves them by their whole range.
         assert!(worst < 0.1 * scale, "{name}: max |Δlogit| vs f32 {worst}");
     }
+}
+
+#[test]
+fn wick_reads_ggml_blocks_as_candle_does() {
+    let (n, k) = (21, 768);
+    let values: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * if i % 61 == 3 { 8.0 } else { 1.0 })
+        .collect();
+    let w = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+    for (dtype, format) in [
+        (GgmlDType::Q8_0, Format::Q8_0),
+        (GgmlDType::Q4_0, Format::Q4_0),
+        (GgmlDType::Q4_1, Format::Q4_1),
+        (GgmlDType::Q5_0, Format::Q5_0),
+        (GgmlDType::Q5_1, Format::Q5_1),
+        (GgmlDType::Q4K, Format::Q4K),
+        (GgmlDType::Q5K, Format::Q5K),
+        (GgmlDType::Q6K, Format::Q6K),
+    ] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let theirs: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ours = format::dequantize(format, &q.data().unwrap(), n, k);
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+            .fold(0f32, f32::max);
+        // The same products, perhaps associated differently: a rounding or two.
+        assert!(worst < 1e-5, "{format:?}: relative difference {worst}");
+    }
+}
+
+#[test]
+fn bf16_checkpoints_compute_in_bf16_alike_at_every_level_and_as_f32_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyModelSpec {
+        hidden_size: 64,
+        intermediate_size: 160,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        ..TinyModelSpec::llama()
+    };
+    let options = WriteOptions {
+        dtype: DType::BF16,
+        shards: 1,
+    };
+    write_hf_model_with(dir.path(), &spec, options).unwrap();
+    let run = |opts: LoadOptions| {
+        let loaded = source::load(dir.path().to_str().unwrap(), None, None, true, &opts).unwrap();
+        let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
+        (logits(&model), model.kernels())
+    };
+    let levels = Level::supported();
+    let runs: Vec<_> = levels
+        .iter()
+        .map(|&kernel_level| {
+            run(LoadOptions {
+                dtype: DType::BF16,
+                kernel_level,
+                ..LoadOptions::default()
+            })
+        })
+        .collect();
+    for (level, (logits, kernels)) in levels.iter().zip(&runs) {
+        assert_eq!(kernels["bf16"], format!("wick {level}"), "{kernels:?}");
+        let same = logits
+            .iter()
+            .flatten()
+            .zip(runs[0].0.iter().flatten())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "bf16: {level} differs from {}", levels[0]);
+    }
+    // The same bf16 values widened to f32 on candle's f32 path: only the order of the sums
+    // differs.
+    let (f32_logits, kernels) = run(LoadOptions::default());
+    assert!(kernels.contains_key("f32"), "{kernels:?}");
+    let worst = runs[0]
+        .0
+        .iter()
+        .flatten()
+        .zip(f32_logits.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("bf16 kernels vs f32: max |Δlogit| {worst:.2e}");
+    assert!(worst < 1e-4, "bf16 vs f32: max |Δlogit| {worst}");
 }

@@ -443,7 +443,7 @@ fn missing_shard_is_an_error() {
 }
 
 #[test]
-fn bf16_safetensors_load_as_f32() {
+fn bf16_safetensors_load_as_f32_or_stay_bf16() {
     let dir = tempfile::tempdir().unwrap();
     let tensors = some_tensors();
     let bf16: HashMap<String, Tensor> = tensors
@@ -460,18 +460,34 @@ fn bf16_safetensors_load_as_f32() {
     let expected = bf16[&format!("{name}.weight")]
         .to_dtype(DType::F32)
         .unwrap();
-    // Even when bf16 is asked for, dense linears never keep it.
-    let opts = LoadOptions {
-        dtype: DType::BF16,
-        ..LoadOptions::default()
-    };
-    match store.linear(name, true, &opts).unwrap() {
+    match store.linear(name, true, &LoadOptions::default()).unwrap() {
         Linear::Dense { weight, bias } => {
             assert_eq!(weight.dtype(), DType::F32);
             assert_same(&weight, &expected);
             assert_eq!(bias.unwrap().dtype(), DType::F32);
         }
         other => panic!("dense expected, got {other:?}"),
+    }
+    // Asked for bf16, linears keep the stored bf16 values, on wick's kernels.
+    let opts = LoadOptions {
+        dtype: DType::BF16,
+        ..LoadOptions::default()
+    };
+    assert_eq!(store.compute_format(&opts), "bf16");
+    match store.linear(name, true, &opts).unwrap() {
+        Linear::Bf16 { weight, bias, .. } => {
+            let stored: Vec<u16> = expected
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(wick_kernels::bf16_from_f32)
+                .collect();
+            assert_eq!(weight.to_bf16(), stored);
+            assert_eq!(bias.unwrap().dtype(), DType::F32);
+        }
+        other => panic!("bf16 expected, got {other:?}"),
     }
     let f16 = LoadOptions {
         dtype: DType::F16,
@@ -511,7 +527,7 @@ fn quantize_at_load_makes_quantized_linears() {
         .to_scalar::<f32>()
         .unwrap();
     // Relative to the largest output; a wrong layout would be off by ~100%.
-    // Q8_0 and Q4_0 compute on wick's kernels, Q4_K on candle's.
+    // All three compute on wick's kernels (candle quantizes, wick repacks).
     for (quantize, name, tol) in [
         (Quantize::Q8_0, "q8_0", 0.01),
         (Quantize::Q4_0, "q4_0", 0.1),
@@ -526,11 +542,7 @@ fn quantize_at_load_makes_quantized_linears() {
             .linear("model.layers.0.mlp.up_proj", false, &opts)
             .unwrap();
         assert_eq!(a.format_name(), name);
-        if quantize == Quantize::Q4K {
-            assert!(matches!(a, Linear::Quantized { .. }), "{quantize:?}");
-        } else {
-            assert!(matches!(a, Linear::Packed { .. }), "{quantize:?}");
-        }
+        assert!(matches!(a, Linear::Packed { .. }), "{quantize:?}");
         let y = a.forward(&x).unwrap();
         let err = max_abs_diff(&y, &reference) / scale;
         assert!(err > 0.0 && err < tol, "{quantize:?}: {err}");

@@ -69,7 +69,9 @@ struct ServeArgs {
     #[arg(long, env = "DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
 
-    /// Compute dtype of dense weights; bf16 checkpoints load as float32 on CPU.
+    /// Compute dtype of dense weights. bfloat16: dense linear weights stay (or are rounded to)
+    /// bf16 and compute on wick's CPU kernels, at half the memory of float32; norms and
+    /// embeddings stay float32 (on CUDA, bfloat16 falls back to float32).
     #[arg(long, env = "DTYPE", value_enum, default_value_t = DtypeArg::Float32)]
     dtype: DtypeArg,
 
@@ -93,9 +95,9 @@ struct ServeArgs {
     dequantize: bool,
 
     /// Quantized weights left to candle's generic CPU kernel, which does not get faster with more
-    /// rows (Q5_0/Q5_1, Q2_K/Q3_K/Q5_K, and Q4_K/Q6_K when the in-dim is not a multiple of 256;
-    /// wick's kernels compute Q8_0/Q4_0/Q4_1), also keep an f32 copy, used by steps of at least
-    /// this many tokens (batched decode, prefill). 0 = never.
+    /// rows (Q2_K/Q3_K/Q8_K, IQ types; wick's kernels compute Q8_0, Q4_0/Q4_1, Q5_0/Q5_1 and
+    /// Q4_K/Q5_K/Q6_K), also keep an f32 copy, used by steps of at least this many tokens
+    /// (batched decode, prefill). 0 = never.
     #[arg(long, env = "DENSE_COPY_MIN_ROWS", default_value_t = wick_backend_candle::weights::DEFAULT_DENSE_COPY_MIN_ROWS as u32)]
     dense_copy_min_rows: u32,
 
@@ -138,6 +140,7 @@ enum DeviceArg {
 enum DtypeArg {
     Float32,
     Float16,
+    Bfloat16,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -146,7 +149,7 @@ enum QuantizeArg {
     Q8_0,
     #[value(name = "q4_0")]
     Q4_0,
-    #[value(name = "q4k")]
+    #[value(name = "q4k", alias = "q4_k")]
     Q4K,
 }
 
@@ -254,6 +257,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
             dtype: match args.dtype {
                 DtypeArg::Float32 => DType::F32,
                 DtypeArg::Float16 => DType::F16,
+                DtypeArg::Bfloat16 => DType::BF16,
             },
             quantize: args.quantize.map(|q| match q {
                 QuantizeArg::Q8_0 => Quantize::Q8_0,
