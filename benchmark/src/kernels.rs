@@ -5,14 +5,19 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use wick_kernels::{format, Format, Level, PackedMatrix, QuantizedRows};
+use wick_kernels::{format, Bf16Matrix, Format, Level, PackedMatrix, QuantizedRows};
 
 use crate::run_info::RunInfo;
 
 #[derive(Args, Debug)]
 pub struct KernelArgs {
-    /// Weight formats (q8_0, q4_0, q4_1).
-    #[arg(long, value_delimiter = ',', default_value = "q4_0,q4_1,q8_0")]
+    /// Weight formats (q8_0, q4_0, q4_1, q4_k, q6_k); the K formats skip shapes whose input
+    /// is not a multiple of 256.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q4_0,q4_1,q8_0,q4_k,q6_k"
+    )]
     pub formats: Vec<String>,
     /// Matrix shapes as OUTxIN (Llama-3.2-1B's gate/up and down, SmolLM2's gate/up).
     #[arg(
@@ -58,11 +63,24 @@ pub struct KernelResult {
     pub gops: f64,
 }
 
-fn parse_format(s: &str) -> anyhow::Result<Format> {
+/// A weight the benchmark multiplies by.
+enum Weight {
+    Quantized(PackedMatrix),
+    Bf16(Bf16Matrix),
+}
+
+fn parse_format(s: &str) -> anyhow::Result<Option<Format>> {
+    if s == "bf16" {
+        return Ok(None);
+    }
     Format::ALL
         .into_iter()
         .find(|f| f.name() == s)
-        .ok_or_else(|| anyhow::anyhow!("unknown format {s:?} (q8_0, q4_0, q4_1)"))
+        .map(Some)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
+            anyhow::anyhow!("unknown format {s:?} ({}, bf16)", names.join(", "))
+        })
 }
 
 fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -117,30 +135,46 @@ pub fn run(args: KernelArgs) -> anyhow::Result<KernelReport> {
             let format = parse_format(f)?;
             for shape in &args.shapes {
                 let (n, k) = parse_shape(shape)?;
+                if format.is_some_and(|f| !k.is_multiple_of(f.block_elems())) {
+                    continue;
+                }
                 let w: Vec<f32> = (0..n * k)
                     .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-4)
                     .collect();
-                let stored = format::quantize(format, &w, n, k);
-                let packed =
-                    PackedMatrix::from_ggml(format, &stored, n, k).map_err(anyhow::Error::msg)?;
+                let weight = match format {
+                    Some(format) => Weight::Quantized(
+                        PackedMatrix::from_ggml(format, &format::quantize(format, &w, n, k), n, k)
+                            .map_err(anyhow::Error::msg)?,
+                    ),
+                    None => {
+                        Weight::Bf16(Bf16Matrix::from_f32(&w, n, k).map_err(anyhow::Error::msg)?)
+                    }
+                };
+                let bytes = match &weight {
+                    Weight::Quantized(p) => p.bytes(),
+                    Weight::Bf16(b) => b.bytes(),
+                };
                 for &rows in &args.rows {
                     let x: Vec<f32> = (0..rows * k)
                         .map(|i| ((i * 31 % 257) as f32 - 128.0) / 64.0)
                         .collect();
                     let mut out = vec![0f32; rows * n];
                     let mut xq = QuantizedRows::default();
-                    let t = time(args.seconds, || {
-                        xq.requantize(&x, rows, k);
-                        packed.matmul(&xq, level, &mut out);
+                    let t = time(args.seconds, || match &weight {
+                        Weight::Quantized(packed) => {
+                            xq.requantize(&x, rows, k);
+                            packed.matmul(&xq, level, &mut out);
+                        }
+                        Weight::Bf16(b) => b.matmul(&x, rows, level, &mut out),
                     });
                     let secs = t.as_secs_f64();
                     results.push(KernelResult {
-                        format: format.name().to_string(),
+                        format: f.clone(),
                         n,
                         k,
                         rows,
                         micros: secs * 1e6,
-                        weight_gbs: packed.bytes() as f64 / secs / 1e9,
+                        weight_gbs: bytes as f64 / secs / 1e9,
                         gops: 2.0 * (rows * n * k) as f64 / secs / 1e9,
                     });
                 }

@@ -20,7 +20,9 @@ pub struct MakeModelArgs {
     /// The shape to build.
     #[arg(long, value_enum, default_value_t = Shape::Llama3_2_1b)]
     pub shape: Shape,
-    /// Linear-layer (and embedding) format: q4_0, q4_1, q8_0 or q4_k.
+    /// Linear-layer (and embedding) format: q4_0, q4_1, q8_0, q4_k, q6_k, bf16, or q4_k_m (llama.cpp's
+    /// mix: Q6_K for the embedding/output and for attn_v and ffn_down in the first and last
+    /// eighth of the layers and every third between, Q4_K elsewhere).
     #[arg(long, default_value = "q4_0")]
     pub format: String,
     /// A GGUF whose tokenizer and chat template the model takes (e.g. the default SmolLM2).
@@ -88,14 +90,46 @@ impl Shape {
     }
 }
 
-fn ggml_dtype(name: &str) -> anyhow::Result<GgmlDType> {
-    Ok(match name {
-        "q4_0" => GgmlDType::Q4_0,
-        "q4_1" => GgmlDType::Q4_1,
-        "q8_0" => GgmlDType::Q8_0,
-        "q4_k" | "q4k" => GgmlDType::Q4K,
-        other => anyhow::bail!("unknown format {other:?} (q4_0, q4_1, q8_0, q4_k)"),
-    })
+/// Which tensors of a model get which type.
+#[derive(Debug, Clone, Copy)]
+enum Mix {
+    /// Every linear and the embedding in one type.
+    All(GgmlDType),
+    /// llama.cpp's Q4_K_M.
+    Q4KM,
+}
+
+impl Mix {
+    fn parse(name: &str) -> anyhow::Result<Mix> {
+        Ok(Mix::All(match name {
+            "q4_0" => GgmlDType::Q4_0,
+            "q4_1" => GgmlDType::Q4_1,
+            "q8_0" => GgmlDType::Q8_0,
+            "q4_k" | "q4k" => GgmlDType::Q4K,
+            "q6_k" | "q6k" => GgmlDType::Q6K,
+            "q4_k_m" => return Ok(Mix::Q4KM),
+            other => {
+                anyhow::bail!("unknown format {other:?} (q4_0, q4_1, q8_0, q4_k, q6_k, q4_k_m)")
+            }
+        }))
+    }
+
+    /// The type of tensor `name` (`token_embd`, `attn_v`, ...) of layer `layer` of `layers`.
+    fn dtype(self, name: &str, layer: usize, layers: usize) -> GgmlDType {
+        match self {
+            Mix::All(t) => t,
+            Mix::Q4KM => {
+                // llama.cpp's `use_more_bits`.
+                let more =
+                    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2;
+                match name {
+                    "token_embd" => GgmlDType::Q6K,
+                    "attn_v" | "ffn_down" if more => GgmlDType::Q6K,
+                    _ => GgmlDType::Q4K,
+                }
+            }
+        }
+    }
 }
 
 /// `rows × cols` approximately normal values with std `std`, from a counter-based hash so the
@@ -122,7 +156,7 @@ fn normal(rows: usize, cols: usize, std: f32, seed: u64) -> Vec<f32> {
 }
 
 pub fn run(args: MakeModelArgs) -> anyhow::Result<()> {
-    let dtype = ggml_dtype(&args.format)?;
+    let mix = Mix::parse(&args.format)?;
     let d = args.shape.dims();
     let head_dim = d.hidden / d.heads;
     let mut source = File::open(&args.tokenizer_from)
@@ -163,12 +197,21 @@ pub fn run(args: MakeModelArgs) -> anyhow::Result<()> {
         }
     }
 
-    let quantize =
-        |name: &str, rows: usize, cols: usize, seed: u64| -> anyhow::Result<(String, QTensor)> {
-            let data = normal(rows, cols, 0.02, seed);
-            let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
-            Ok((name.to_string(), QTensor::quantize(&t, dtype)?))
+    let quantize = |name: &str,
+                    layer: usize,
+                    rows: usize,
+                    cols: usize,
+                    seed: u64|
+     -> anyhow::Result<(String, QTensor)> {
+        let data = normal(rows, cols, 0.02, seed);
+        let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
+        let dtype = mix.dtype(name, layer, d.layers);
+        let full = match name {
+            "token_embd" => "token_embd.weight".to_string(),
+            _ => format!("blk.{layer}.{name}.weight"),
         };
+        Ok((full, QTensor::quantize(&t, dtype)?))
+    };
     let ones = |name: &str, len: usize| -> anyhow::Result<(String, QTensor)> {
         let t = Tensor::ones(len, candle_core::DType::F32, &Device::Cpu)?;
         Ok((name.to_string(), QTensor::quantize(&t, GgmlDType::F32)?))
@@ -179,7 +222,7 @@ pub fn run(args: MakeModelArgs) -> anyhow::Result<()> {
         seed
     };
     let mut tensors = vec![
-        quantize("token_embd.weight", vocab, d.hidden, next_seed())?,
+        quantize("token_embd", 0, vocab, d.hidden, next_seed())?,
         ones("output_norm.weight", d.hidden)?,
     ];
     let (q, kv) = (d.heads * head_dim, d.kv_heads * head_dim);
@@ -187,13 +230,13 @@ pub fn run(args: MakeModelArgs) -> anyhow::Result<()> {
         let n = |s: &str| format!("blk.{l}.{s}.weight");
         tensors.push(ones(&n("attn_norm"), d.hidden)?);
         tensors.push(ones(&n("ffn_norm"), d.hidden)?);
-        tensors.push(quantize(&n("attn_q"), q, d.hidden, next_seed())?);
-        tensors.push(quantize(&n("attn_k"), kv, d.hidden, next_seed())?);
-        tensors.push(quantize(&n("attn_v"), kv, d.hidden, next_seed())?);
-        tensors.push(quantize(&n("attn_output"), d.hidden, q, next_seed())?);
-        tensors.push(quantize(&n("ffn_gate"), d.ffn, d.hidden, next_seed())?);
-        tensors.push(quantize(&n("ffn_up"), d.ffn, d.hidden, next_seed())?);
-        tensors.push(quantize(&n("ffn_down"), d.hidden, d.ffn, next_seed())?);
+        tensors.push(quantize("attn_q", l, q, d.hidden, next_seed())?);
+        tensors.push(quantize("attn_k", l, kv, d.hidden, next_seed())?);
+        tensors.push(quantize("attn_v", l, kv, d.hidden, next_seed())?);
+        tensors.push(quantize("attn_output", l, d.hidden, q, next_seed())?);
+        tensors.push(quantize("ffn_gate", l, d.ffn, d.hidden, next_seed())?);
+        tensors.push(quantize("ffn_up", l, d.ffn, d.hidden, next_seed())?);
+        tensors.push(quantize("ffn_down", l, d.hidden, d.ffn, next_seed())?);
         eprint!("\rlayer {}/{}", l + 1, d.layers);
     }
     eprintln!();
