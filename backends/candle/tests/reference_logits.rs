@@ -13,8 +13,11 @@ use wick_backend_candle::kv_cache::KvCache;
 use wick_backend_candle::model::{LlamaModel, SeqSpan, StepInput};
 use wick_backend_candle::weights::{LoadOptions, WeightStore};
 
-/// Max abs logit difference allowed against the reference (f32 throughout).
-const REF_TOL: f32 = 1e-4;
+/// Max abs logit difference allowed against the reference (f32 throughout). Only the order of
+/// float sums differs, and candle's GEMM picks its microkernel (so its summation order) by CPU:
+/// the SmolLM2 shape measured 5e-5 on an AMD Zen 4 host and 1.4e-4 on an Intel Xeon with
+/// AVX-512 FP16. A wrong rope, norm or mask moves logits by 1e-2 or more.
+const REF_TOL: f32 = 3e-4;
 /// Max abs logit difference allowed between two runs of our own model (packing, chunking).
 const SELF_TOL: f32 = 1e-5;
 const NUM_BLOCKS: usize = 64;
