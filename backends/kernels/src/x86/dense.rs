@@ -56,12 +56,13 @@ unsafe fn tile512<const R: usize>(
     for i in 0..k {
         let raw = _mm256_loadu_si256(panel.add(i * PANEL) as *const __m256i);
         let w = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
-        for (acc, xr) in acc.iter_mut().zip(&xs) {
-            *acc = _mm512_fmadd_ps(w, _mm512_set1_ps(*xr.add(i)), *acc);
+        // Index loops: an iterator adapter here is not inlined into this AVX-512 function.
+        for r in 0..R {
+            acc[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(*xs[r].add(i)), acc[r]);
         }
     }
-    for (o, acc) in out.iter_mut().zip(acc) {
-        _mm512_storeu_ps(o.as_mut_ptr(), acc);
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
     }
 }
 
@@ -94,14 +95,14 @@ unsafe fn tile256<const R: usize>(
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
         };
         let (lo, hi) = (widen(0), widen(8));
-        for (acc, xr) in acc.iter_mut().zip(&xs) {
-            let a = _mm256_set1_ps(*xr.add(i));
-            acc[0] = _mm256_fmadd_ps(lo, a, acc[0]);
-            acc[1] = _mm256_fmadd_ps(hi, a, acc[1]);
+        for r in 0..R {
+            let a = _mm256_set1_ps(*xs[r].add(i));
+            acc[r][0] = _mm256_fmadd_ps(lo, a, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(hi, a, acc[r][1]);
         }
     }
-    for (o, acc) in out.iter_mut().zip(acc) {
-        _mm256_storeu_ps(o.as_mut_ptr(), acc[0]);
-        _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1]);
+    for r in 0..R {
+        _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r][0]);
+        _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[r][1]);
     }
 }
