@@ -53,6 +53,7 @@ impl Format {
     ];
 
     /// Elements per stored block.
+    #[inline(always)]
     pub const fn block_elems(self) -> usize {
         match self {
             Format::Q8_0 | Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 => BLOCK,

@@ -32,6 +32,7 @@ pub const PANEL: usize = 16;
 const ROW_CHUNK: usize = 64;
 
 /// 32-element sub-blocks per unit.
+#[inline(always)]
 pub(crate) const fn subs(format: Format) -> usize {
     format.block_elems() / BLOCK
 }
@@ -50,6 +51,7 @@ pub(crate) enum Kind {
     Halves,
 }
 
+#[inline(always)]
 pub(crate) const fn kind(format: Format) -> Kind {
     match format {
         Format::Q8_0 | Format::Q4_0 | Format::Q5_0 => Kind::Offset,
@@ -60,6 +62,7 @@ pub(crate) const fn kind(format: Format) -> Kind {
 }
 
 /// Bits of a quant above its low nibble, kept in planes after the nibbles (8-bit Q8_0: 0).
+#[inline(always)]
 pub(crate) const fn high_bits(format: Format) -> usize {
     match format {
         Format::Q5_0 | Format::Q5_1 | Format::Q5K => 1,
@@ -69,6 +72,7 @@ pub(crate) const fn high_bits(format: Format) -> usize {
 }
 
 /// Bytes of the interleaved quants of one sub-block of a panel.
+#[inline(always)]
 pub(crate) const fn sub_bytes(format: Format) -> usize {
     match format {
         Format::Q8_0 => PANEL * BLOCK,
@@ -77,17 +81,20 @@ pub(crate) const fn sub_bytes(format: Format) -> usize {
 }
 
 /// Where a unit's 16 f16 scales `d` start (after its quants).
+#[inline(always)]
 pub(crate) const fn scales_at(format: Format) -> usize {
     subs(format) * sub_bytes(format)
 }
 
 /// Where a unit's 16 f16 minimums start: Q4_1/Q5_1's `m`, Q4_K/Q5_K's `dmin`.
+#[inline(always)]
 pub(crate) const fn mins_at(format: Format) -> usize {
     scales_at(format) + 2 * PANEL
 }
 
 /// Where the 16 integer scales of group `j` start: Q4_K/Q5_K's 6-bit `sc` of sub-block `j`
 /// (`u8`), Q6_K's scale of elements `16j..16j + 16` (`i8`).
+#[inline(always)]
 pub(crate) const fn sub_scales_at(format: Format, j: usize) -> usize {
     match format {
         Format::Q6K => scales_at(format) + 2 * PANEL + PANEL * j,
@@ -96,11 +103,13 @@ pub(crate) const fn sub_scales_at(format: Format, j: usize) -> usize {
 }
 
 /// Where Q4_K/Q5_K's 16 6-bit minimums `m` of sub-block `j` start.
+#[inline(always)]
 pub(crate) const fn sub_mins_at(format: Format, j: usize) -> usize {
     sub_scales_at(format, 8) + PANEL * j
 }
 
 /// Bytes of one panel unit.
+#[inline(always)]
 pub(crate) const fn stride(format: Format) -> usize {
     match kind(format) {
         Kind::Offset => scales_at(format) + 2 * PANEL,
@@ -111,6 +120,7 @@ pub(crate) const fn stride(format: Format) -> usize {
 }
 
 /// What the stored `u8` quants are offset by (subtracted through the block sums).
+#[inline(always)]
 pub(crate) const fn offset(format: Format) -> i32 {
     match format {
         Format::Q8_0 => 128,

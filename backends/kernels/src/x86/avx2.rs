@@ -128,7 +128,11 @@ unsafe fn tile<const R: usize, const F: u8>(
         for j in 0..n_sub {
             let b = u * n_sub + j;
             let w = weights::<F>(unit.add(j * sb), half);
-            let a: [*const i8; R] = std::array::from_fn(|r| rows.qs[r].add(b * 32));
+            // An index loop: `array::from_fn`'s closure is not inlined into this AVX2 function.
+            let mut a = [std::ptr::null::<i8>(); R];
+            for r in 0..R {
+                a[r] = rows.qs[r].add(b * 32);
+            }
             // Per row: Σ q·a over the block (Q6_K: over each half).
             let mut dot = [[_mm256_setzero_si256(); 2]; R];
             if F == Q8_0 {
