@@ -105,6 +105,13 @@ unsafe fn tile<const R: usize, const F: u8>(
     let mut acc = [_mm512_setzero_ps(); R];
     for u in 0..units {
         let unit = panel.add(u * st);
+        // Two units ahead, so a lone row (decode) keeps enough loads in flight to stream from
+        // memory; the panel's last units prefetch the next panel's first ones (a prefetch
+        // past the matrix is harmless: it never faults, hence `wrapping_add`).
+        let ahead = unit.wrapping_add(2 * st);
+        for line in (0..st).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+        }
         let d = halves(unit.add(scales_at(format)));
         let mins = if kd == Kind::Min || kd == Kind::SubScaled {
             halves(unit.add(mins_at(format)))

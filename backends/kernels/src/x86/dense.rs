@@ -6,6 +6,9 @@ use std::ops::Range;
 
 use crate::PANEL;
 
+/// Inputs ahead of the one being multiplied whose weights are prefetched (4 KiB).
+const PREFETCH: usize = 128;
+
 /// Calls `$tile::<R>(…)` for `rows` in tiles of `$max` rows and one tail tile.
 macro_rules! for_dense_tiles {
     ($tile:ident, $max:literal, $rows:expr, $out:expr, $($arg:expr),*) => {{
@@ -54,6 +57,10 @@ unsafe fn tile512<const R: usize>(
     let xs: [*const f32; R] = std::array::from_fn(|r| x.add((first + r) * k));
     let mut acc = [_mm512_setzero_ps(); R];
     for i in 0..k {
+        if i % 2 == 0 {
+            // 4 KiB ahead: a lone row (decode) streams the panel from memory.
+            _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((i + PREFETCH) * PANEL) as *const i8);
+        }
         let raw = _mm256_loadu_si256(panel.add(i * PANEL) as *const __m256i);
         let w = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
         // Index loops: an iterator adapter here is not inlined into this AVX-512 function.
@@ -90,6 +97,9 @@ unsafe fn tile256<const R: usize>(
     let xs: [*const f32; R] = std::array::from_fn(|r| x.add((first + r) * k));
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for i in 0..k {
+        if i % 2 == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((i + PREFETCH) * PANEL) as *const i8);
+        }
         let widen = |at: usize| {
             let raw = _mm_loadu_si128(panel.add(i * PANEL + at) as *const __m128i);
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
