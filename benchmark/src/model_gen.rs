@@ -107,10 +107,11 @@ impl Mix {
             "q8_0" => GgmlDType::Q8_0,
             "q4_k" | "q4k" => GgmlDType::Q4K,
             "q6_k" | "q6k" => GgmlDType::Q6K,
+            "bf16" => GgmlDType::BF16,
             "q4_k_m" => return Ok(Mix::Q4KM),
-            other => {
-                anyhow::bail!("unknown format {other:?} (q4_0, q4_1, q8_0, q4_k, q6_k, q4_k_m)")
-            }
+            other => anyhow::bail!(
+                "unknown format {other:?} (q4_0, q4_1, q8_0, q4_k, q6_k, q4_k_m, bf16)"
+            ),
         }))
     }
 
