@@ -133,8 +133,10 @@ unsafe fn tile<const R: usize, const F: u8>(
         for j in 0..n_sub {
             let b = u * n_sub + j;
             let w = weights::<F>(unit.add(j * sb), half);
-            // An index loop: `array::from_fn`'s closure is not inlined into this AVX2 function.
+            // An index loop: `array::from_fn`'s closure (or an iterator adapter) is not inlined
+            // into this AVX2 function.
             let mut a = [std::ptr::null::<i8>(); R];
+            #[allow(clippy::needless_range_loop)]
             for r in 0..R {
                 a[r] = rows.qs[r].add(b * 32);
             }
