@@ -14,9 +14,6 @@ use rayon::prelude::*;
 use crate::level::Level;
 use crate::PANEL;
 
-/// Activation rows one task sweeps over a panel before moving on.
-const ROW_CHUNK: usize = 64;
-
 /// f32 to bf16, rounding to nearest even (NaN stays NaN).
 pub fn bf16_from_f32(v: f32) -> u16 {
     let bits = v.to_bits();
@@ -130,35 +127,9 @@ impl Bf16Matrix {
             return;
         }
         let level = level.capped();
-        let panels = n.div_ceil(PANEL);
-        let row_chunks = rows.div_ceil(ROW_CHUNK);
-        let groups = (8 * rayon::current_num_threads())
-            .div_ceil(row_chunks)
-            .clamp(1, panels);
-        let per_group = panels.div_ceil(groups);
-        let out_ptr = crate::packed::SharedOut(out.as_mut_ptr());
-        (0..row_chunks * groups).into_par_iter().for_each(|task| {
-            let chunk = task / groups;
-            let rows = chunk * ROW_CHUNK..((chunk + 1) * ROW_CHUNK).min(rows);
-            let g = task % groups;
-            let mut tile = [[0f32; PANEL]; ROW_CHUNK];
-            for p in g * per_group..((g + 1) * per_group).min(panels) {
-                let tile = &mut tile[..rows.len()];
-                let panel = &self.data[p * PANEL * k..][..PANEL * k];
-                run_panel(level, panel, x, k, rows.clone(), tile);
-                let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
-                for (r, vals) in rows.clone().zip(tile.iter()) {
-                    // SAFETY: tasks write disjoint (row chunk, panel) rectangles of `out`, whose
-                    // size was checked above.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            vals.as_ptr(),
-                            out_ptr.at(r * n + col0),
-                            cols,
-                        );
-                    }
-                }
-            }
+        crate::packed::for_each_tile(rows, n, out, |p, rows, tile| {
+            let panel = &self.data[p * PANEL * k..][..PANEL * k];
+            run_panel(level, panel, x, k, rows, tile)
         });
     }
 }

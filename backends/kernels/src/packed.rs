@@ -440,50 +440,61 @@ impl PackedMatrix {
             return;
         }
         let level = level.capped();
-        let panels = n.div_ceil(PANEL);
-        let row_chunks = m.div_ceil(ROW_CHUNK);
-        // Enough tasks for rayon to balance, each a run of whole panels.
-        let groups = (8 * rayon::current_num_threads())
-            .div_ceil(row_chunks)
-            .clamp(1, panels);
-        let per_group = panels.div_ceil(groups);
-        let out_ptr = SharedOut(out.as_mut_ptr());
-        (0..row_chunks * groups).into_par_iter().for_each(|task| {
-            let rows = {
-                let c = task / groups;
-                c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(m)
-            };
-            let g = task % groups;
-            let mut tile = [[0f32; PANEL]; ROW_CHUNK];
-            for p in g * per_group..((g + 1) * per_group).min(panels) {
-                let tile = &mut tile[..rows.len()];
-                run_panel(level, self.panel(p), x, rows.clone(), tile);
-                let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
-                for (r, vals) in rows.clone().zip(tile.iter()) {
-                    // SAFETY: tasks write disjoint (row chunk, panel) rectangles of `out`, whose
-                    // size was checked above.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            vals.as_ptr(),
-                            out_ptr.at(r * n + col0),
-                            cols,
-                        );
-                    }
-                }
-            }
+        for_each_tile(m, n, out, |p, rows, tile| {
+            run_panel(level, self.panel(p), x, rows, tile)
         });
     }
 }
 
+/// Runs `tile(panel, rows, out)` for every (row chunk, panel) of an `[m, n]` product on the
+/// current rayon pool and writes each tile into row-major `out`: tasks are runs of whole
+/// panels, enough of them for rayon to balance; a panel stays in cache while a task's rows
+/// sweep it.
+pub(crate) fn for_each_tile(
+    m: usize,
+    n: usize,
+    out: &mut [f32],
+    tile: impl Fn(usize, Range<usize>, &mut [[f32; PANEL]]) + Sync,
+) {
+    assert_eq!(out.len(), m * n, "output size");
+    let panels = n.div_ceil(PANEL);
+    let row_chunks = m.div_ceil(ROW_CHUNK);
+    let groups = (8 * rayon::current_num_threads())
+        .div_ceil(row_chunks)
+        .clamp(1, panels);
+    let per_group = panels.div_ceil(groups);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..row_chunks * groups).into_par_iter().for_each(|task| {
+        let rows = {
+            let c = task / groups;
+            c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(m)
+        };
+        let g = task % groups;
+        let mut buf = [[0f32; PANEL]; ROW_CHUNK];
+        for p in g * per_group..((g + 1) * per_group).min(panels) {
+            let buf = &mut buf[..rows.len()];
+            tile(p, rows.clone(), buf);
+            let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
+            for (r, vals) in rows.clone().zip(buf.iter()) {
+                // SAFETY: tasks write disjoint (row chunk, panel) rectangles of `out`, whose
+                // size was checked above.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(vals.as_ptr(), out_ptr.at(r * n + col0), cols);
+                }
+            }
+        }
+    });
+}
+
 /// The output buffer, written by tasks at disjoint places.
 #[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub(crate) *mut f32);
-// SAFETY: see `PackedMatrix::matmul`: every element is written by exactly one task.
+struct SharedOut(*mut f32);
+// SAFETY: see `for_each_tile`: every element is written by exactly one task.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    pub(crate) fn at(self, i: usize) -> *mut f32 {
+    fn at(self, i: usize) -> *mut f32 {
         // SAFETY: callers stay within the buffer.
         unsafe { self.0.add(i) }
     }
