@@ -51,17 +51,68 @@ fn logits(model: &LlamaModel) -> Vec<Vec<f32>> {
     model.forward(&step, &mut cache).unwrap().to_vec2().unwrap()
 }
 
-#[test]
-fn every_kernel_level_gives_the_same_logits() {
-    let dir = tempfile::tempdir().unwrap();
-    let small = TinyModelSpec {
+/// A model's logits (see [`logits`]) and where each of its weight formats computes.
+type Run = (Vec<Vec<f32>>, std::collections::BTreeMap<String, String>);
+
+/// Loads the model at `path` under `opts` and runs it.
+fn run(path: &std::path::Path, opts: LoadOptions) -> Run {
+    let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
+    let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
+    (logits(&model), model.kernels())
+}
+
+/// The model at `path` at every level this host runs: `format` computes on wick at that level,
+/// and every level gives the first one's logits bit for bit. Returns the first run.
+fn runs_agree(path: &std::path::Path, format: &str, opts: LoadOptions) -> Run {
+    let levels = Level::supported();
+    let runs: Vec<Run> = levels
+        .iter()
+        .map(|&kernel_level| {
+            run(
+                path,
+                LoadOptions {
+                    kernel_level,
+                    ..opts.clone()
+                },
+            )
+        })
+        .collect();
+    for (level, (logits, kernels)) in levels.iter().zip(&runs) {
+        assert_eq!(kernels[format], format!("wick {level}"), "{kernels:?}");
+        let same = logits
+            .iter()
+            .flatten()
+            .zip(runs[0].0.iter().flatten())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{format}: {level} differs from {}", levels[0]);
+    }
+    runs.into_iter().next().unwrap()
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
+/// A Llama spec small enough for 32-element blocks.
+fn small_spec() -> TinyModelSpec {
+    TinyModelSpec {
         hidden_size: 64,
         intermediate_size: 160,
         num_attention_heads: 4,
         num_key_value_heads: 2,
         head_dim: 16,
         ..TinyModelSpec::llama()
-    };
+    }
+}
+
+#[test]
+fn every_kernel_level_gives_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = small_spec();
     // The K formats' super-blocks are 256 wide.
     let wide = TinyModelSpec {
         hidden_size: 256,
@@ -85,40 +136,15 @@ fn every_kernel_level_gives_the_same_logits() {
     ] {
         let path = dir.path().join(format!("{name}.gguf"));
         write_gguf_model(&path, spec, dtype).unwrap();
-        let run = |opts: LoadOptions| {
-            let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
-            let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
-            (logits(&model), model.kernels())
-        };
-        let runs: Vec<_> = levels
-            .iter()
-            .map(|&kernel_level| {
-                run(LoadOptions {
-                    kernel_level,
-                    ..LoadOptions::default()
-                })
-            })
-            .collect();
-        for (level, (logits, kernels)) in levels.iter().zip(&runs) {
-            assert_eq!(kernels[name], format!("wick {level}"), "{kernels:?}");
-            let same = logits
-                .iter()
-                .flatten()
-                .zip(runs[0].0.iter().flatten())
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{name}: {level} differs from {}", levels[0]);
-        }
-        let (f32_logits, _) = run(LoadOptions {
-            dequantize: true,
-            ..LoadOptions::default()
-        });
-        let worst = runs[0]
-            .0
-            .iter()
-            .flatten()
-            .zip(f32_logits.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let (logits, _) = runs_agree(&path, name, LoadOptions::default());
+        let (f32_logits, _) = run(
+            &path,
+            LoadOptions {
+                dequantize: true,
+                ..LoadOptions::default()
+            },
+        );
+        let worst = max_abs_diff(&logits, &f32_logits);
         let scale = f32_logits
             .iter()
             .flatten()
@@ -169,55 +195,21 @@ fn wick_reads_ggml_blocks_as_candle_does() {
 #[test]
 fn bf16_checkpoints_compute_in_bf16_alike_at_every_level_and_as_f32_does() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = TinyModelSpec {
-        hidden_size: 64,
-        intermediate_size: 160,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 16,
-        ..TinyModelSpec::llama()
-    };
     let options = WriteOptions {
         dtype: DType::BF16,
         shards: 1,
     };
-    write_hf_model_with(dir.path(), &spec, options).unwrap();
-    let run = |opts: LoadOptions| {
-        let loaded = source::load(dir.path().to_str().unwrap(), None, None, true, &opts).unwrap();
-        let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
-        (logits(&model), model.kernels())
+    write_hf_model_with(dir.path(), &small_spec(), options).unwrap();
+    let bf16 = LoadOptions {
+        dtype: DType::BF16,
+        ..LoadOptions::default()
     };
-    let levels = Level::supported();
-    let runs: Vec<_> = levels
-        .iter()
-        .map(|&kernel_level| {
-            run(LoadOptions {
-                dtype: DType::BF16,
-                kernel_level,
-                ..LoadOptions::default()
-            })
-        })
-        .collect();
-    for (level, (logits, kernels)) in levels.iter().zip(&runs) {
-        assert_eq!(kernels["bf16"], format!("wick {level}"), "{kernels:?}");
-        let same = logits
-            .iter()
-            .flatten()
-            .zip(runs[0].0.iter().flatten())
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "bf16: {level} differs from {}", levels[0]);
-    }
+    let (logits, _) = runs_agree(dir.path(), "bf16", bf16);
     // The same bf16 values widened to f32 on candle's f32 path: only the order of the sums
     // differs.
-    let (f32_logits, kernels) = run(LoadOptions::default());
+    let (f32_logits, kernels) = run(dir.path(), LoadOptions::default());
     assert!(kernels.contains_key("f32"), "{kernels:?}");
-    let worst = runs[0]
-        .0
-        .iter()
-        .flatten()
-        .zip(f32_logits.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = max_abs_diff(&logits, &f32_logits);
     eprintln!("bf16 kernels vs f32: max |Δlogit| {worst:.2e}");
     assert!(worst < 1e-4, "bf16 vs f32: max |Δlogit| {worst}");
 }
