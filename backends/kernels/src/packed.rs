@@ -218,26 +218,31 @@ fn set_stored_quant(format: Format, block: &mut [u8], e: usize, q: u8) {
     }
 }
 
-/// The bytes of a stored block that are not quants, and where each lives in a panel unit
-/// (feature `c`'s copy): `(stored offset, unit offset, bytes)`.
-fn scale_places(format: Format, c: usize) -> Vec<(usize, usize, usize)> {
+/// Calls `place(stored offset, unit offset, bytes)` for each run of a stored block's bytes
+/// that are not quants, with where feature `c`'s copy lives in a panel unit. (Called for every
+/// block of every feature at load: no allocation.)
+fn for_scale_places(format: Format, c: usize, mut place: impl FnMut(usize, usize, usize)) {
     let (d, m) = (scales_at(format) + 2 * c, mins_at(format) + 2 * c);
-    match format {
-        Format::Q8_0 | Format::Q4_0 | Format::Q5_0 => vec![(0, d, 2)],
-        Format::Q4_1 | Format::Q5_1 | Format::Q4K | Format::Q5K => vec![(0, d, 2), (2, m, 2)],
-        Format::Q6K => {
-            let mut v = vec![(208, d, 2)];
-            v.extend((0..16).map(|s| (192 + s, sub_scales_at(format, s) + c, 1)));
-            v
+    match kind(format) {
+        Kind::Offset => place(0, d, 2),
+        Kind::Min | Kind::SubScaled => {
+            place(0, d, 2);
+            place(2, m, 2);
+        }
+        Kind::Halves => {
+            place(208, d, 2);
+            for s in 0..16 {
+                place(192 + s, sub_scales_at(format, s) + c, 1);
+            }
         }
     }
 }
 
 /// Feature `c`'s stored block into its place in a panel unit.
 fn pack_block(format: Format, block: &[u8], unit: &mut [u8], c: usize) {
-    for (from, to, len) in scale_places(format, c) {
-        unit[to..to + len].copy_from_slice(&block[from..from + len]);
-    }
+    for_scale_places(format, c, |from, to, len| {
+        unit[to..to + len].copy_from_slice(&block[from..from + len])
+    });
     if kind(format) == Kind::SubScaled {
         for j in 0..8 {
             let (sc, m) = format::q4k_scale_min(&block[4..16], j);
@@ -254,9 +259,9 @@ fn pack_block(format: Format, block: &[u8], unit: &mut [u8], c: usize) {
 
 /// The inverse of [`pack_block`].
 fn unpack_block(format: Format, unit: &[u8], c: usize, block: &mut [u8]) {
-    for (from, to, len) in scale_places(format, c) {
-        block[from..from + len].copy_from_slice(&unit[to..to + len]);
-    }
+    for_scale_places(format, c, |from, to, len| {
+        block[from..from + len].copy_from_slice(&unit[to..to + len])
+    });
     if kind(format) == Kind::SubScaled {
         let sc = std::array::from_fn(|j| unit[sub_scales_at(format, j) + c]);
         let m = std::array::from_fn(|j| unit[sub_mins_at(format, j) + c]);
