@@ -56,8 +56,7 @@ impl QuantizedRows {
                     .zip(half_sums.iter_mut())
                     .zip(x.chunks_exact(BLOCK))
                 {
-                    *sum = quantize_block(x, q, scale);
-                    *half = q[..BLOCK / 2].iter().map(|&v| v as i32).sum();
+                    (*sum, *half) = quantize_block(x, q, scale);
                 }
             });
     }
@@ -103,22 +102,29 @@ impl QuantizedRows {
     }
 }
 
-/// One block: round-to-nearest onto `amax / 127` steps; returns `Σq`.
-fn quantize_block(x: &[f32], q: &mut [i8], scale: &mut f32) -> i32 {
+/// One block: round-to-nearest onto `amax / 127` steps; returns `Σq` and the sum of the first
+/// half's quants.
+fn quantize_block(x: &[f32], q: &mut [i8], scale: &mut f32) -> (i32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (q, &v) in q.iter_mut().zip(x) {
-        // Half away from zero, then truncation: `round` without a libm call, so the loop
-        // vectorises. `as` saturates and maps NaN to 0; |v·id| ≤ 127 up to rounding.
-        let s = v * id;
-        let r = ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127);
-        *q = r as i8;
-        sum += r;
+    let mut halves = [0i32; 2];
+    for ((q, x), sum) in q
+        .chunks_exact_mut(BLOCK / 2)
+        .zip(x.chunks_exact(BLOCK / 2))
+        .zip(&mut halves)
+    {
+        for (q, &v) in q.iter_mut().zip(x) {
+            // Half away from zero, then truncation: `round` without a libm call, so the loop
+            // vectorises. `as` saturates and maps NaN to 0; |v·id| ≤ 127 up to rounding.
+            let s = v * id;
+            let r = ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127);
+            *q = r as i8;
+            *sum += r;
+        }
     }
     *scale = d;
-    sum
+    (halves[0] + halves[1], halves[0])
 }
 
 #[cfg(test)]
