@@ -145,34 +145,22 @@ impl Linear {
             None if parts.iter().all(|p| p.bias().is_none()) => None,
             None => return Ok(None),
         };
-        if let Some(matrices) = parts
-            .iter()
-            .map(|p| match p {
-                Linear::Packed { weight, .. } => Some(weight.as_ref()),
-                _ => None,
-            })
-            .collect::<Option<Vec<&PackedMatrix>>>()
-        {
-            let Linear::Packed { level, .. } = parts[0] else {
-                unreachable!("every part is packed")
-            };
+        let packed = all_of(parts, |p| match p {
+            Linear::Packed { weight, level, .. } => Some((weight.as_ref(), *level)),
+            _ => None,
+        });
+        if let Some((matrices, level)) = packed {
             return Ok(PackedMatrix::stack(&matrices).ok().map(|m| Linear::Packed {
                 weight: Arc::new(m),
                 level,
                 bias,
             }));
         }
-        if let Some(matrices) = parts
-            .iter()
-            .map(|p| match p {
-                Linear::Bf16 { weight, .. } => Some(weight.as_ref()),
-                _ => None,
-            })
-            .collect::<Option<Vec<&Bf16Matrix>>>()
-        {
-            let Linear::Bf16 { level, .. } = parts[0] else {
-                unreachable!("every part is bf16")
-            };
+        let bf16 = all_of(parts, |p| match p {
+            Linear::Bf16 { weight, level, .. } => Some((weight.as_ref(), *level)),
+            _ => None,
+        });
+        if let Some((matrices, level)) = bf16 {
             return Ok(Bf16Matrix::stack(&matrices).ok().map(|m| Linear::Bf16 {
                 weight: Arc::new(m),
                 level,
@@ -204,6 +192,17 @@ impl Linear {
             | Linear::Hybrid { bias, .. } => bias.as_ref(),
         }
     }
+}
+
+/// Every part's wick-kernel weight as `pick` finds it, with the first part's level; `None` when
+/// some part holds another kind of weight.
+fn all_of<'a, M>(
+    parts: &'a [Linear],
+    pick: impl Fn(&'a Linear) -> Option<(&'a M, Level)>,
+) -> Option<(Vec<&'a M>, Level)> {
+    let picked: Vec<(&M, Level)> = parts.iter().map(pick).collect::<Option<_>>()?;
+    let level = picked.first()?.1;
+    Some((picked.into_iter().map(|(m, _)| m).collect(), level))
 }
 
 thread_local! {
