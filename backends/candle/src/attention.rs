@@ -5,13 +5,15 @@
 //! sequence's positions `max(0, p + 1 - window) ..= p`, read through the sequence's block table.
 //! Nothing is concatenated into the cache: the cost of a step is linear in the context it reads.
 //!
-//! Two kernels: decode tokens and short chunks go through a per-(token, kv head) loop; a
+//! Two kernels: decode tokens and short chunks go through wick's decode attention kernel
+//! ([`wick_kernels::attend`], one call per (token, kv head), reading the cache in place); a
 //! sequence with at least [`GEMM_MIN_TOKENS`] tokens in the step (a prefill chunk) gathers its
 //! window of K/V once and runs the scores and the weighted sum as matmuls, which is an order of
 //! magnitude faster than dot products per token.
 
 use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
+use wick_kernels::{AttendScratch, HeadGroup, Level, PagedKv};
 
 use crate::model::SeqSpan;
 
@@ -27,6 +29,8 @@ pub struct AttentionParams {
     pub sliding_window: Option<usize>,
     /// Softmax scale, usually `1 / sqrt(head_dim)`.
     pub scale: f32,
+    /// The CPU level the decode kernel runs at.
+    pub level: Level,
 }
 
 impl AttentionParams {
@@ -211,21 +215,11 @@ pub fn paged_attention(
         sequence_attention(&job, seq, &q[rows.clone()], &mut out[rows])?;
     }
 
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
-
-    out.par_chunks_mut(group * hd).enumerate().for_each_init(
-        Vec::<f32>::new,
-        |scores, (item, out)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU was just checked for AVX2.
-                unsafe { attend_avx2(&job, item, scores, out) };
-                return;
-            }
-            attend(&job, item, scores, out);
-        },
-    );
+    out.par_chunks_mut(group * hd)
+        .enumerate()
+        .for_each_init(AttendScratch::default, |scratch, (item, out)| {
+            attend(&job, item, scratch, out)
+        });
     Ok(())
 }
 
@@ -333,22 +327,11 @@ fn sequence_attention(
     Ok(())
 }
 
-/// [`attend`] compiled for AVX2: the build targets baseline x86-64 (SSE2), so without this the
-/// dot products and axpys run 4 lanes wide.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_avx2(job: &Job<'_, '_>, item: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend(job, item, scores, out)
-}
-
 /// One work item: the `group` query heads of token `item / kv_heads` that share kv head
-/// `item % kv_heads`, over the token's window of its own sequence. Each K/V row is read once for
-/// the whole group; `scores` is scratch reused across items.
-#[inline(always)]
-fn attend(job: &Job<'_, '_>, item: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
+/// `item % kv_heads`, over the token's window of its own sequence.
+fn attend(job: &Job<'_, '_>, item: usize, scratch: &mut AttendScratch, out: &mut [f32]) {
     let params = job.params;
-    let (hd, bs, group) = (params.head_dim, params.block_size, job.group);
-    let (q_width, kv_width) = (params.q_width(), params.kv_width());
+    let (hd, group) = (params.head_dim, job.group);
     let t = item / params.num_kv_heads;
     let g = item % params.num_kv_heads;
     // Sequences tile the tokens in order (validate_step), so this finds t's sequence.
@@ -361,68 +344,28 @@ fn attend(job: &Job<'_, '_>, item: usize, scores: &mut Vec<f32>, out: &mut [f32]
         return; // sequence_attention wrote it.
     }
     let p = job.positions[t] as usize;
-    let lo = (p + 1).saturating_sub(job.window);
-    let n = p + 1 - lo;
-    let q_heads = &job.q[t * q_width + g * group * hd..][..group * hd];
-
-    scores.clear();
-    scores.resize(group * n, 0.0);
-    for (j, pos) in (lo..=p).enumerate() {
-        let slot = seq.block_table[pos / bs] as usize * bs + pos % bs;
-        let k_row = &job.cache_k[slot * kv_width + g * hd..][..hd];
-        for (h, q_row) in q_heads.chunks_exact(hd).enumerate() {
-            scores[h * n + j] = dot(q_row, k_row) * params.scale;
-        }
-    }
-    for row in scores.chunks_exact_mut(n) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|x| *x *= inv);
-    }
-
-    out.fill(0.0);
-    for (j, pos) in (lo..=p).enumerate() {
-        let slot = seq.block_table[pos / bs] as usize * bs + pos % bs;
-        let v_row = &job.cache_v[slot * kv_width + g * hd..][..hd];
-        for (h, o) in out.chunks_exact_mut(hd).enumerate() {
-            axpy(o, scores[h * n + j], v_row);
-        }
-    }
-}
-
-/// Independent accumulators in [`dot`]: one AVX2 register's worth breaks the add dependency
-/// chain so the loop vectorises, while keeping the final horizontal sum short (head_dim is
-/// often just 64); measured faster than 16 or 32 here.
-const LANES: usize = 8;
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (b_main, b_tail) = b.split_at(a_main.len());
-    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in a_tail.iter().zip(b_tail) {
-        sum += x * y;
-    }
-    sum
-}
-
-/// `y += a * x`.
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
-    }
+    let heads = HeadGroup {
+        q: &job.q[t * params.q_width() + g * group * hd..][..group * hd],
+        head_dim: hd,
+        kv_offset: g * hd,
+        scale: params.scale,
+    };
+    let kv = PagedKv {
+        k: job.cache_k,
+        v: job.cache_v,
+        slot_width: params.kv_width(),
+        block_size: params.block_size,
+    };
+    let window = (p + 1).saturating_sub(job.window)..p + 1;
+    wick_kernels::attend(
+        params.level,
+        &heads,
+        &kv,
+        seq.block_table,
+        window,
+        scratch,
+        out,
+    );
 }
 
 #[cfg(test)]
@@ -437,15 +380,8 @@ mod tests {
             block_size: 2,
             sliding_window: window,
             scale: 1.0,
+            level: Level::detected(),
         }
-    }
-
-    #[test]
-    fn dot_matches_naive_sum_for_odd_lengths() {
-        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 3.0).collect();
-        let b: Vec<f32> = (0..37).map(|i| (i % 5) as f32 - 2.0).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-4);
     }
 
     #[test]

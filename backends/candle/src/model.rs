@@ -156,6 +156,8 @@ pub struct LlamaModel {
     /// Rope tables `[max_position_embeddings, head_dim / 2]`, gathered by position each step.
     rope_cos: Tensor,
     rope_sin: Tensor,
+    /// The CPU level wick's kernels (linear layers and attention) run at.
+    kernel_level: wick_kernels::Level,
 }
 
 impl LlamaModel {
@@ -281,6 +283,7 @@ impl LlamaModel {
             lm_head,
             rope_cos,
             rope_sin,
+            kernel_level: opts.kernel_level,
             device,
         };
         for (format, kernel) in model.kernels() {
@@ -330,6 +333,7 @@ impl LlamaModel {
             block_size: cache.block_size,
             sliding_window: c.sliding_window,
             scale: 1.0 / (hd as f32).sqrt(),
+            level: self.kernel_level,
         };
 
         let positions = Tensor::from_slice(&step.positions, n_tokens, &self.device)?;

@@ -10,10 +10,13 @@
 //! - [`PackedMatrix::matmul`]: one code path for one row (decode) and many (batches, prefill):
 //!   each panel stays in cache while all rows sweep over it, so a weight byte is read from
 //!   memory once per step whatever the batch.
+//! - [`attend`]: decode attention of the query heads that share a KV head, over a paged f32
+//!   KV cache read in place through the block table.
 //! - [`Level`]: AVX-512 VNNI, AVX2 or scalar, detected at run time and capped by the caller;
 //!   every level returns the same bits, checked by the tests on every level the host runs.
 
 mod activation;
+mod attention;
 mod dense;
 pub mod format;
 mod level;
@@ -22,6 +25,7 @@ mod packed;
 mod x86;
 
 pub use activation::QuantizedRows;
+pub use attention::{attend, AttendScratch, HeadGroup, PagedKv};
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
 pub use format::{Format, BLOCK};
 pub use level::{cpu_features, cpu_model, present_cpu_features, Level};

@@ -1,0 +1,404 @@
+//! Decode attention over a paged f32 KV cache: the query heads of one token that share one KV
+//! head, over a window of their sequence's positions, read in place through the block table.
+//!
+//! One call reads each K and V row of the window once per query head from cache (the group's
+//! heads run back to back over the same rows), scores them, takes the softmax and sums the V
+//! rows. Every level performs the same float operations in the same order, so all levels give
+//! the scalar twin's bits:
+//! - a dot product keeps 64 partial sums (input `d` goes to lane `d % 64`, fused multiply-add,
+//!   inputs in order), combined as `(l + l+16) + (l+32 + l+48)` and then halved in a fixed tree
+//!   (`l + l+8`, `l + l+4`, `l + l+2`, `0 + 1`);
+//! - `exp` is one polynomial (Cephes' single-precision one, fused multiply-adds) on
+//!   `max(s - max, -87)`, and the softmax's sum keeps 16 partial sums (position `j` to lane
+//!   `j % 16`) halved in the same tree;
+//! - each output element sums `p_j · v_j` with fused multiply-adds, positions in order.
+
+use std::ops::Range;
+
+use crate::Level;
+
+/// One layer's paged cache: slot `s` holds `slot_width` floats of K (and of V) at
+/// `s * slot_width`; position `p` of a sequence is at slot
+/// `block_table[p / block_size] * block_size + p % block_size`.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedKv<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub slot_width: usize,
+    pub block_size: usize,
+}
+
+/// The query heads of one token that share one KV head.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadGroup<'a> {
+    /// `[heads, head_dim]`, one row per query head.
+    pub q: &'a [f32],
+    pub head_dim: usize,
+    /// Where the KV head's `head_dim` floats start inside a slot.
+    pub kv_offset: usize,
+    /// Scores are `scale · q·k`.
+    pub scale: f32,
+}
+
+/// Buffers one thread reuses across calls of [`attend`].
+#[derive(Debug, Clone, Default)]
+pub struct AttendScratch {
+    offsets: Vec<usize>,
+    scores: Vec<f32>,
+}
+
+/// `out` (`[heads, head_dim]`) = softmax(`scale · q·kᵀ`) · V over positions `window` of the
+/// sequence whose blocks are `block_table`, at `level` (lowered to what the CPU has).
+///
+/// # Panics
+/// If the window is empty, a shape disagrees, or a position of the window falls outside the
+/// block table or the cache.
+pub fn attend(
+    level: Level,
+    heads: &HeadGroup<'_>,
+    kv: &PagedKv<'_>,
+    block_table: &[u32],
+    window: Range<usize>,
+    scratch: &mut AttendScratch,
+    out: &mut [f32],
+) {
+    let hd = heads.head_dim;
+    assert!(
+        hd > 0 && heads.q.len().is_multiple_of(hd),
+        "query of {} floats is not whole heads of {hd}",
+        heads.q.len()
+    );
+    assert_eq!(out.len(), heads.q.len(), "attention output size");
+    assert!(!window.is_empty(), "attention over no positions");
+    assert!(
+        heads.kv_offset + hd <= kv.slot_width && kv.block_size > 0 && kv.k.len() == kv.v.len(),
+        "KV head at {} (+{hd}) of slots of {}, blocks of {}",
+        heads.kv_offset,
+        kv.slot_width,
+        kv.block_size
+    );
+    let AttendScratch { offsets, scores } = scratch;
+    offsets.clear();
+    for p in window.clone() {
+        let block = *block_table
+            .get(p / kv.block_size)
+            .unwrap_or_else(|| panic!("position {p} is past the block table"));
+        let at =
+            (block as usize * kv.block_size + p % kv.block_size) * kv.slot_width + heads.kv_offset;
+        assert!(at + hd <= kv.k.len(), "position {p} is outside the cache");
+        offsets.push(at);
+    }
+    let n = window.len();
+    let group = heads.q.len() / hd;
+    scores.clear();
+    scores.resize(group * n, 0.0);
+    let rows = Rows {
+        q: heads.q,
+        head_dim: hd,
+        scale: heads.scale,
+        k: kv.k,
+        v: kv.v,
+        offsets,
+    };
+    match level.capped() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `capped` only yields levels the CPU runs; every offset was checked above.
+        Level::Avx512 => unsafe { crate::x86::attention::attend_avx512(&rows, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { crate::x86::attention::attend_avx2(&rows, scores, out) },
+        _ => scalar(&rows, scores, out),
+    }
+}
+
+/// What one [`attend`] call computes over, with every row's offset checked against `k` and `v`.
+pub(crate) struct Rows<'a> {
+    pub q: &'a [f32],
+    pub head_dim: usize,
+    pub scale: f32,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// Where each position's `head_dim` floats start in `k` and `v`.
+    pub offsets: &'a [usize],
+}
+
+/// Lanes of a dot product's partial sums.
+pub(crate) const DOT_LANES: usize = 64;
+/// Lanes of the softmax sum's partial sums.
+pub(crate) const SUM_LANES: usize = 16;
+/// `exp`'s argument is clamped here, where `2^n` is still a normal float.
+pub(crate) const EXP_MIN: f32 = -87.0;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// `ln 2` in two parts: `n · LN2_HI` is exact for the `n` that occur.
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = 2.121_944_4e-4;
+/// The polynomial of `(exp(r) - 1 - r) / r²`, highest degree first.
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// `exp(x)` for `x` in `[EXP_MIN, 0]`, as every level computes it.
+pub(crate) fn exp(x: f32) -> f32 {
+    let n = (x * LOG2E).round_ties_even();
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(LN2_LO, r);
+    let z = r * r;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p.mul_add(r, *c);
+    }
+    let y = p.mul_add(z, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// The fixed halving tree over 16 partial sums.
+fn reduce16(t: &[f32; 16]) -> f32 {
+    let r8: [f32; 8] = std::array::from_fn(|l| t[l] + t[l + 8]);
+    let r4: [f32; 4] = std::array::from_fn(|l| r8[l] + r8[l + 4]);
+    let r2: [f32; 2] = std::array::from_fn(|l| r4[l] + r4[l + 2]);
+    r2[0] + r2[1]
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; DOT_LANES];
+    for (d, (x, y)) in a.iter().zip(b).enumerate() {
+        let lane = &mut acc[d % DOT_LANES];
+        *lane = x.mul_add(*y, *lane);
+    }
+    let t: [f32; 16] =
+        std::array::from_fn(|l| (acc[l] + acc[l + 16]) + (acc[l + 32] + acc[l + 48]));
+    reduce16(&t)
+}
+
+/// Scores to probabilities in place.
+fn softmax(s: &mut [f32]) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut lanes = [0f32; SUM_LANES];
+    for (j, x) in s.iter_mut().enumerate() {
+        *x = exp((*x - max).max(EXP_MIN));
+        lanes[j % SUM_LANES] += *x;
+    }
+    let inv = 1.0 / reduce16(&lanes);
+    s.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// The portable twin every SIMD level is tested against.
+pub(crate) fn scalar(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
+    let (hd, n) = (rows.head_dim, rows.offsets.len());
+    for ((q, s), o) in rows
+        .q
+        .chunks_exact(hd)
+        .zip(scores.chunks_exact_mut(n))
+        .zip(out.chunks_exact_mut(hd))
+    {
+        for (s, &at) in s.iter_mut().zip(rows.offsets) {
+            *s = dot(q, &rows.k[at..at + hd]) * rows.scale;
+        }
+        softmax(s);
+        o.fill(0.0);
+        for (&p, &at) in s.iter().zip(rows.offsets) {
+            for (o, &v) in o.iter_mut().zip(&rows.v[at..at + hd]) {
+                *o = p.mul_add(v, *o);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*, in [-1, 1).
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed | 1;
+        move || {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let u = (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32;
+            2.0 * u - 1.0
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulps_of_f64_over_its_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = EXP_MIN * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-0.0), 1.0);
+    }
+
+    struct Case {
+        group: usize,
+        head_dim: usize,
+        n: usize,
+        block_size: usize,
+        q_scale: f32,
+    }
+
+    /// Runs `case` through [`attend`] at `level` with the KV head at offset `head_dim` of two
+    /// heads per slot and a shuffled block table; returns the output and an f64 reference.
+    fn run(case: &Case, level: Level, seed: u64) -> (Vec<f32>, Vec<f64>) {
+        let Case {
+            group,
+            head_dim: hd,
+            n,
+            block_size: bs,
+            q_scale,
+        } = *case;
+        let mut r = rng(seed);
+        // The window is the last `n` of `n + 3` positions; blocks in reverse order, one spare.
+        let context = n + 3;
+        let blocks = context.div_ceil(bs) + 1;
+        let table: Vec<u32> = (0..blocks as u32 - 1).rev().map(|b| b + 1).collect();
+        let slot_width = 2 * hd + 1;
+        let k: Vec<f32> = (0..blocks * bs * slot_width).map(|_| r()).collect();
+        let v: Vec<f32> = (0..blocks * bs * slot_width).map(|_| r()).collect();
+        let q: Vec<f32> = (0..group * hd).map(|_| r() * q_scale).collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let heads = HeadGroup {
+            q: &q,
+            head_dim: hd,
+            kv_offset: hd,
+            scale,
+        };
+        let kv = PagedKv {
+            k: &k,
+            v: &v,
+            slot_width,
+            block_size: bs,
+        };
+        let mut out = vec![f32::NAN; group * hd];
+        let window = 3..context;
+        let mut scratch = AttendScratch::default();
+        attend(
+            level,
+            &heads,
+            &kv,
+            &table,
+            window.clone(),
+            &mut scratch,
+            &mut out,
+        );
+
+        let mut reference = vec![0f64; group * hd];
+        for (h, o) in reference.chunks_exact_mut(hd).enumerate() {
+            let at = |p: usize| (table[p / bs] as usize * bs + p % bs) * slot_width + hd;
+            let s: Vec<f64> = window
+                .clone()
+                .map(|p| {
+                    let kr = &k[at(p)..at(p) + hd];
+                    let qh = &q[h * hd..(h + 1) * hd];
+                    qh.iter()
+                        .zip(kr)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (p, e) in window.clone().zip(&e) {
+                for (o, vv) in o.iter_mut().zip(&v[at(p)..at(p) + hd]) {
+                    *o += e / sum * *vv as f64;
+                }
+            }
+        }
+        (out, reference)
+    }
+
+    fn cases() -> Vec<Case> {
+        let mut cases = Vec::new();
+        for (group, head_dim) in [(1, 1), (3, 7), (4, 64), (2, 80), (1, 128), (3, 130)] {
+            for (n, block_size) in [(1, 1), (2, 16), (15, 3), (17, 16), (100, 7)] {
+                cases.push(Case {
+                    group,
+                    head_dim,
+                    n,
+                    block_size,
+                    q_scale: 1.0,
+                });
+            }
+        }
+        // Scores far apart: most probabilities underflow to (clamped) zero.
+        cases.push(Case {
+            group: 2,
+            head_dim: 64,
+            n: 40,
+            block_size: 16,
+            q_scale: 300.0,
+        });
+        cases
+    }
+
+    #[test]
+    fn scalar_matches_an_f64_reference() {
+        for (i, case) in cases().iter().enumerate() {
+            let (out, reference) = run(case, Level::Scalar, i as u64 + 7);
+            for (a, b) in out.iter().zip(&reference) {
+                assert!(
+                    (*a as f64 - b).abs() < 2e-5,
+                    "case {i}: {a} vs {b} (hd {}, n {})",
+                    case.head_dim,
+                    case.n
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_gives_the_scalar_bits() {
+        for level in Level::supported() {
+            for (i, case) in cases().iter().enumerate() {
+                let (want, _) = run(case, Level::Scalar, i as u64 + 7);
+                let (got, _) = run(case, level, i as u64 + 7);
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{level}, case {i}: {got:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "past the block table")]
+    fn a_window_past_the_block_table_panics() {
+        let (k, v) = (vec![0f32; 8], vec![0f32; 8]);
+        let kv = PagedKv {
+            k: &k,
+            v: &v,
+            slot_width: 2,
+            block_size: 2,
+        };
+        let q = [1f32, 1.0];
+        let heads = HeadGroup {
+            q: &q,
+            head_dim: 2,
+            kv_offset: 0,
+            scale: 1.0,
+        };
+        let mut out = [0f32; 2];
+        attend(
+            Level::Scalar,
+            &heads,
+            &kv,
+            &[0],
+            0..3,
+            &mut AttendScratch::default(),
+            &mut out,
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! [`crate::attention`] with AVX-512 (16 lanes) and AVX2 (8 lanes): the scalar twin's
+//! operations in its order, so the same bits. A head's 64 dot-product lanes are 4 zmm or 8 ymm
+//! accumulators; a `head_dim` that is not a multiple of the vector is loaded under masks.
+
+use std::arch::x86_64::*;
+
+use crate::attention::{Rows, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+
+/// Lanes of `[0, len)` that exist past `at`, as AVX-512's mask.
+#[inline(always)]
+fn mask16(at: usize, len: usize) -> __mmask16 {
+    let valid = len.saturating_sub(at).min(16);
+    ((1u32 << valid) - 1) as __mmask16
+}
+
+/// The fixed tree over 16 partial sums (`l + l+8`, `l + l+4`, `l + l+2`, `0 + 1`).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn reduce_halves(lo: __m256, hi: __m256) -> f32 {
+    let r8 = _mm256_add_ps(lo, hi);
+    let r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps::<1>(r8));
+    let r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
+    _mm_cvtss_f32(_mm_add_ss(r2, _mm_movehdup_ps(r2)))
+}
+
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn reduce16(t: __m512) -> f32 {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(t)));
+    reduce_halves(_mm512_castps512_ps256(t), hi)
+}
+
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn exp16(x: __m512) -> __m512 {
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+    );
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+    let z = _mm512_mul_ps(r, r);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+    }
+    let y = _mm512_add_ps(_mm512_fmadd_ps(p, z, r), _mm512_set1_ps(1.0));
+    let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(n),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+}
+
+/// A dot product's 64 lanes folded to 16: `(l + l+16) + (l+32 + l+48)`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn partial_dot(q: *const f32, row: *const f32, hd: usize, groups: usize) -> __m512 {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for g in 0..groups {
+        for (c, acc) in acc.iter_mut().enumerate() {
+            let at = g * 64 + c * 16;
+            let m = mask16(at, hd);
+            let a = _mm512_maskz_loadu_ps(m, q.add(at));
+            let b = _mm512_maskz_loadu_ps(m, row.add(at));
+            *acc = _mm512_fmadd_ps(a, b, *acc);
+        }
+    }
+    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
+}
+
+/// [`reduce16`] of 16 vectors at once: lane `i` of the result is the tree of `t[i]`. Each
+/// level pairs the same lanes as the tree (`l + l+8`, `l + l+4`, `l + l+2`, `0 + 1`) while
+/// packing two vectors' halves into one, so four levels of shuffles and adds do the work of
+/// sixteen separate trees.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transposed(t: [__m512; 16]) -> __m512 {
+    // u[m]: lanes 0..8 the first level of t[2m], lanes 8..16 that of t[2m + 1].
+    let mut u = [_mm512_setzero_ps(); 8];
+    for (m, u) in u.iter_mut().enumerate() {
+        let (a, b) = (t[2 * m], t[2 * m + 1]);
+        *u = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xee>(a, b),
+        );
+    }
+    // w[p]: 128-bit lane x holds the second level of t[4p + x].
+    let mut w = [_mm512_setzero_ps(); 4];
+    for (p, w) in w.iter_mut().enumerate() {
+        let (a, b) = (u[2 * p], u[2 * p + 1]);
+        *w = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xdd>(a, b),
+        );
+    }
+    // x[s]: lane x holds the third level of t[8s + x] (2 floats) and of t[8s + 4 + x].
+    let mut x = [_mm512_setzero_ps(); 2];
+    for (s, x) in x.iter_mut().enumerate() {
+        let (a, b) = (_mm512_castps_pd(w[2 * s]), _mm512_castps_pd(w[2 * s + 1]));
+        *x = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+        );
+    }
+    // Lane 4x + y is the tree of t[x + 4y]; put it at lane x + 4y.
+    let y = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(x[0], x[1]),
+        _mm512_shuffle_ps::<0xdd>(x[0], x[1]),
+    );
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, y)
+}
+
+/// # Safety
+/// The CPU must have AVX-512F, AVX2 and FMA; `rows.offsets` must be inside `rows.k` and
+/// `rows.v` (with `head_dim` floats each), `scores` `heads × positions` and `out` `q`'s size.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn attend_avx512(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
+    let (hd, n, scale) = (rows.head_dim, rows.offsets.len(), rows.scale);
+    let (k, v) = (rows.k.as_ptr(), rows.v.as_ptr());
+    let groups = hd.div_ceil(64);
+    for ((q, s), o) in rows
+        .q
+        .chunks_exact(hd)
+        .zip(scores.chunks_exact_mut(n))
+        .zip(out.chunks_exact_mut(hd))
+    {
+        let q = q.as_ptr();
+        // Sixteen positions at a time have their trees reduced together (`transposed`), the
+        // rest one by one.
+        let mut j = 0;
+        while j + 16 <= n {
+            let mut t = [_mm512_setzero_ps(); 16];
+            for (i, t) in t.iter_mut().enumerate() {
+                *t = partial_dot(q, k.add(*rows.offsets.get_unchecked(j + i)), hd, groups);
+            }
+            let scores = _mm512_mul_ps(transposed(t), _mm512_set1_ps(scale));
+            _mm512_storeu_ps(s.as_mut_ptr().add(j), scores);
+            j += 16;
+        }
+        for j in j..n {
+            let t = partial_dot(q, k.add(*rows.offsets.get_unchecked(j)), hd, groups);
+            *s.get_unchecked_mut(j) = reduce16(t) * scale;
+        }
+
+        // Softmax: max, exp, 16 partial sums, normalise.
+        let p = s.as_mut_ptr();
+        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+        for at in (0..n).step_by(16) {
+            let x = _mm512_mask_loadu_ps(mv, mask16(at, n), p.add(at));
+            mv = _mm512_max_ps(mv, x);
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+        let mut lanes = _mm512_setzero_ps();
+        for at in (0..n).step_by(16) {
+            let m = mask16(at, n);
+            let x = _mm512_maskz_loadu_ps(m, p.add(at));
+            let e = exp16(_mm512_max_ps(
+                _mm512_sub_ps(x, max),
+                _mm512_set1_ps(EXP_MIN),
+            ));
+            _mm512_mask_storeu_ps(p.add(at), m, e);
+            lanes = _mm512_mask_add_ps(lanes, m, lanes, e);
+        }
+        let inv = _mm512_set1_ps(1.0 / reduce16(lanes));
+        for at in (0..n).step_by(16) {
+            let m = mask16(at, n);
+            let x = _mm512_maskz_loadu_ps(m, p.add(at));
+            _mm512_mask_storeu_ps(p.add(at), m, _mm512_mul_ps(x, inv));
+        }
+
+        // Σ p_j · v_j, 64 outputs at a time.
+        let o = o.as_mut_ptr();
+        for g in 0..groups {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for j in 0..n {
+                let pj = _mm512_set1_ps(*p.add(j));
+                let row = v.add(rows.offsets[j]);
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let at = g * 64 + c * 16;
+                    let x = _mm512_maskz_loadu_ps(mask16(at, hd), row.add(at));
+                    *acc = _mm512_fmadd_ps(pj, x, *acc);
+                }
+            }
+            for (c, acc) in acc.iter().enumerate() {
+                let at = g * 64 + c * 16;
+                _mm512_mask_storeu_ps(o.add(at), mask16(at, hd), *acc);
+            }
+        }
+    }
+}
+
+/// The lanes of `[0, len)` that exist past `at`, as AVX2's mask (all ones where they do).
+#[inline(always)]
+unsafe fn mask8(at: usize, len: usize) -> __m256i {
+    let valid = len.saturating_sub(at).min(8) as i32;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(valid),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load8(at: *const f32, mask: __m256i) -> __m256 {
+    _mm256_maskload_ps(at, mask)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(LOG2E),
+    ));
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let z = _mm256_mul_ps(r, r);
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    }
+    let y = _mm256_add_ps(_mm256_fmadd_ps(p, z, r), _mm256_set1_ps(1.0));
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+}
+
+/// # Safety
+/// As [`attend_avx512`], with AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn attend_avx2(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
+    let (hd, n, scale) = (rows.head_dim, rows.offsets.len(), rows.scale);
+    let (k, v) = (rows.k.as_ptr(), rows.v.as_ptr());
+    let groups = hd.div_ceil(64);
+    for ((q, s), o) in rows
+        .q
+        .chunks_exact(hd)
+        .zip(scores.chunks_exact_mut(n))
+        .zip(out.chunks_exact_mut(hd))
+    {
+        let q = q.as_ptr();
+        for j in 0..n {
+            let row = k.add(rows.offsets[j]);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for g in 0..groups {
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let at = g * 64 + c * 8;
+                    let m = mask8(at, hd);
+                    *acc = _mm256_fmadd_ps(load8(q.add(at), m), load8(row.add(at), m), *acc);
+                }
+            }
+            // Lanes 0..8 of the 16 are accumulators 0, 2, 4, 6; lanes 8..16 are 1, 3, 5, 7.
+            let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6]));
+            let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7]));
+            *s.get_unchecked_mut(j) = reduce_halves(lo, hi) * scale;
+        }
+
+        let p = s.as_mut_ptr();
+        let mut max = f32::NEG_INFINITY;
+        for &x in s.iter() {
+            max = max.max(x);
+        }
+        let max = _mm256_set1_ps(max);
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for at in (0..n).step_by(16) {
+            for (half, lanes) in [&mut lo, &mut hi].into_iter().enumerate() {
+                let at = at + 8 * half;
+                let m = mask8(at, n);
+                let x = load8(p.add(at), m);
+                let e = exp8(_mm256_max_ps(
+                    _mm256_sub_ps(x, max),
+                    _mm256_set1_ps(EXP_MIN),
+                ));
+                _mm256_maskstore_ps(p.add(at), m, e);
+                *lanes = _mm256_add_ps(*lanes, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+            }
+        }
+        let inv = _mm256_set1_ps(1.0 / reduce_halves(lo, hi));
+        for at in (0..n).step_by(8) {
+            let m = mask8(at, n);
+            _mm256_maskstore_ps(p.add(at), m, _mm256_mul_ps(load8(p.add(at), m), inv));
+        }
+
+        let o = o.as_mut_ptr();
+        for g in 0..groups {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for j in 0..n {
+                let pj = _mm256_set1_ps(*p.add(j));
+                let row = v.add(rows.offsets[j]);
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let at = g * 64 + c * 8;
+                    *acc = _mm256_fmadd_ps(pj, load8(row.add(at), mask8(at, hd)), *acc);
+                }
+            }
+            for (c, acc) in acc.iter().enumerate() {
+                let at = g * 64 + c * 8;
+                _mm256_maskstore_ps(o.add(at), mask8(at, hd), *acc);
+            }
+        }
+    }
+}
