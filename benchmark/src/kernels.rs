@@ -162,7 +162,7 @@ pub fn run(args: KernelArgs) -> anyhow::Result<KernelReport> {
                     let mut xq = QuantizedRows::default();
                     let t = time(args.seconds, || match &weight {
                         Weight::Quantized(packed) => {
-                            xq.requantize(&x, rows, k);
+                            xq.requantize(level, &x, rows, k);
                             packed.matmul(&xq, level, &mut out);
                         }
                         Weight::Bf16(b) => b.matmul(&x, rows, level, &mut out),

@@ -221,7 +221,7 @@ fn packed(x: &Tensor, weight: &PackedMatrix, level: Level) -> Result<Tensor> {
     let mut q = QUANTIZED.take();
     {
         let (xs, xl) = x.storage_and_layout();
-        q.requantize(host_f32(&xs, xl)?, rows, weight.k());
+        q.requantize(level, host_f32(&xs, xl)?, rows, weight.k());
         weight.matmul(&q, level, &mut y);
     }
     QUANTIZED.set(q);

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use crate::format::BLOCK;
+use crate::Level;
 
 /// `[rows, k]` f32 activations as blocks of 32 `i8` with one f32 scale each
 /// (`x ≈ scale · q`, `|q| ≤ 127`), each block's integer sum `Σq`, which the offset formats
@@ -21,13 +22,19 @@ pub struct QuantizedRows {
 impl QuantizedRows {
     /// Quantizes row-major `x: [rows, k]`; `k` must be a multiple of 32.
     pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
+        Self::quantize_at(Level::detected(), x, rows, k)
+    }
+
+    /// As [`QuantizedRows::quantize`] at `level` (lowered to what the CPU has); every level
+    /// gives the same quants, scales and sums.
+    pub fn quantize_at(level: Level, x: &[f32], rows: usize, k: usize) -> Self {
         let mut q = Self::default();
-        q.requantize(x, rows, k);
+        q.requantize(level, x, rows, k);
         q
     }
 
-    /// As [`QuantizedRows::quantize`], reusing this value's buffers.
-    pub fn requantize(&mut self, x: &[f32], rows: usize, k: usize) {
+    /// As [`QuantizedRows::quantize_at`], reusing this value's buffers.
+    pub fn requantize(&mut self, level: Level, x: &[f32], rows: usize, k: usize) {
         assert!(
             k.is_multiple_of(BLOCK),
             "k = {k} is not a multiple of {BLOCK}"
@@ -42,6 +49,7 @@ impl QuantizedRows {
         self.half_sums.resize(blocks, 0);
         // Runs of 64 blocks per task: a decode row is one or a few tasks, a prefill many.
         const RUN: usize = 64;
+        let level = level.capped();
         self.qs
             .par_chunks_mut(RUN * BLOCK)
             .zip(self.scales.par_chunks_mut(RUN))
@@ -56,7 +64,20 @@ impl QuantizedRows {
                     .zip(half_sums.iter_mut())
                     .zip(x.chunks_exact(BLOCK))
                 {
-                    (*sum, *half) = quantize_block(x, q, scale);
+                    (*sum, *half) = match level {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `capped` only yields levels the CPU runs; the block sizes
+                        // are exact (`chunks_exact`).
+                        Level::Avx512 => unsafe {
+                            crate::x86::activation::quantize_block_avx512(x, q, scale)
+                        },
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: as above.
+                        Level::Avx2 => unsafe {
+                            crate::x86::activation::quantize_block_avx2(x, q, scale)
+                        },
+                        _ => quantize_block(x, q, scale),
+                    };
                 }
             });
     }
@@ -103,8 +124,8 @@ impl QuantizedRows {
 }
 
 /// One block: round-to-nearest onto `amax / 127` steps; returns `Σq` and the sum of the first
-/// half's quants.
-fn quantize_block(x: &[f32], q: &mut [i8], scale: &mut f32) -> (i32, i32) {
+/// half's quants. The portable twin of the SIMD levels' blocks.
+pub(crate) fn quantize_block(x: &[f32], q: &mut [i8], scale: &mut f32) -> (i32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -151,6 +172,40 @@ mod tests {
         let back = q.dequantized_row(0);
         for (a, b) in x.iter().zip(&back) {
             assert!((a - b).abs() <= 1.1 / 127.0 * 0.5 + 1e-6);
+        }
+    }
+
+    #[test]
+    fn every_level_quantizes_as_the_scalar_twin() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut x: Vec<f32> = (0..40 * BLOCK)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                u * [1.0, 1e-3, 40.0, 1e30][i / BLOCK % 4]
+            })
+            .collect();
+        // Ties onto the grid (127 · k/2 / 127 steps), signed zeros, NaN, infinities, a zero
+        // block, one huge value.
+        for (i, v) in x[..BLOCK].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5;
+        }
+        x[BLOCK..2 * BLOCK].fill(-0.0);
+        x[2 * BLOCK + 3] = f32::NAN;
+        x[3 * BLOCK + 9] = f32::INFINITY;
+        x[4 * BLOCK + 31] = f32::NEG_INFINITY;
+        x[5 * BLOCK..6 * BLOCK].fill(0.0);
+        x[6 * BLOCK] = f32::MAX;
+        let want = QuantizedRows::quantize_at(Level::Scalar, &x, 4, 10 * BLOCK);
+        for level in Level::supported() {
+            let got = QuantizedRows::quantize_at(level, &x, 4, 10 * BLOCK);
+            assert_eq!(got.qs, want.qs, "{level}");
+            let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.scales), bits(&want.scales), "{level}");
+            assert_eq!(got.sums, want.sums, "{level}");
+            assert_eq!(got.half_sums, want.half_sums, "{level}");
         }
     }
 

@@ -1,6 +1,7 @@
 //! x86-64 kernels, each compiled for its instruction set and called only after run-time
 //! detection (see [`crate::Level`]).
 
+pub(crate) mod activation;
 pub(crate) mod attention;
 pub(crate) mod avx2;
 pub(crate) mod avx512;
