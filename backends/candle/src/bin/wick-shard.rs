@@ -213,6 +213,11 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
     // candle sizes its matmul parallelism from RAYON_NUM_THREADS, not from the global pool;
     // set it before any thread exists so both agree.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    // candle 0.11's element-wise pool spins 25 000 times before it parks; on a shard whose
+    // cores all run wick's kernels that spinning takes time from them between candle's ops.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     let kernel_level = args.cpu_kernels.level();
     if kernel_level < Level::Avx512 {
         // candle 0.11 reads this once, at its first quantized matmul, to keep its repacked
