@@ -321,7 +321,15 @@ mod tests {
 
     fn cases() -> Vec<Case> {
         let mut cases = Vec::new();
-        for (group, head_dim) in [(1, 1), (3, 7), (4, 64), (2, 80), (1, 128), (3, 130)] {
+        for (group, head_dim) in [
+            (1, 1),
+            (3, 7),
+            (4, 64),
+            (2, 80),
+            (1, 128),
+            (3, 130),
+            (6, 96),
+        ] {
             for (n, block_size) in [(1, 1), (2, 16), (15, 3), (17, 16), (100, 7)] {
                 cases.push(Case {
                     group,

@@ -48,21 +48,73 @@ unsafe fn exp16(x: __m512) -> __m512 {
     _mm512_mul_ps(y, _mm512_castsi512_ps(e))
 }
 
-/// A dot product's 64 lanes folded to 16: `(l + l+16) + (l+32 + l+48)`.
+/// Asks for position `j`'s row of `base` (`rows.k` or `rows.v`) ahead of its use.
+#[inline(always)]
+unsafe fn prefetch_row<const HINT: i32>(rows: &Rows<'_>, base: *const f32, j: usize) {
+    let row = base.add(*rows.offsets.get_unchecked(j)) as *const i8;
+    for line in 0..(rows.head_dim * 4).div_ceil(64) {
+        _mm_prefetch::<HINT>(row.add(64 * line));
+    }
+}
+
+/// The masks of one 64-float group's four vectors: all lanes, except in the last group of a
+/// `head_dim` that is not a multiple of 64.
+#[inline(always)]
+fn group_masks(g: usize, hd: usize) -> [__mmask16; 4] {
+    [0, 1, 2, 3].map(|c| mask16(g * 64 + c * 16, hd))
+}
+
+/// A dot product's 64 lanes folded to 16: `(l + l+16) + (l+32 + l+48)`; `last` masks the
+/// final group.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn partial_dot(q: *const f32, row: *const f32, hd: usize, groups: usize) -> __m512 {
+unsafe fn partial_dot(
+    q: *const f32,
+    row: *const f32,
+    groups: usize,
+    last: [__mmask16; 4],
+) -> __m512 {
     let mut acc = [_mm512_setzero_ps(); 4];
     for g in 0..groups {
+        let full = g + 1 < groups;
         for (c, acc) in acc.iter_mut().enumerate() {
             let at = g * 64 + c * 16;
-            let m = mask16(at, hd);
+            let m = if full { 0xffff } else { last[c] };
             let a = _mm512_maskz_loadu_ps(m, q.add(at));
             let b = _mm512_maskz_loadu_ps(m, row.add(at));
             *acc = _mm512_fmadd_ps(a, b, *acc);
         }
     }
     _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
+}
+
+/// `out[h] = Σ_j p[h][j] · v_j` over one 64-float group `g` for `H` heads at once, so each V
+/// row is loaded once for all of them.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn weighted_sum<const H: usize>(rows: &Rows<'_>, p: *const f32, o: *mut f32, g: usize) {
+    let (hd, n) = (rows.head_dim, rows.offsets.len());
+    let masks = group_masks(g, hd);
+    let v = rows.v.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); 4]; H];
+    for j in 0..n {
+        let row = v.add(*rows.offsets.get_unchecked(j) + g * 64);
+        let mut x = [_mm512_setzero_ps(); 4];
+        for (c, x) in x.iter_mut().enumerate() {
+            *x = _mm512_maskz_loadu_ps(masks[c], row.add(c * 16));
+        }
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let pj = _mm512_set1_ps(*p.add(h * n + j));
+            for (acc, x) in acc.iter_mut().zip(x) {
+                *acc = _mm512_fmadd_ps(pj, x, *acc);
+            }
+        }
+    }
+    for (h, acc) in acc.iter().enumerate() {
+        for (c, acc) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(o.add(h * hd + g * 64 + c * 16), masks[c], *acc);
+        }
+    }
 }
 
 /// [`reduce16`] of 16 vectors at once: lane `i` of the result is the tree of `t[i]`. Each
@@ -114,34 +166,47 @@ unsafe fn transposed(t: [__m512; 16]) -> __m512 {
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub(crate) unsafe fn attend_avx512(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
     let (hd, n, scale) = (rows.head_dim, rows.offsets.len(), rows.scale);
-    let (k, v) = (rows.k.as_ptr(), rows.v.as_ptr());
+    let heads = rows.q.len() / hd;
+    let (q, k) = (rows.q.as_ptr(), rows.k.as_ptr());
+    let s = scores.as_mut_ptr();
     let groups = hd.div_ceil(64);
-    for ((q, s), o) in rows
-        .q
-        .chunks_exact(hd)
-        .zip(scores.chunks_exact_mut(n))
-        .zip(out.chunks_exact_mut(hd))
-    {
-        let q = q.as_ptr();
-        // Sixteen positions at a time have their trees reduced together (`transposed`), the
-        // rest one by one.
-        let mut j = 0;
-        while j + 16 <= n {
+    let last = group_masks(groups - 1, hd);
+
+    // Scores. Sixteen positions at a time, every head over them while their K rows are in L1,
+    // with the sixteen trees reduced together (`transposed`); the rest one by one.
+    // A position's row is a few cache lines a whole slot apart from the next one's, which the
+    // hardware prefetchers do not follow across pages: the next block's K rows and this
+    // block's V rows (read after the softmax) are asked for ahead.
+    let mut j = 0;
+    while j + 16 <= n {
+        for i in j + 16..(j + 32).min(n) {
+            prefetch_row::<_MM_HINT_T0>(rows, k, i);
+        }
+        for i in j..j + 16 {
+            prefetch_row::<_MM_HINT_T1>(rows, rows.v.as_ptr(), i);
+        }
+        for h in 0..heads {
             let mut t = [_mm512_setzero_ps(); 16];
             for (i, t) in t.iter_mut().enumerate() {
-                *t = partial_dot(q, k.add(*rows.offsets.get_unchecked(j + i)), hd, groups);
+                let row = k.add(*rows.offsets.get_unchecked(j + i));
+                *t = partial_dot(q.add(h * hd), row, groups, last);
             }
             let scores = _mm512_mul_ps(transposed(t), _mm512_set1_ps(scale));
-            _mm512_storeu_ps(s.as_mut_ptr().add(j), scores);
-            j += 16;
+            _mm512_storeu_ps(s.add(h * n + j), scores);
         }
-        for j in j..n {
-            let t = partial_dot(q, k.add(*rows.offsets.get_unchecked(j)), hd, groups);
-            *s.get_unchecked_mut(j) = reduce16(t) * scale;
+        j += 16;
+    }
+    for j in j..n {
+        let row = k.add(*rows.offsets.get_unchecked(j));
+        for h in 0..heads {
+            let t = partial_dot(q.add(h * hd), row, groups, last);
+            *s.add(h * n + j) = reduce16(t) * scale;
         }
+    }
 
-        // Softmax: max, exp, 16 partial sums, normalise.
-        let p = s.as_mut_ptr();
+    // Softmax of each head's row: max, exp, 16 partial sums, normalise.
+    for h in 0..heads {
+        let p = s.add(h * n);
         let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
         for at in (0..n).step_by(16) {
             let x = _mm512_mask_loadu_ps(mv, mask16(at, n), p.add(at));
@@ -165,24 +230,21 @@ pub(crate) unsafe fn attend_avx512(rows: &Rows<'_>, scores: &mut [f32], out: &mu
             let x = _mm512_maskz_loadu_ps(m, p.add(at));
             _mm512_mask_storeu_ps(p.add(at), m, _mm512_mul_ps(x, inv));
         }
+    }
 
-        // Σ p_j · v_j, 64 outputs at a time.
-        let o = o.as_mut_ptr();
-        for g in 0..groups {
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for j in 0..n {
-                let pj = _mm512_set1_ps(*p.add(j));
-                let row = v.add(rows.offsets[j]);
-                for (c, acc) in acc.iter_mut().enumerate() {
-                    let at = g * 64 + c * 16;
-                    let x = _mm512_maskz_loadu_ps(mask16(at, hd), row.add(at));
-                    *acc = _mm512_fmadd_ps(pj, x, *acc);
-                }
+    // Σ p_j · v_j, 64 outputs of up to four heads at a time.
+    let o = out.as_mut_ptr();
+    for g in 0..groups {
+        let mut h = 0;
+        while h < heads {
+            let (p, oh) = (s.add(h * n) as *const f32, o.add(h * hd));
+            match heads - h {
+                1 => weighted_sum::<1>(rows, p, oh, g),
+                2 => weighted_sum::<2>(rows, p, oh, g),
+                3 => weighted_sum::<3>(rows, p, oh, g),
+                _ => weighted_sum::<4>(rows, p, oh, g),
             }
-            for (c, acc) in acc.iter().enumerate() {
-                let at = g * 64 + c * 16;
-                _mm512_mask_storeu_ps(o.add(at), mask16(at, hd), *acc);
-            }
+            h += 4;
         }
     }
 }
@@ -197,9 +259,27 @@ unsafe fn mask8(at: usize, len: usize) -> __m256i {
     )
 }
 
+/// The 8 floats of `[0, len)` at `base + at`, zeros past `len`: a plain load where all 8
+/// exist (AVX2's masked loads are slow on some CPUs).
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn load8(at: *const f32, mask: __m256i) -> __m256 {
-    _mm256_maskload_ps(at, mask)
+unsafe fn load8(base: *const f32, at: usize, len: usize) -> __m256 {
+    if at + 8 <= len {
+        _mm256_loadu_ps(base.add(at))
+    } else {
+        _mm256_maskload_ps(base.add(at), mask8(at, len))
+    }
+}
+
+/// Stores the lanes of `x` that fall in `[0, len)` at `base + at`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store8(base: *mut f32, at: usize, len: usize, x: __m256) {
+    if at + 8 <= len {
+        _mm256_storeu_ps(base.add(at), x)
+    } else {
+        _mm256_maskstore_ps(base.add(at), mask8(at, len), x)
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -230,29 +310,30 @@ pub(crate) unsafe fn attend_avx2(rows: &Rows<'_>, scores: &mut [f32], out: &mut 
     let (hd, n, scale) = (rows.head_dim, rows.offsets.len(), rows.scale);
     let (k, v) = (rows.k.as_ptr(), rows.v.as_ptr());
     let groups = hd.div_ceil(64);
-    for ((q, s), o) in rows
-        .q
-        .chunks_exact(hd)
-        .zip(scores.chunks_exact_mut(n))
-        .zip(out.chunks_exact_mut(hd))
-    {
-        let q = q.as_ptr();
-        for j in 0..n {
-            let row = k.add(rows.offsets[j]);
+    // Scores, position by position with every head while the K row is in L1; rows ahead are
+    // asked for as in `attend_avx512`.
+    for j in 0..n {
+        if j + 16 < n {
+            prefetch_row::<_MM_HINT_T0>(rows, k, j + 16);
+        }
+        prefetch_row::<_MM_HINT_T1>(rows, v, j);
+        let row = k.add(*rows.offsets.get_unchecked(j));
+        for (h, q) in rows.q.chunks_exact(hd).enumerate() {
+            let q = q.as_ptr();
             let mut acc = [_mm256_setzero_ps(); 8];
             for g in 0..groups {
                 for (c, acc) in acc.iter_mut().enumerate() {
                     let at = g * 64 + c * 8;
-                    let m = mask8(at, hd);
-                    *acc = _mm256_fmadd_ps(load8(q.add(at), m), load8(row.add(at), m), *acc);
+                    *acc = _mm256_fmadd_ps(load8(q, at, hd), load8(row, at, hd), *acc);
                 }
             }
             // Lanes 0..8 of the 16 are accumulators 0, 2, 4, 6; lanes 8..16 are 1, 3, 5, 7.
             let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6]));
             let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7]));
-            *s.get_unchecked_mut(j) = reduce_halves(lo, hi) * scale;
+            *scores.get_unchecked_mut(h * n + j) = reduce_halves(lo, hi) * scale;
         }
-
+    }
+    for (s, o) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(hd)) {
         let p = s.as_mut_ptr();
         let mut max = f32::NEG_INFINITY;
         for &x in s.iter() {
@@ -264,7 +345,7 @@ pub(crate) unsafe fn attend_avx2(rows: &Rows<'_>, scores: &mut [f32], out: &mut 
             for (half, lanes) in [&mut lo, &mut hi].into_iter().enumerate() {
                 let at = at + 8 * half;
                 let m = mask8(at, n);
-                let x = load8(p.add(at), m);
+                let x = load8(p, at, n);
                 let e = exp8(_mm256_max_ps(
                     _mm256_sub_ps(x, max),
                     _mm256_set1_ps(EXP_MIN),
@@ -275,8 +356,7 @@ pub(crate) unsafe fn attend_avx2(rows: &Rows<'_>, scores: &mut [f32], out: &mut 
         }
         let inv = _mm256_set1_ps(1.0 / reduce_halves(lo, hi));
         for at in (0..n).step_by(8) {
-            let m = mask8(at, n);
-            _mm256_maskstore_ps(p.add(at), m, _mm256_mul_ps(load8(p.add(at), m), inv));
+            store8(p, at, n, _mm256_mul_ps(load8(p, at, n), inv));
         }
 
         let o = o.as_mut_ptr();
@@ -287,12 +367,12 @@ pub(crate) unsafe fn attend_avx2(rows: &Rows<'_>, scores: &mut [f32], out: &mut 
                 let row = v.add(rows.offsets[j]);
                 for (c, acc) in acc.iter_mut().enumerate() {
                     let at = g * 64 + c * 8;
-                    *acc = _mm256_fmadd_ps(pj, load8(row.add(at), mask8(at, hd)), *acc);
+                    *acc = _mm256_fmadd_ps(pj, load8(row, at, hd), *acc);
                 }
             }
             for (c, acc) in acc.iter().enumerate() {
                 let at = g * 64 + c * 8;
-                _mm256_maskstore_ps(o.add(at), mask8(at, hd), *acc);
+                store8(o, at, hd, *acc);
             }
         }
     }
