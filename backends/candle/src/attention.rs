@@ -303,15 +303,7 @@ fn sequence_attention(
             let hi = p - k_lo - a + 1;
             row[..lo].fill(0.0);
             row[hi..].fill(0.0);
-            let valid = &mut row[lo..hi];
-            let max = valid.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for x in valid.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            valid.iter_mut().for_each(|x| *x *= inv);
+            wick_kernels::softmax(params.level, &mut row[lo..hi]);
         });
         let probs = Tensor::from_vec(probs, (nkv, group * rows, m), &Device::Cpu)?;
         // [nkv * group * rows, hd] = heads-major; scatter back to token-major rows.

@@ -90,7 +90,7 @@ impl Projections {
 
     /// `SiLU(gate) · up` for gate/up projections, in one pass over the stacked output when
     /// they are stacked.
-    fn silu_mul(&self, x: &Tensor) -> Result<Tensor> {
+    fn silu_mul(&self, x: &Tensor, level: wick_kernels::Level) -> Result<Tensor> {
         let (linear, width) = match self {
             Projections::Stacked { linear, widths }
                 if widths.len() == 2 && widths[0] == widths[1] =>
@@ -116,9 +116,7 @@ impl Projections {
                 .zip(y.par_chunks(2 * width))
                 .for_each(|(o, y)| {
                     let (gate, up) = y.split_at(width);
-                    for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                        *o = g / (1.0 + (-g).exp()) * u;
-                    }
+                    wick_kernels::silu_mul(level, gate, up, o);
                 });
         }
         Tensor::from_vec(out, (rows, width), x.device())
@@ -367,7 +365,7 @@ impl LlamaModel {
             x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            let mlp = layer.gate_up.silu_mul(&h)?;
+            let mlp = layer.gate_up.silu_mul(&h, self.kernel_level)?;
             x = (x + self.sum_over_ranks(layer.down_proj.forward(&mlp)?)?)?;
         }
 

@@ -175,8 +175,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     reduce16(&t)
 }
 
-/// Scores to probabilities in place.
-fn softmax(s: &mut [f32]) {
+/// Scores to probabilities in place (`exp(s - max) / Σ`), at `level` (lowered to what the CPU
+/// has): the attention's own softmax, for callers that compute the scores themselves (prefill
+/// chunks). Every level gives the same bits.
+pub fn softmax(level: Level, s: &mut [f32]) {
+    match level.capped() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `capped` only yields levels the CPU runs; the pointer covers `s`.
+        Level::Avx512 => unsafe { crate::x86::attention::softmax_avx512(s.as_mut_ptr(), s.len()) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { crate::x86::attention::softmax_avx2(s.as_mut_ptr(), s.len()) },
+        _ => scalar_softmax(s),
+    }
+}
+
+fn scalar_softmax(s: &mut [f32]) {
     let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut lanes = [0f32; SUM_LANES];
     for (j, x) in s.iter_mut().enumerate() {
@@ -199,7 +213,7 @@ pub(crate) fn scalar(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
         for (s, &at) in s.iter_mut().zip(rows.offsets) {
             *s = dot(q, &rows.k[at..at + hd]) * rows.scale;
         }
-        softmax(s);
+        scalar_softmax(s);
         o.fill(0.0);
         for (&p, &at) in s.iter().zip(rows.offsets) {
             for (o, &v) in o.iter_mut().zip(&rows.v[at..at + hd]) {
@@ -377,6 +391,26 @@ mod tests {
                     .zip(&got)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{level}, case {i}: {got:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_levels_agree_on_odd_lengths() {
+        let mut r = rng(3);
+        for n in [1, 7, 8, 15, 16, 17, 33, 200] {
+            let x: Vec<f32> = (0..n).map(|_| r() * 30.0).collect();
+            let mut want = x.clone();
+            softmax(Level::Scalar, &mut want);
+            assert!((want.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            for level in Level::supported() {
+                let mut got = x.clone();
+                softmax(level, &mut got);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{level}, n {n}");
             }
         }
     }

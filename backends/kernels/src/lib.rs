@@ -12,12 +12,14 @@
 //!   memory once per step whatever the batch.
 //! - [`attend`]: decode attention of the query heads that share a KV head, over a paged f32
 //!   KV cache read in place through the block table.
+//! - [`silu_mul`]: the MLP's `SiLU(gate) · up`, on the attention's `exp`.
 //! - [`Level`]: AVX-512 VNNI, AVX2 or scalar, detected at run time and capped by the caller;
 //!   every level returns the same bits, checked by the tests on every level the host runs.
 
 mod activation;
 mod attention;
 mod dense;
+mod elementwise;
 pub mod format;
 mod level;
 mod packed;
@@ -25,8 +27,9 @@ mod packed;
 mod x86;
 
 pub use activation::QuantizedRows;
-pub use attention::{attend, AttendScratch, HeadGroup, PagedKv};
+pub use attention::{attend, softmax, AttendScratch, HeadGroup, PagedKv};
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
+pub use elementwise::silu_mul;
 pub use format::{Format, BLOCK};
 pub use level::{cpu_features, cpu_model, present_cpu_features, Level};
 pub use packed::{PackedMatrix, PANEL};

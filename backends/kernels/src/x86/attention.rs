@@ -29,7 +29,7 @@ unsafe fn reduce16(t: __m512) -> f32 {
 }
 
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn exp16(x: __m512) -> __m512 {
+pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
     );
@@ -204,32 +204,8 @@ pub(crate) unsafe fn attend_avx512(rows: &Rows<'_>, scores: &mut [f32], out: &mu
         }
     }
 
-    // Softmax of each head's row: max, exp, 16 partial sums, normalise.
     for h in 0..heads {
-        let p = s.add(h * n);
-        let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
-        for at in (0..n).step_by(16) {
-            let x = _mm512_mask_loadu_ps(mv, mask16(at, n), p.add(at));
-            mv = _mm512_max_ps(mv, x);
-        }
-        let max = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
-        let mut lanes = _mm512_setzero_ps();
-        for at in (0..n).step_by(16) {
-            let m = mask16(at, n);
-            let x = _mm512_maskz_loadu_ps(m, p.add(at));
-            let e = exp16(_mm512_max_ps(
-                _mm512_sub_ps(x, max),
-                _mm512_set1_ps(EXP_MIN),
-            ));
-            _mm512_mask_storeu_ps(p.add(at), m, e);
-            lanes = _mm512_mask_add_ps(lanes, m, lanes, e);
-        }
-        let inv = _mm512_set1_ps(1.0 / reduce16(lanes));
-        for at in (0..n).step_by(16) {
-            let m = mask16(at, n);
-            let x = _mm512_maskz_loadu_ps(m, p.add(at));
-            _mm512_mask_storeu_ps(p.add(at), m, _mm512_mul_ps(x, inv));
-        }
+        softmax_avx512(s.add(h * n), n);
     }
 
     // Σ p_j · v_j, 64 outputs of up to four heads at a time.
@@ -283,7 +259,7 @@ unsafe fn store8(base: *mut f32, at: usize, len: usize, x: __m256) {
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp8(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
         _mm256_set1_ps(LOG2E),
@@ -301,6 +277,68 @@ unsafe fn exp8(x: __m256) -> __m256 {
         _mm256_set1_epi32(127),
     ));
     _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+}
+
+/// Softmax of the `n` floats at `p` in place: max, exp, 16 partial sums, normalise.
+///
+/// # Safety
+/// The CPU must have AVX-512F, AVX2 and FMA; `p` points at `n` floats.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn softmax_avx512(p: *mut f32, n: usize) {
+    let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+    for at in (0..n).step_by(16) {
+        let x = _mm512_mask_loadu_ps(mv, mask16(at, n), p.add(at));
+        mv = _mm512_max_ps(mv, x);
+    }
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    let mut lanes = _mm512_setzero_ps();
+    for at in (0..n).step_by(16) {
+        let m = mask16(at, n);
+        let x = _mm512_maskz_loadu_ps(m, p.add(at));
+        let e = exp16(_mm512_max_ps(
+            _mm512_sub_ps(x, max),
+            _mm512_set1_ps(EXP_MIN),
+        ));
+        _mm512_mask_storeu_ps(p.add(at), m, e);
+        lanes = _mm512_mask_add_ps(lanes, m, lanes, e);
+    }
+    let inv = _mm512_set1_ps(1.0 / reduce16(lanes));
+    for at in (0..n).step_by(16) {
+        let m = mask16(at, n);
+        let x = _mm512_maskz_loadu_ps(m, p.add(at));
+        _mm512_mask_storeu_ps(p.add(at), m, _mm512_mul_ps(x, inv));
+    }
+}
+
+/// Softmax of the `n` floats at `p` in place, as [`softmax_avx512`] computes it.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `p` points at `n` floats.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn softmax_avx2(p: *mut f32, n: usize) {
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..n {
+        max = max.max(*p.add(j));
+    }
+    let max = _mm256_set1_ps(max);
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for at in (0..n).step_by(16) {
+        for (half, lanes) in [&mut lo, &mut hi].into_iter().enumerate() {
+            let at = at + 8 * half;
+            let m = mask8(at, n);
+            let x = load8(p, at, n);
+            let e = exp8(_mm256_max_ps(
+                _mm256_sub_ps(x, max),
+                _mm256_set1_ps(EXP_MIN),
+            ));
+            _mm256_maskstore_ps(p.add(at), m, e);
+            *lanes = _mm256_add_ps(*lanes, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
+        }
+    }
+    let inv = _mm256_set1_ps(1.0 / reduce_halves(lo, hi));
+    for at in (0..n).step_by(8) {
+        store8(p, at, n, _mm256_mul_ps(load8(p, at, n), inv));
+    }
 }
 
 /// # Safety
@@ -335,29 +373,7 @@ pub(crate) unsafe fn attend_avx2(rows: &Rows<'_>, scores: &mut [f32], out: &mut 
     }
     for (s, o) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(hd)) {
         let p = s.as_mut_ptr();
-        let mut max = f32::NEG_INFINITY;
-        for &x in s.iter() {
-            max = max.max(x);
-        }
-        let max = _mm256_set1_ps(max);
-        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        for at in (0..n).step_by(16) {
-            for (half, lanes) in [&mut lo, &mut hi].into_iter().enumerate() {
-                let at = at + 8 * half;
-                let m = mask8(at, n);
-                let x = load8(p, at, n);
-                let e = exp8(_mm256_max_ps(
-                    _mm256_sub_ps(x, max),
-                    _mm256_set1_ps(EXP_MIN),
-                ));
-                _mm256_maskstore_ps(p.add(at), m, e);
-                *lanes = _mm256_add_ps(*lanes, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
-            }
-        }
-        let inv = _mm256_set1_ps(1.0 / reduce_halves(lo, hi));
-        for at in (0..n).step_by(8) {
-            store8(p, at, n, _mm256_mul_ps(load8(p, at, n), inv));
-        }
+        softmax_avx2(p, n);
 
         let o = o.as_mut_ptr();
         for g in 0..groups {

@@ -6,6 +6,7 @@ pub(crate) mod attention;
 pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod dense;
+pub(crate) mod elementwise;
 
 /// Formats as const parameters, so each tile is compiled once per format with its branches
 /// folded away.
