@@ -23,7 +23,13 @@ pub(crate) unsafe fn panel(
     out: &mut [[f32; PANEL]],
 ) {
     let (format, data, units) = (panel.format, panel.data.as_ptr(), panel.units);
-    for_row_tiles!(tile, 8, format, x, rows, out, data, units);
+    if kind(format) == Kind::Halves {
+        // Q6_K's larger row body is not unrolled over 8 rows: the accumulators would live on
+        // the stack. 4 rows keep them in registers.
+        for_row_tiles!(tile, 4, format, x, rows, out, data, units);
+    } else {
+        for_row_tiles!(tile, 8, format, x, rows, out, data, units);
+    }
 }
 
 /// 16 f16 at `at` as f32.
