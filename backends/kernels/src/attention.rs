@@ -1,16 +1,15 @@
 //! Decode attention over a paged f32 KV cache: the query heads of one token that share one KV
 //! head, over a window of their sequence's positions, read in place through the block table.
 //!
-//! One call reads each K and V row of the window once per query head from cache (the group's
-//! heads run back to back over the same rows), scores them, takes the softmax and sums the V
-//! rows. Every level performs the same float operations in the same order, so all levels give
+//! One call scores every K row of the window for all the group's heads, takes each head's
+//! softmax and sums the V rows. Every level performs the same float operations in the same order, so all levels give
 //! the scalar twin's bits:
 //! - a dot product keeps 64 partial sums (input `d` goes to lane `d % 64`, fused multiply-add,
 //!   inputs in order), combined as `(l + l+16) + (l+32 + l+48)` and then halved in a fixed tree
 //!   (`l + l+8`, `l + l+4`, `l + l+2`, `0 + 1`);
-//! - `exp` is one polynomial (Cephes' single-precision one, fused multiply-adds) on
-//!   `max(s - max, -87)`, and the softmax's sum keeps 16 partial sums (position `j` to lane
-//!   `j % 16`) halved in the same tree;
+//! - `exp` is one polynomial (Cephes' single-precision one, fused multiply-adds) on `s - max`,
+//!   0 below -87, and the softmax's sum keeps 16 partial sums (position `j` to lane `j % 16`)
+//!   halved in the same tree;
 //! - each output element sums `p_j · v_j` with fused multiply-adds, positions in order.
 
 use std::ops::Range;
@@ -126,7 +125,7 @@ pub(crate) struct Rows<'a> {
 pub(crate) const DOT_LANES: usize = 64;
 /// Lanes of the softmax sum's partial sums.
 pub(crate) const SUM_LANES: usize = 16;
-/// `exp`'s argument is clamped here, where `2^n` is still a normal float.
+/// Below this (where `2^n` would no longer be a normal float), and for NaN, `exp` gives 0.
 pub(crate) const EXP_MIN: f32 = -87.0;
 pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// `ln 2` in two parts: `n · LN2_HI` is exact for the `n` that occur.
@@ -142,8 +141,12 @@ pub(crate) const EXP_POLY: [f32; 6] = [
     0.5,
 ];
 
-/// `exp(x)` for `x` in `[EXP_MIN, 0]`, as every level computes it.
+/// `exp(x)` for `x ≤ 0`, as every level computes it: 0 below [`EXP_MIN`] and for NaN (so a
+/// score of -inf weighs nothing).
 pub(crate) fn exp(x: f32) -> f32 {
+    if x.is_nan() || x < EXP_MIN {
+        return 0.0;
+    }
     let n = (x * LOG2E).round_ties_even();
     let r = n.mul_add(-LN2_HI, x);
     let r = n.mul_add(LN2_LO, r);
@@ -194,7 +197,7 @@ fn scalar_softmax(s: &mut [f32]) {
     let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut lanes = [0f32; SUM_LANES];
     for (j, x) in s.iter_mut().enumerate() {
-        *x = exp((*x - max).max(EXP_MIN));
+        *x = exp(*x - max);
         lanes[j % SUM_LANES] += *x;
     }
     let inv = 1.0 / reduce16(&lanes);
@@ -251,6 +254,9 @@ mod tests {
         assert!(worst < 2.5e-7, "relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert_eq!(exp(-0.0), 1.0);
+        assert_eq!(exp(EXP_MIN - 0.01), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::NAN), 0.0);
     }
 
     struct Case {
@@ -399,10 +405,17 @@ mod tests {
     fn softmax_levels_agree_on_odd_lengths() {
         let mut r = rng(3);
         for n in [1, 7, 8, 15, 16, 17, 33, 200] {
-            let x: Vec<f32> = (0..n).map(|_| r() * 30.0).collect();
+            let mut x: Vec<f32> = (0..n).map(|_| r() * 30.0).collect();
+            if n > 1 {
+                // A masked-out score weighs exactly nothing.
+                x[n / 2] = f32::NEG_INFINITY;
+            }
             let mut want = x.clone();
             softmax(Level::Scalar, &mut want);
             assert!((want.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            if n > 1 {
+                assert_eq!(want[n / 2], 0.0);
+            }
             for level in Level::supported() {
                 let mut got = x.clone();
                 softmax(level, &mut got);

@@ -1,6 +1,6 @@
 //! Element-wise activations of the MLP, vectorised, on the same `exp` as the attention.
 
-use crate::attention::{exp, EXP_MIN};
+use crate::attention::exp;
 use crate::Level;
 
 /// `out = SiLU(gate) · up` element by element, at `level` (lowered to what the CPU has);
@@ -36,7 +36,7 @@ pub fn silu_mul(level: Level, gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// The scalar twin of one element.
 pub(crate) fn silu(g: f32) -> f32 {
-    let e = exp((-g.abs()).max(EXP_MIN));
+    let e = exp(-g.abs());
     if g >= 0.0 {
         g / (1.0 + e)
     } else {

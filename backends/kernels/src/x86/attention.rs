@@ -28,8 +28,10 @@ unsafe fn reduce16(t: __m512) -> f32 {
     reduce_halves(_mm512_castps512_ps256(t), hi)
 }
 
+/// [`crate::attention::exp`] of 16 lanes.
 #[target_feature(enable = "avx512f,fma")]
-pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
+pub(crate) unsafe fn exp16(x_in: __m512) -> __m512 {
+    let x = _mm512_max_ps(x_in, _mm512_set1_ps(EXP_MIN));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
     );
@@ -45,7 +47,8 @@ pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
         _mm512_cvtps_epi32(n),
         _mm512_set1_epi32(127),
     ));
-    _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+    let in_range = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x_in, _mm512_set1_ps(EXP_MIN));
+    _mm512_maskz_mul_ps(in_range, y, _mm512_castsi512_ps(e))
 }
 
 /// Asks for position `j`'s row of `base` (`rows.k` or `rows.v`) ahead of its use.
@@ -258,8 +261,10 @@ unsafe fn store8(base: *mut f32, at: usize, len: usize, x: __m256) {
     }
 }
 
+/// [`crate::attention::exp`] of 8 lanes.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp8(x_in: __m256) -> __m256 {
+    let x = _mm256_max_ps(x_in, _mm256_set1_ps(EXP_MIN));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
         _mm256_set1_ps(LOG2E),
@@ -276,7 +281,8 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
         _mm256_cvtps_epi32(n),
         _mm256_set1_epi32(127),
     ));
-    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+    let in_range = _mm256_cmp_ps::<_CMP_GE_OQ>(x_in, _mm256_set1_ps(EXP_MIN));
+    _mm256_and_ps(in_range, _mm256_mul_ps(y, _mm256_castsi256_ps(e)))
 }
 
 /// Softmax of the `n` floats at `p` in place: max, exp, 16 partial sums, normalise.
@@ -295,10 +301,7 @@ pub(crate) unsafe fn softmax_avx512(p: *mut f32, n: usize) {
     for at in (0..n).step_by(16) {
         let m = mask16(at, n);
         let x = _mm512_maskz_loadu_ps(m, p.add(at));
-        let e = exp16(_mm512_max_ps(
-            _mm512_sub_ps(x, max),
-            _mm512_set1_ps(EXP_MIN),
-        ));
+        let e = exp16(_mm512_sub_ps(x, max));
         _mm512_mask_storeu_ps(p.add(at), m, e);
         lanes = _mm512_mask_add_ps(lanes, m, lanes, e);
     }
@@ -327,10 +330,7 @@ pub(crate) unsafe fn softmax_avx2(p: *mut f32, n: usize) {
             let at = at + 8 * half;
             let m = mask8(at, n);
             let x = load8(p, at, n);
-            let e = exp8(_mm256_max_ps(
-                _mm256_sub_ps(x, max),
-                _mm256_set1_ps(EXP_MIN),
-            ));
+            let e = exp8(_mm256_sub_ps(x, max));
             _mm256_maskstore_ps(p.add(at), m, e);
             *lanes = _mm256_add_ps(*lanes, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
         }

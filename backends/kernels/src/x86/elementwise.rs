@@ -3,7 +3,6 @@
 use std::arch::x86_64::*;
 
 use super::attention::{exp16, exp8};
-use crate::attention::EXP_MIN;
 use crate::elementwise::silu;
 
 /// # Safety
@@ -18,7 +17,7 @@ pub(crate) unsafe fn silu_mul_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) 
         let x = _mm512_loadu_ps(g.add(at));
         // -|g|: the sign bit set, as the scalar's negated absolute value.
         let neg_abs = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), sign));
-        let e = exp16(_mm512_max_ps(neg_abs, _mm512_set1_ps(EXP_MIN)));
+        let e = exp16(neg_abs);
         let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
         // g where g ≥ 0 (or NaN, which stays NaN either way), g·e below.
         let num = _mm512_mask_mul_ps(x, below, x, e);
@@ -41,7 +40,7 @@ pub(crate) unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for at in (0..n).step_by(8) {
         let x = _mm256_loadu_ps(g.add(at));
         let neg_abs = _mm256_or_ps(x, sign);
-        let e = exp8(_mm256_max_ps(neg_abs, _mm256_set1_ps(EXP_MIN)));
+        let e = exp8(neg_abs);
         let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps());
         let num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), below);
         let s = _mm256_div_ps(num, _mm256_add_ps(one, e));
