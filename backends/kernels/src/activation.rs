@@ -151,6 +151,7 @@ pub(crate) fn quantize_block(x: &[f32], q: &mut [i8], scale: &mut f32) -> (i32, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::{same_bits, Rng};
 
     #[test]
     fn blocks_round_to_their_own_scale() {
@@ -177,15 +178,9 @@ mod tests {
 
     #[test]
     fn every_level_quantizes_as_the_scalar_twin() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut x: Vec<f32> = (0..40 * BLOCK)
-            .map(|i| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                u * [1.0, 1e-3, 40.0, 1e30][i / BLOCK % 4]
-            })
+            .map(|i| rng.next() * 0.5 * [1.0, 1e-3, 40.0, 1e30][i / BLOCK % 4])
             .collect();
         // Ties onto the grid (127 · k/2 / 127 steps), signed zeros, NaN, infinities, a zero
         // block, one huge value.
@@ -202,8 +197,7 @@ mod tests {
         for level in Level::supported() {
             let got = QuantizedRows::quantize_at(level, &x, 4, 10 * BLOCK);
             assert_eq!(got.qs, want.qs, "{level}");
-            let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got.scales), bits(&want.scales), "{level}");
+            assert!(same_bits(&got.scales, &want.scales), "{level}");
             assert_eq!(got.sums, want.sums, "{level}");
             assert_eq!(got.half_sums, want.half_sums, "{level}");
         }

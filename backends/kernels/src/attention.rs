@@ -229,18 +229,7 @@ pub(crate) fn scalar(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// xorshift64*, in [-1, 1).
-    fn rng(seed: u64) -> impl FnMut() -> f32 {
-        let mut s = seed | 1;
-        move || {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let u = (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32;
-            2.0 * u - 1.0
-        }
-    }
+    use crate::tests::{same_bits, Rng};
 
     #[test]
     fn exp_is_within_two_ulps_of_f64_over_its_range() {
@@ -277,7 +266,8 @@ mod tests {
             block_size: bs,
             q_scale,
         } = *case;
-        let mut r = rng(seed);
+        let mut rng = Rng(seed | 1);
+        let mut r = || rng.next();
         // The window is the last `n` of `n + 3` positions; blocks in reverse order, one spare.
         let context = n + 3;
         let blocks = context.div_ceil(bs) + 1;
@@ -392,10 +382,7 @@ mod tests {
             for (i, case) in cases().iter().enumerate() {
                 let (want, _) = run(case, Level::Scalar, i as u64 + 7);
                 let (got, _) = run(case, level, i as u64 + 7);
-                let same = want
-                    .iter()
-                    .zip(&got)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = same_bits(&got, &want);
                 assert!(same, "{level}, case {i}: {got:?} vs {want:?}");
             }
         }
@@ -403,7 +390,8 @@ mod tests {
 
     #[test]
     fn softmax_levels_agree_on_odd_lengths() {
-        let mut r = rng(3);
+        let mut rng = Rng(3);
+        let mut r = || rng.next();
         for n in [1, 7, 8, 15, 16, 17, 33, 200] {
             let mut x: Vec<f32> = (0..n).map(|_| r() * 30.0).collect();
             if n > 1 {
@@ -419,10 +407,7 @@ mod tests {
             for level in Level::supported() {
                 let mut got = x.clone();
                 softmax(level, &mut got);
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = same_bits(&got, &want);
                 assert!(same, "{level}, n {n}");
             }
         }

@@ -47,6 +47,7 @@ pub(crate) fn silu(g: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::same_bits;
 
     #[test]
     fn silu_is_close_to_f64_and_every_level_gives_the_scalar_bits() {
@@ -71,10 +72,7 @@ mod tests {
             for len in [gate.len(), 1, 15, 17, 33] {
                 let mut got = vec![f32::NAN; len];
                 silu_mul(level, &gate[..len], &up[..len], &mut got);
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = same_bits(&got, &want[..len]);
                 assert!(same, "{level}, length {len}");
             }
         }

@@ -4,11 +4,18 @@
 use crate::format::{dequantize, quantize};
 use crate::{Format, Level, PackedMatrix, QuantizedRows};
 
-/// xorshift64*: deterministic test data without a dependency.
-struct Rng(u64);
+/// xorshift64*: deterministic test data without a dependency (every test module's).
+pub(crate) struct Rng(pub(crate) u64);
+
+/// Whether two results are the same floats bit for bit (how a SIMD level must match its
+/// scalar twin).
+pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
 
 impl Rng {
-    fn next(&mut self) -> f32 {
+    /// Uniform in [-1, 1).
+    pub(crate) fn next(&mut self) -> f32 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -87,10 +94,7 @@ fn check(case: &Case, seed: u64) -> Vec<f32> {
     for level in Level::supported() {
         let mut got = vec![f32::NAN; m * n];
         packed.matmul(&xq, level, &mut got);
-        let same = got
-            .iter()
-            .zip(&scalar)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = same_bits(&got, &scalar);
         assert!(
             same,
             "{format:?} [{m}x{k}]·[{n}x{k}]ᵀ: {level} differs from scalar"
@@ -290,10 +294,7 @@ fn bf16_every_level_on_odd_shapes() {
             for level in Level::supported() {
                 let mut got = vec![f32::NAN; m * n];
                 packed.matmul(&x, m, level, &mut got);
-                let same = got
-                    .iter()
-                    .zip(&scalar)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = same_bits(&got, &scalar);
                 assert!(
                     same,
                     "bf16 [{m}x{k}]·[{n}x{k}]ᵀ: {level} differs from scalar"
