@@ -64,6 +64,69 @@ pub struct BatchResult {
     pub decode_token_latency_ms: Summary,
     pub decode_total_latency_ms: Summary,
     pub decode_throughput: Summary,
+    /// Where a prefill's time went (mean over the measured runs).
+    pub prefill_breakdown: StepBreakdown,
+    /// Where a decode step's time went (mean over every measured step).
+    pub decode_breakdown: StepBreakdown,
+}
+
+/// One step's time by part, in milliseconds, as the shard reports it: its forward pass split
+/// into the linear layers, attention and the rest; sampling with detokenization and stop
+/// checks; and what the step cost beyond the shard's own time (gRPC, this client).
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct StepBreakdown {
+    pub forward_ms: f64,
+    pub linear_ms: f64,
+    pub attention_ms: f64,
+    pub other_ms: f64,
+    pub sampling_ms: f64,
+    pub outside_shard_ms: f64,
+}
+
+/// Sums of step parts in nanoseconds, and the steps they cover.
+#[derive(Default)]
+struct PartSums {
+    forward: u64,
+    linear: u64,
+    attention: u64,
+    sampling: u64,
+    shard: u64,
+    wall: f64,
+    steps: u64,
+}
+
+impl PartSums {
+    fn add(&mut self, t: &StepTimes, wall_s: f64) {
+        self.forward += t.forward_ns;
+        self.linear += t.linear_ns;
+        self.attention += t.attention_ns;
+        self.sampling += t.decode_ns;
+        self.shard += t.total_ns;
+        self.wall += wall_s;
+        self.steps += 1;
+    }
+
+    fn mean(&self) -> StepBreakdown {
+        let n = self.steps.max(1) as f64;
+        let ms = |ns: u64| ns as f64 / 1e6 / n;
+        StepBreakdown {
+            forward_ms: ms(self.forward),
+            linear_ms: ms(self.linear),
+            attention_ms: ms(self.attention),
+            other_ms: ms(self.forward.saturating_sub(self.linear + self.attention)),
+            sampling_ms: ms(self.sampling),
+            outside_shard_ms: (self.wall * 1e3 / n - ms(self.shard)).max(0.0),
+        }
+    }
+}
+
+/// The timings of one step, from rank 0's answer.
+struct StepTimes {
+    forward_ns: u64,
+    linear_ns: u64,
+    attention_ns: u64,
+    decode_ns: u64,
+    total_ns: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,25 +174,42 @@ impl Shards {
         Ok(())
     }
 
-    async fn prefill(&mut self, batch: Batch) -> anyhow::Result<Option<CachedBatch>> {
+    async fn prefill(&mut self, batch: Batch) -> anyhow::Result<(Option<CachedBatch>, StepTimes)> {
         let calls = self.0.iter_mut().map(|c| {
             c.prefill(PrefillRequest {
                 batch: Some(batch.clone()),
                 cached_batch: None,
             })
         });
-        let mut responses = try_join_all(calls).await?;
-        Ok(responses.swap_remove(0).into_inner().batch)
+        let r = try_join_all(calls).await?.swap_remove(0).into_inner();
+        let times = StepTimes {
+            forward_ns: r.forward_ns,
+            linear_ns: r.linear_ns,
+            attention_ns: r.attention_ns,
+            decode_ns: r.decode_ns,
+            total_ns: r.total_ns,
+        };
+        Ok((r.batch, times))
     }
 
-    async fn decode(&mut self, batch: CachedBatch) -> anyhow::Result<Option<CachedBatch>> {
+    async fn decode(
+        &mut self,
+        batch: CachedBatch,
+    ) -> anyhow::Result<(Option<CachedBatch>, StepTimes)> {
         let calls = self.0.iter_mut().map(|c| {
             c.decode(DecodeRequest {
                 batches: vec![batch.clone()],
             })
         });
-        let mut responses = try_join_all(calls).await?;
-        Ok(responses.swap_remove(0).into_inner().batch)
+        let r = try_join_all(calls).await?.swap_remove(0).into_inner();
+        let times = StepTimes {
+            forward_ns: r.forward_ns,
+            linear_ns: r.linear_ns,
+            attention_ns: r.attention_ns,
+            decode_ns: r.decode_ns,
+            total_ns: r.total_ns,
+        };
+        Ok((r.batch, times))
     }
 }
 
@@ -174,6 +254,7 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
     for &size in &args.batch_sizes {
         let (mut prefill_ms, mut prefill_tps) = (Vec::new(), Vec::new());
         let (mut token_ms, mut total_ms, mut decode_tps) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut prefill_parts, mut decode_parts) = (PartSums::default(), PartSums::default());
         for run in 0..args.warmups + args.runs {
             batch_id += 1;
             let requests = (0..size)
@@ -197,14 +278,23 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
                 max_tokens: size * (args.sequence_length + args.decode_length),
                 max_blocks: 0,
             };
+            let measured = run >= args.warmups;
             let start = Instant::now();
-            let mut cached = shards.prefill(batch).await?;
+            let (mut cached, times) = shards.prefill(batch).await?;
             let prefill = start.elapsed().as_secs_f64();
+            if measured {
+                prefill_parts.add(&times, prefill);
+            }
 
             let start = Instant::now();
             let mut steps = 0u32;
             while let Some(batch) = cached {
-                cached = shards.decode(batch).await?;
+                let step_start = Instant::now();
+                let (next, times) = shards.decode(batch).await?;
+                if measured {
+                    decode_parts.add(&times, step_start.elapsed().as_secs_f64());
+                }
+                cached = next;
                 steps += 1;
             }
             let decode = start.elapsed().as_secs_f64();
@@ -236,6 +326,8 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
             decode_token_latency_ms: summary(&token_ms)?,
             decode_total_latency_ms: summary(&total_ms)?,
             decode_throughput: summary(&decode_tps)?,
+            prefill_breakdown: prefill_parts.mean(),
+            decode_breakdown: decode_parts.mean(),
         });
     }
     shards.clear().await?;
@@ -285,6 +377,27 @@ pub fn markdown(report: &ShardReport) -> String {
             out += &format!(
                 "| {name} | {} | {:.1} | {:.1} | {:.1} |\n",
                 r.batch_size, s.avg, s.min, s.max
+            );
+        }
+    }
+    out +=
+        "\nWhere a step's time goes (mean ms per step; forward = linear + attention + other):\n\n";
+    out += "| step | batch | forward | linear | attention | other | sampling | outside shard |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+    for r in &report.results {
+        for (name, b) in [
+            ("Prefill", &r.prefill_breakdown),
+            ("Decode", &r.decode_breakdown),
+        ] {
+            out += &format!(
+                "| {name} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                r.batch_size,
+                b.forward_ms,
+                b.linear_ms,
+                b.attention_ms,
+                b.other_ms,
+                b.sampling_ms,
+                b.outside_shard_ms
             );
         }
     }

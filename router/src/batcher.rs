@@ -19,7 +19,8 @@ use crate::client::{ClientError, ShardedClient, StepResult};
 use crate::infer::{FinishReason, GeneratedText, InferError, InferStreamResponse, Token};
 use crate::metrics::{
     BATCH_CONCAT, BATCH_CONCAT_DURATION, BATCH_CURRENT_MAX_TOKENS, BATCH_CURRENT_SIZE,
-    BATCH_DECODE_DURATION, BATCH_FILTER_DURATION, BATCH_FORWARD_DURATION, BATCH_INFERENCE_COUNT,
+    BATCH_DECODE_DURATION, BATCH_FILTER_DURATION, BATCH_FORWARD_ATTENTION_DURATION,
+    BATCH_FORWARD_DURATION, BATCH_FORWARD_LINEAR_DURATION, BATCH_INFERENCE_COUNT,
     BATCH_INFERENCE_DURATION, BATCH_INFERENCE_FAILURE, BATCH_INFERENCE_SUCCESS,
 };
 use crate::queue::{Entry, Queue};
@@ -199,6 +200,10 @@ impl Batcher {
                 let ns = |n: u64| Duration::from_nanos(n).as_secs_f64();
                 metrics::histogram!(BATCH_FORWARD_DURATION, "method" => method)
                     .record(ns(timings.forward_ns));
+                metrics::histogram!(BATCH_FORWARD_LINEAR_DURATION, "method" => method)
+                    .record(ns(timings.linear_ns));
+                metrics::histogram!(BATCH_FORWARD_ATTENTION_DURATION, "method" => method)
+                    .record(ns(timings.attention_ns));
                 metrics::histogram!(BATCH_DECODE_DURATION, "method" => method)
                     .record(ns(timings.decode_ns));
                 if let Some(concat) = timings.concat_ns {

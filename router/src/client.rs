@@ -32,6 +32,9 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepTimings {
     pub forward_ns: u64,
+    /// The parts of `forward_ns` in the linear layers and in attention.
+    pub linear_ns: u64,
+    pub attention_ns: u64,
     pub decode_ns: u64,
     pub total_ns: u64,
     pub concat_ns: Option<u64>,
@@ -41,6 +44,8 @@ impl StepTimings {
     fn max(self, other: Self) -> Self {
         Self {
             forward_ns: self.forward_ns.max(other.forward_ns),
+            linear_ns: self.linear_ns.max(other.linear_ns),
+            attention_ns: self.attention_ns.max(other.attention_ns),
             decode_ns: self.decode_ns.max(other.decode_ns),
             total_ns: self.total_ns.max(other.total_ns),
             concat_ns: self.concat_ns.max(other.concat_ns),
@@ -219,6 +224,8 @@ impl ShardedClient {
         Ok(merge(answers.into_iter().map(|a| {
             let t = StepTimings {
                 forward_ns: a.forward_ns,
+                linear_ns: a.linear_ns,
+                attention_ns: a.attention_ns,
                 decode_ns: a.decode_ns,
                 total_ns: a.total_ns,
                 concat_ns: a.concat_ns,
@@ -238,6 +245,8 @@ impl ShardedClient {
         Ok(merge(answers.into_iter().map(|a| {
             let t = StepTimings {
                 forward_ns: a.forward_ns,
+                linear_ns: a.linear_ns,
+                attention_ns: a.attention_ns,
                 decode_ns: a.decode_ns,
                 total_ns: a.total_ns,
                 concat_ns: a.concat_ns,

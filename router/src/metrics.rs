@@ -29,6 +29,9 @@ pub const BATCH_FORWARD_DURATION: &str = "tgi_batch_forward_duration";
 pub const BATCH_DECODE_DURATION: &str = "tgi_batch_decode_duration";
 pub const BATCH_FILTER_DURATION: &str = "tgi_batch_filter_duration";
 pub const BATCH_CONCAT_DURATION: &str = "tgi_batch_concat_duration";
+/// The parts of the forward pass in the linear layers and in attention (label `method`).
+pub const BATCH_FORWARD_LINEAR_DURATION: &str = "wick_batch_forward_linear_duration";
+pub const BATCH_FORWARD_ATTENTION_DURATION: &str = "wick_batch_forward_attention_duration";
 /// Prompt tokens served from the prefix cache instead of being computed (counter).
 pub const PREFIX_CACHE_HIT_TOKENS: &str = "wick_prefix_cache_hit_tokens_total";
 /// Prompt tokens scheduled for prefill in total (counter), to read the hit ratio against.
@@ -132,6 +135,16 @@ pub fn describe() {
         BATCH_FORWARD_DURATION,
         Unit::Seconds,
         "Shard forward pass time, by method"
+    );
+    describe_histogram!(
+        BATCH_FORWARD_LINEAR_DURATION,
+        Unit::Seconds,
+        "Part of the shard forward pass in the linear layers, by method"
+    );
+    describe_histogram!(
+        BATCH_FORWARD_ATTENTION_DURATION,
+        Unit::Seconds,
+        "Part of the shard forward pass in attention (KV cache writes included), by method"
     );
     describe_histogram!(
         BATCH_DECODE_DURATION,

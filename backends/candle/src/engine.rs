@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
-use crate::model::{LlamaModel, SeqSpan, StepInput};
+use crate::model::{LlamaModel, SeqSpan, StepInput, StepProfile};
 use crate::sampling::{logprob_of, Sampler, SamplingParams};
 use crate::stopping::{Detokenizer, FinishReason, StopCriteria, StoppingParams};
 
@@ -21,9 +21,15 @@ use crate::stopping::{Detokenizer, FinishReason, StopCriteria, StoppingParams};
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 /// A decoder the engine can step: one forward pass over a packed batch, writing K/V into the
-/// cache, returning f32 logits `[step.logit_rows.len(), vocab]`.
+/// cache, returning f32 logits `[step.logit_rows.len(), vocab]`, and adding the time its
+/// linear layers and attention took to `profile`.
 pub trait StepModel: Send {
-    fn forward(&self, step: &StepInput<'_>, kv: &mut KvCache) -> candle_core::Result<Tensor>;
+    fn forward(
+        &self,
+        step: &StepInput<'_>,
+        kv: &mut KvCache,
+        profile: &mut StepProfile,
+    ) -> candle_core::Result<Tensor>;
 
     /// KV heads this model's cache holds (a tensor-parallel rank's share).
     fn kv_heads(&self) -> usize;
@@ -35,8 +41,13 @@ pub trait StepModel: Send {
 }
 
 impl StepModel for LlamaModel {
-    fn forward(&self, step: &StepInput<'_>, kv: &mut KvCache) -> candle_core::Result<Tensor> {
-        LlamaModel::forward(self, step, kv)
+    fn forward(
+        &self,
+        step: &StepInput<'_>,
+        kv: &mut KvCache,
+        profile: &mut StepProfile,
+    ) -> candle_core::Result<Tensor> {
+        LlamaModel::forward_profiled(self, step, kv, profile)
     }
 
     fn kv_heads(&self) -> usize {
@@ -137,6 +148,8 @@ pub struct StepOutput {
     /// `None` when every request finished.
     pub batch: Option<CachedBatchInfo>,
     pub forward_ns: u64,
+    /// The parts of `forward_ns` spent in the linear layers and in attention.
+    pub profile: StepProfile,
     pub decode_ns: u64,
     pub total_ns: u64,
     /// Time spent merging batches, when batches were merged.
@@ -674,7 +687,7 @@ impl Engine {
         concat_ns: Option<u64>,
     ) -> Result<StepOutput> {
         let result = self.step(state);
-        let (generations, forward_ns, decode_ns) = match result {
+        let (generations, forward_ns, profile, decode_ns) = match result {
             Ok(r) => r,
             Err(e) => {
                 self.batches.insert(id, std::mem::take(state));
@@ -704,6 +717,7 @@ impl Engine {
             generations,
             batch,
             forward_ns,
+            profile,
             decode_ns,
             total_ns: start.elapsed().as_nanos() as u64,
             concat_ns,
@@ -711,7 +725,7 @@ impl Engine {
     }
 
     /// One packed forward pass over every request, then sampling for those that produce a token.
-    fn step(&mut self, state: &mut BatchState) -> Result<(Vec<Generation>, u64, u64)> {
+    fn step(&mut self, state: &mut BatchState) -> Result<(Vec<Generation>, u64, StepProfile, u64)> {
         let forward_start = Instant::now();
         let total: usize = state.requests.iter().map(|r| r.next_tokens()).sum();
         let mut tokens = Vec::with_capacity(total);
@@ -756,7 +770,8 @@ impl Engine {
             seqs,
             logit_rows,
         };
-        let logits = self.model.forward(&input, &mut self.kv)?;
+        let mut profile = StepProfile::default();
+        let logits = self.model.forward(&input, &mut self.kv, &mut profile)?;
         let vocab = logits.dim(1)?;
         let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
         drop(input);
@@ -836,6 +851,7 @@ impl Engine {
         Ok((
             generations,
             forward_ns,
+            profile,
             decode_start.elapsed().as_nanos() as u64,
         ))
     }

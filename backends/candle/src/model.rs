@@ -158,6 +158,26 @@ pub struct LlamaModel {
     kernel_level: wick_kernels::Level,
 }
 
+/// Where a step's forward pass spent its time, in nanoseconds of the calling thread's wall
+/// clock (the linear layers and attention run on the whole pool while it waits); the rest of
+/// the pass (embedding, norms, rope, residual adds, the ranks' collectives) is what remains of
+/// the step's forward time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepProfile {
+    /// Every matrix product: q/k/v, o, gate/up with SiLU, down, lm_head.
+    pub linear_ns: u64,
+    /// Writing K/V into the cache and attending over it.
+    pub attention_ns: u64,
+}
+
+/// Runs `f`, adding its duration to `total`.
+fn timed<T>(total: &mut u64, f: impl FnOnce() -> T) -> T {
+    let start = std::time::Instant::now();
+    let out = f();
+    *total += start.elapsed().as_nanos() as u64;
+    out
+}
+
 impl LlamaModel {
     /// Builds the whole model from tensors with Hugging Face names.
     pub fn load(config: &ModelConfig, weights: &WeightStore, opts: &LoadOptions) -> Result<Self> {
@@ -316,6 +336,17 @@ impl LlamaModel {
     /// Runs one packed step: writes every token's K/V into `cache` and returns the f32 logits of
     /// `step.logit_rows`, `[logit_rows.len(), vocab]`.
     pub fn forward(&self, step: &StepInput, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_profiled(step, cache, &mut StepProfile::default())
+    }
+
+    /// As [`LlamaModel::forward`], adding the time spent in the linear layers and in attention
+    /// to `profile`.
+    pub fn forward_profiled(
+        &self,
+        step: &StepInput,
+        cache: &mut KvCache,
+        profile: &mut StepProfile,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let n_tokens = step.tokens.len();
         self.validate(step, cache)?;
@@ -341,9 +372,7 @@ impl LlamaModel {
 
         for (layer, (cache_k, cache_v)) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let [q, k, v]: [Tensor; 3] = layer
-                .qkv
-                .forward(&h)?
+            let [q, k, v]: [Tensor; 3] = timed(&mut profile.linear_ns, || layer.qkv.forward(&h))?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("q/k/v projections".to_string()))?;
             let q = q.reshape((1, n_tokens, nh, hd))?;
@@ -357,16 +386,22 @@ impl LlamaModel {
             };
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?;
-            let attn = self.attention(&q, &k, &v, step, &params, cache_k, cache_v)?;
-            let mut o = self.sum_over_ranks(layer.o_proj.forward(&attn)?)?;
+            let attn = timed(&mut profile.attention_ns, || {
+                self.attention(&q, &k, &v, step, &params, cache_k, cache_v)
+            })?;
+            let o = timed(&mut profile.linear_ns, || layer.o_proj.forward(&attn))?;
+            let mut o = self.sum_over_ranks(o)?;
             if let Some(b) = &layer.o_bias {
                 o = o.broadcast_add(b)?;
             }
             x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            let mlp = layer.gate_up.silu_mul(&h, self.kernel_level)?;
-            x = (x + self.sum_over_ranks(layer.down_proj.forward(&mlp)?)?)?;
+            let down = timed(&mut profile.linear_ns, || {
+                let mlp = layer.gate_up.silu_mul(&h, self.kernel_level)?;
+                layer.down_proj.forward(&mlp)
+            })?;
+            x = (x + self.sum_over_ranks(down)?)?;
         }
 
         if step.logit_rows.is_empty() {
@@ -375,7 +410,8 @@ impl LlamaModel {
         let rows = Tensor::from_slice(&step.logit_rows, step.logit_rows.len(), &self.device)?;
         let x = x.index_select(&rows, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits =
+            timed(&mut profile.linear_ns, || self.lm_head.forward(&x))?.to_dtype(DType::F32)?;
         let Some(comm) = &self.comm else {
             return Ok(logits);
         };
