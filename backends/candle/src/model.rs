@@ -53,6 +53,40 @@ struct DecoderLayer {
     down_proj: Linear,
 }
 
+/// The most bytes of gate/up output one MLP pass holds: glibc serves larger blocks with fresh
+/// mappings (its mmap threshold cannot be raised past 32 MiB), which are page-faulted and
+/// zeroed again in every layer, so a long prefill chunk goes through the MLP in row chunks.
+const MLP_CHUNK_BYTES: usize = 16 << 20;
+
+impl DecoderLayer {
+    /// `down(SiLU(gate(h)) · up(h))`, over row chunks whose gate/up output stays below
+    /// [`MLP_CHUNK_BYTES`] (each row's result is the same whatever the chunk).
+    fn mlp(&self, h: &Tensor, level: wick_kernels::Level) -> Result<Tensor> {
+        let width: usize = self.gate_up.linears().iter().map(|l| l.out_dim()).sum();
+        // Whole kernel tiles (64 rows) per chunk.
+        let chunk = (MLP_CHUNK_BYTES / (4 * width.max(1)) / 64 * 64).max(64);
+        self.mlp_in_chunks(h, level, chunk)
+    }
+
+    fn mlp_in_chunks(
+        &self,
+        h: &Tensor,
+        level: wick_kernels::Level,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let rows = h.dim(0)?;
+        let pass = |x: &Tensor| self.down_proj.forward(&self.gate_up.silu_mul(x, level)?);
+        if rows <= chunk {
+            return pass(h);
+        }
+        let parts = (0..rows)
+            .step_by(chunk)
+            .map(|start| pass(&h.narrow(0, start, chunk.min(rows - start))?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
+    }
+}
+
 /// Linear layers that read the same input: one stacked layer when their weights allow it (the
 /// input is then quantized once and read by one pass), else each on its own.
 enum Projections {
@@ -397,10 +431,7 @@ impl LlamaModel {
             x = (x + o)?;
 
             let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            let down = timed(&mut profile.linear_ns, || {
-                let mlp = layer.gate_up.silu_mul(&h, self.kernel_level)?;
-                layer.down_proj.forward(&mlp)
-            })?;
+            let down = timed(&mut profile.linear_ns, || layer.mlp(&h, self.kernel_level))?;
             x = (x + self.sum_over_ranks(down)?)?;
         }
 
@@ -680,6 +711,31 @@ mod tests {
             bos_token_id: None,
             eos_token_ids: vec![],
         }
+    }
+
+    #[test]
+    fn the_mlp_in_row_chunks_gives_each_row_the_same_bits() {
+        use crate::testing::{tiny_vocab_size, tiny_weights, TinyModelSpec};
+        use crate::weights::{LoadOptions, Quantize, WeightStore};
+        let spec = TinyModelSpec::llama();
+        let config = spec.config(tiny_vocab_size());
+        let weights = WeightStore::Tensors(tiny_weights(&spec, tiny_vocab_size()));
+        let opts = LoadOptions {
+            quantize: Some(Quantize::Q8_0),
+            ..LoadOptions::default()
+        };
+        let model = LlamaModel::load(&config, &weights, &opts).unwrap();
+        let layer = &model.layers[0];
+        let h = Tensor::randn(0f32, 1.0, (150, config.hidden_size), &Device::Cpu).unwrap();
+        let level = model.kernel_level;
+        let whole = layer.mlp_in_chunks(&h, level, 1024).unwrap();
+        let chunked = layer.mlp_in_chunks(&h, level, 64).unwrap();
+        assert_eq!(chunked.dims(), whole.dims());
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&chunked), bits(&whole));
     }
 
     #[test]
