@@ -44,7 +44,14 @@ pub struct HeadGroup<'a> {
 pub struct AttendScratch {
     offsets: Vec<usize>,
     scores: Vec<f32>,
+    stats: Vec<[f32; 2]>,
 }
+
+/// Windows longer than this many positions are attended in partitions of it, in parallel, and
+/// the partitions merged by their softmax maxima and sums (flash-decoding): one long sequence
+/// then keeps every core busy even with fewer KV heads than cores. The partitions follow from
+/// the window alone, so a token's result does not depend on the rest of the batch.
+pub const ATTEND_PARTITION: usize = 512;
 
 /// `out` (`[heads, head_dim]`) = softmax(`scale · q·kᵀ`) · V over positions `window` of the
 /// sequence whose blocks are `block_table`, at `level` (lowered to what the CPU has).
@@ -76,7 +83,91 @@ pub fn attend(
         kv.slot_width,
         kv.block_size
     );
-    let AttendScratch { offsets, scores } = scratch;
+    let group = heads.q.len() / hd;
+    if window.len() <= ATTEND_PARTITION {
+        let mut stats = std::mem::take(&mut scratch.stats);
+        stats.resize(group, [0.0; 2]);
+        attend_window(
+            level,
+            heads,
+            kv,
+            block_table,
+            window,
+            scratch,
+            out,
+            &mut stats,
+        );
+        scratch.stats = stats;
+        return;
+    }
+    use rayon::prelude::*;
+    let parts: Vec<Range<usize>> = window
+        .clone()
+        .step_by(ATTEND_PARTITION)
+        .map(|p| p..(p + ATTEND_PARTITION).min(window.end))
+        .collect();
+    let partials: Vec<(Vec<f32>, Vec<[f32; 2]>)> = parts
+        .into_par_iter()
+        .map_init(AttendScratch::default, |scratch, part| {
+            let mut o = vec![0f32; group * hd];
+            let mut stats = vec![[0f32; 2]; group];
+            attend_window(
+                level,
+                heads,
+                kv,
+                block_table,
+                part,
+                scratch,
+                &mut o,
+                &mut stats,
+            );
+            (o, stats)
+        })
+        .collect();
+    merge(&partials, hd, out);
+}
+
+/// Joins partitions' outputs (each normalised by its own sum) into the window's: partition `i`
+/// weighs `sumᵢ · exp(maxᵢ − max)`, in partition order. One code path for every level.
+fn merge(partials: &[(Vec<f32>, Vec<[f32; 2]>)], hd: usize, out: &mut [f32]) {
+    let mut weights = Vec::with_capacity(partials.len());
+    for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+        let max = partials
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, (_, st)| m.max(st[h][0]));
+        weights.clear();
+        weights.extend(
+            partials
+                .iter()
+                .map(|(_, st)| st[h][1] * exp(st[h][0] - max)),
+        );
+        let total: f32 = weights.iter().sum();
+        o.fill(0.0);
+        for ((part, _), w) in partials.iter().zip(&weights) {
+            let c = w / total;
+            for (o, &x) in o.iter_mut().zip(&part[h * hd..(h + 1) * hd]) {
+                *o += c * x;
+            }
+        }
+    }
+}
+
+/// [`attend`] over one window in one pass; `stats` gets each head's softmax max and sum.
+#[allow(clippy::too_many_arguments)]
+fn attend_window(
+    level: Level,
+    heads: &HeadGroup<'_>,
+    kv: &PagedKv<'_>,
+    block_table: &[u32],
+    window: Range<usize>,
+    scratch: &mut AttendScratch,
+    out: &mut [f32],
+    stats: &mut [[f32; 2]],
+) {
+    let hd = heads.head_dim;
+    let AttendScratch {
+        offsets, scores, ..
+    } = scratch;
     offsets.clear();
     for p in window.clone() {
         let block = *block_table
@@ -102,11 +193,11 @@ pub fn attend(
     match level.capped() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `capped` only yields levels the CPU runs; every offset was checked above.
-        Level::Avx512 => unsafe { crate::x86::attention::attend_avx512(&rows, scores, out) },
+        Level::Avx512 => unsafe { crate::x86::attention::attend_avx512(&rows, scores, out, stats) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Level::Avx2 => unsafe { crate::x86::attention::attend_avx2(&rows, scores, out) },
-        _ => scalar(&rows, scores, out),
+        Level::Avx2 => unsafe { crate::x86::attention::attend_avx2(&rows, scores, out, stats) },
+        _ => scalar(&rows, scores, out, stats),
     }
 }
 
@@ -185,38 +276,48 @@ pub fn softmax(level: Level, s: &mut [f32]) {
     match level.capped() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `capped` only yields levels the CPU runs; the pointer covers `s`.
-        Level::Avx512 => unsafe { crate::x86::attention::softmax_avx512(s.as_mut_ptr(), s.len()) },
+        Level::Avx512 => unsafe {
+            crate::x86::attention::softmax_avx512(s.as_mut_ptr(), s.len());
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Level::Avx2 => unsafe { crate::x86::attention::softmax_avx2(s.as_mut_ptr(), s.len()) },
-        _ => scalar_softmax(s),
+        Level::Avx2 => unsafe {
+            crate::x86::attention::softmax_avx2(s.as_mut_ptr(), s.len());
+        },
+        _ => {
+            scalar_softmax(s);
+        }
     }
 }
 
-fn scalar_softmax(s: &mut [f32]) {
+/// Returns the max and the sum, as the SIMD levels do.
+fn scalar_softmax(s: &mut [f32]) -> [f32; 2] {
     let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut lanes = [0f32; SUM_LANES];
     for (j, x) in s.iter_mut().enumerate() {
         *x = exp(*x - max);
         lanes[j % SUM_LANES] += *x;
     }
-    let inv = 1.0 / reduce16(&lanes);
+    let sum = reduce16(&lanes);
+    let inv = 1.0 / sum;
     s.iter_mut().for_each(|x| *x *= inv);
+    [max, sum]
 }
 
 /// The portable twin every SIMD level is tested against.
-pub(crate) fn scalar(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
+pub(crate) fn scalar(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32], stats: &mut [[f32; 2]]) {
     let (hd, n) = (rows.head_dim, rows.offsets.len());
-    for ((q, s), o) in rows
+    for (((q, s), o), stats) in rows
         .q
         .chunks_exact(hd)
         .zip(scores.chunks_exact_mut(n))
         .zip(out.chunks_exact_mut(hd))
+        .zip(stats.iter_mut())
     {
         for (s, &at) in s.iter_mut().zip(rows.offsets) {
             *s = dot(q, &rows.k[at..at + hd]) * rows.scale;
         }
-        scalar_softmax(s);
+        *stats = scalar_softmax(s);
         o.fill(0.0);
         for (&p, &at) in s.iter().zip(rows.offsets) {
             for (o, &v) in o.iter_mut().zip(&rows.v[at..at + hd]) {
@@ -349,6 +450,16 @@ mod tests {
                     q_scale: 1.0,
                 });
             }
+        }
+        // Longer than a partition: attended in parts and merged (the last part short).
+        for (group, head_dim, n) in [(3, 64, 1300), (1, 7, 2 * ATTEND_PARTITION + 1)] {
+            cases.push(Case {
+                group,
+                head_dim,
+                n,
+                block_size: 16,
+                q_scale: 1.0,
+            });
         }
         // Scores far apart: most probabilities underflow to (clamped) zero.
         cases.push(Case {

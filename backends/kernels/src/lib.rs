@@ -27,7 +27,7 @@ mod packed;
 mod x86;
 
 pub use activation::QuantizedRows;
-pub use attention::{attend, softmax, AttendScratch, HeadGroup, PagedKv};
+pub use attention::{attend, softmax, AttendScratch, HeadGroup, PagedKv, ATTEND_PARTITION};
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
 pub use elementwise::silu_mul;
 pub use format::{Format, BLOCK};

@@ -167,7 +167,12 @@ unsafe fn transposed(t: [__m512; 16]) -> __m512 {
 /// The CPU must have AVX-512F, AVX2 and FMA; `rows.offsets` must be inside `rows.k` and
 /// `rows.v` (with `head_dim` floats each), `scores` `heads × positions` and `out` `q`'s size.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn attend_avx512(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
+pub(crate) unsafe fn attend_avx512(
+    rows: &Rows<'_>,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: &mut [[f32; 2]],
+) {
     let (hd, n, scale) = (rows.head_dim, rows.offsets.len(), rows.scale);
     let heads = rows.q.len() / hd;
     let (q, k) = (rows.q.as_ptr(), rows.k.as_ptr());
@@ -207,8 +212,8 @@ pub(crate) unsafe fn attend_avx512(rows: &Rows<'_>, scores: &mut [f32], out: &mu
         }
     }
 
-    for h in 0..heads {
-        softmax_avx512(s.add(h * n), n);
+    for (h, stats) in stats.iter_mut().enumerate().take(heads) {
+        *stats = softmax_avx512(s.add(h * n), n);
     }
 
     // Σ p_j · v_j, 64 outputs of up to four heads at a time.
@@ -285,18 +290,20 @@ pub(crate) unsafe fn exp8(x_in: __m256) -> __m256 {
     _mm256_and_ps(in_range, _mm256_mul_ps(y, _mm256_castsi256_ps(e)))
 }
 
-/// Softmax of the `n` floats at `p` in place: max, exp, 16 partial sums, normalise.
+/// Softmax of the `n` floats at `p` in place: max, exp, 16 partial sums, normalise; returns
+/// the max and the sum.
 ///
 /// # Safety
 /// The CPU must have AVX-512F, AVX2 and FMA; `p` points at `n` floats.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn softmax_avx512(p: *mut f32, n: usize) {
+pub(crate) unsafe fn softmax_avx512(p: *mut f32, n: usize) -> [f32; 2] {
     let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
     for at in (0..n).step_by(16) {
         let x = _mm512_mask_loadu_ps(mv, mask16(at, n), p.add(at));
         mv = _mm512_max_ps(mv, x);
     }
-    let max = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+    let top = _mm512_reduce_max_ps(mv);
+    let max = _mm512_set1_ps(top);
     let mut lanes = _mm512_setzero_ps();
     for at in (0..n).step_by(16) {
         let m = mask16(at, n);
@@ -305,12 +312,14 @@ pub(crate) unsafe fn softmax_avx512(p: *mut f32, n: usize) {
         _mm512_mask_storeu_ps(p.add(at), m, e);
         lanes = _mm512_mask_add_ps(lanes, m, lanes, e);
     }
-    let inv = _mm512_set1_ps(1.0 / reduce16(lanes));
+    let sum = reduce16(lanes);
+    let inv = _mm512_set1_ps(1.0 / sum);
     for at in (0..n).step_by(16) {
         let m = mask16(at, n);
         let x = _mm512_maskz_loadu_ps(m, p.add(at));
         _mm512_mask_storeu_ps(p.add(at), m, _mm512_mul_ps(x, inv));
     }
+    [top, sum]
 }
 
 /// Softmax of the `n` floats at `p` in place, as [`softmax_avx512`] computes it.
@@ -318,12 +327,12 @@ pub(crate) unsafe fn softmax_avx512(p: *mut f32, n: usize) {
 /// # Safety
 /// The CPU must have AVX2 and FMA; `p` points at `n` floats.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn softmax_avx2(p: *mut f32, n: usize) {
-    let mut max = f32::NEG_INFINITY;
+pub(crate) unsafe fn softmax_avx2(p: *mut f32, n: usize) -> [f32; 2] {
+    let mut top = f32::NEG_INFINITY;
     for j in 0..n {
-        max = max.max(*p.add(j));
+        top = top.max(*p.add(j));
     }
-    let max = _mm256_set1_ps(max);
+    let max = _mm256_set1_ps(top);
     let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for at in (0..n).step_by(16) {
         for (half, lanes) in [&mut lo, &mut hi].into_iter().enumerate() {
@@ -335,16 +344,23 @@ pub(crate) unsafe fn softmax_avx2(p: *mut f32, n: usize) {
             *lanes = _mm256_add_ps(*lanes, _mm256_and_ps(e, _mm256_castsi256_ps(m)));
         }
     }
-    let inv = _mm256_set1_ps(1.0 / reduce_halves(lo, hi));
+    let sum = reduce_halves(lo, hi);
+    let inv = _mm256_set1_ps(1.0 / sum);
     for at in (0..n).step_by(8) {
         store8(p, at, n, _mm256_mul_ps(load8(p, at, n), inv));
     }
+    [top, sum]
 }
 
 /// # Safety
 /// As [`attend_avx512`], with AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn attend_avx2(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32]) {
+pub(crate) unsafe fn attend_avx2(
+    rows: &Rows<'_>,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: &mut [[f32; 2]],
+) {
     let (hd, n, scale) = (rows.head_dim, rows.offsets.len(), rows.scale);
     let (k, v) = (rows.k.as_ptr(), rows.v.as_ptr());
     let groups = hd.div_ceil(64);
@@ -371,9 +387,13 @@ pub(crate) unsafe fn attend_avx2(rows: &Rows<'_>, scores: &mut [f32], out: &mut 
             *scores.get_unchecked_mut(h * n + j) = reduce_halves(lo, hi) * scale;
         }
     }
-    for (s, o) in scores.chunks_exact_mut(n).zip(out.chunks_exact_mut(hd)) {
+    for ((s, o), stats) in scores
+        .chunks_exact_mut(n)
+        .zip(out.chunks_exact_mut(hd))
+        .zip(stats.iter_mut())
+    {
         let p = s.as_mut_ptr();
-        softmax_avx2(p, n);
+        *stats = softmax_avx2(p, n);
 
         let o = o.as_mut_ptr();
         for g in 0..groups {
