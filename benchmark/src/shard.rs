@@ -129,6 +129,19 @@ struct StepTimes {
     total_ns: u64,
 }
 
+/// The [`StepTimes`] of a prefill or decode response (two message types with the same fields).
+macro_rules! step_times {
+    ($r:expr) => {
+        StepTimes {
+            forward_ns: $r.forward_ns,
+            linear_ns: $r.linear_ns,
+            attention_ns: $r.attention_ns,
+            decode_ns: $r.decode_ns,
+            total_ns: $r.total_ns,
+        }
+    };
+}
+
 #[derive(Debug, Serialize)]
 pub struct ShardReport {
     pub parameters: ShardArgs,
@@ -182,14 +195,7 @@ impl Shards {
             })
         });
         let r = try_join_all(calls).await?.swap_remove(0).into_inner();
-        let times = StepTimes {
-            forward_ns: r.forward_ns,
-            linear_ns: r.linear_ns,
-            attention_ns: r.attention_ns,
-            decode_ns: r.decode_ns,
-            total_ns: r.total_ns,
-        };
-        Ok((r.batch, times))
+        Ok((r.batch, step_times!(r)))
     }
 
     async fn decode(
@@ -202,14 +208,7 @@ impl Shards {
             })
         });
         let r = try_join_all(calls).await?.swap_remove(0).into_inner();
-        let times = StepTimes {
-            forward_ns: r.forward_ns,
-            linear_ns: r.linear_ns,
-            attention_ns: r.attention_ns,
-            decode_ns: r.decode_ns,
-            total_ns: r.total_ns,
-        };
-        Ok((r.batch, times))
+        Ok((r.batch, step_times!(r)))
     }
 }
 
