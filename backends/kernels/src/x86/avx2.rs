@@ -23,9 +23,14 @@ pub(crate) unsafe fn panel(
     out: &mut [[f32; PANEL]],
 ) {
     let (format, data, units) = (panel.format, panel.data.as_ptr(), panel.units);
+    if rows.len() == 1 {
+        // One decode row: bound by reading the weights, not by decoding them.
+        for_row_tiles!(tile_both, 1, format, x, rows, out, data, units);
+        return;
+    }
     for half in 0..2 {
         for_row_tiles!(
-            tile,
+            tile_half,
             4,
             format,
             x,
@@ -93,12 +98,12 @@ unsafe fn weights<const F: u8>(sub: *const u8, half: usize) -> [__m256i; 8] {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const R: usize, const F: u8>(
+unsafe fn tile<const R: usize, const F: u8, const BOTH: bool>(
     rows: &Rows<R>,
     out: &mut [[f32; PANEL]],
     panel: *const u8,
     units: usize,
-    half: usize,
+    first_half: usize,
 ) {
     let format = format_of(F);
     let (st, sb, n_sub, off) = (
@@ -113,10 +118,8 @@ unsafe fn tile<const R: usize, const F: u8>(
     let bcast = |a: *const i8, at: usize| {
         _mm256_set1_epi32(std::ptr::read_unaligned(a.add(at) as *const i32))
     };
-    let halves =
-        |at: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(at.add(2 * 8 * half) as *const __m128i));
-    let bytes8 = |at: *const u8| _mm_loadl_epi64(at.add(8 * half) as *const __m128i);
-    let mut acc = [_mm256_setzero_ps(); R];
+    let n_halves = if BOTH { 2 } else { 1 };
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for u in 0..units {
         let unit = panel.add(u * st);
         // Two units ahead, as the AVX-512 tiles do (see there).
@@ -124,108 +127,146 @@ unsafe fn tile<const R: usize, const F: u8>(
         for line in (0..st).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
         }
-        let d = halves(unit.add(scales_at(format)));
-        let mins = if kd == Kind::Min || kd == Kind::SubScaled {
-            halves(unit.add(mins_at(format)))
-        } else {
-            _mm256_setzero_ps()
-        };
-        for j in 0..n_sub {
-            let b = u * n_sub + j;
-            let w = weights::<F>(unit.add(j * sb), half);
-            // An index loop: `array::from_fn`'s closure (or an iterator adapter) is not inlined
-            // into this AVX2 function.
-            let mut a = [std::ptr::null::<i8>(); R];
-            #[allow(clippy::needless_range_loop)]
-            for r in 0..R {
-                a[r] = rows.qs[r].add(b * 32);
-            }
-            // Per row: Σ q·a over the block (Q6_K: over each half).
-            let mut dot = [[_mm256_setzero_si256(); 2]; R];
-            if F == Q8_0 {
-                for (g, w) in w.iter().enumerate() {
-                    let ws = _mm256_xor_si256(*w, flip);
-                    let wa = _mm256_abs_epi8(ws);
-                    for r in 0..R {
-                        let p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(bcast(a[r], 4 * g), ws));
-                        dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(p, ones));
-                    }
-                }
-            } else if kd == Kind::Halves {
+        // `hx` picks the half and its accumulators alike.
+        #[allow(clippy::needless_range_loop)]
+        for hx in 0..n_halves {
+            let half = if BOTH { hx } else { first_half };
+            let halves = |at: *const u8| {
+                _mm256_cvtph_ps(_mm_loadu_si128(at.add(2 * 8 * half) as *const __m128i))
+            };
+            let bytes8 = |at: *const u8| _mm_loadl_epi64(at.add(8 * half) as *const __m128i);
+            let d = halves(unit.add(scales_at(format)));
+            let mins = if kd == Kind::Min || kd == Kind::SubScaled {
+                halves(unit.add(mins_at(format)))
+            } else {
+                _mm256_setzero_ps()
+            };
+            for j in 0..n_sub {
+                let b = u * n_sub + j;
+                let w = weights::<F>(unit.add(j * sb), half);
+                // An index loop: `array::from_fn`'s closure (or an iterator adapter) is not inlined
+                // into this AVX2 function.
+                let mut a = [std::ptr::null::<i8>(); R];
+                #[allow(clippy::needless_range_loop)]
                 for r in 0..R {
-                    for (h, dot) in dot[r].iter_mut().enumerate() {
-                        for pair in 0..2 {
-                            let g = 4 * h + 2 * pair;
+                    a[r] = rows.qs[r].add(b * 32);
+                }
+                // Per row: Σ q·a over the block (Q6_K: over each half).
+                let mut dot = [[_mm256_setzero_si256(); 2]; R];
+                if F == Q8_0 {
+                    for (g, w) in w.iter().enumerate() {
+                        let ws = _mm256_xor_si256(*w, flip);
+                        let wa = _mm256_abs_epi8(ws);
+                        for r in 0..R {
+                            let p =
+                                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(bcast(a[r], 4 * g), ws));
+                            dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                } else if kd == Kind::Halves {
+                    for r in 0..R {
+                        for (h, dot) in dot[r].iter_mut().enumerate() {
+                            for pair in 0..2 {
+                                let g = 4 * h + 2 * pair;
+                                let p = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(w[g], bcast(a[r], 4 * g)),
+                                    _mm256_maddubs_epi16(w[g + 1], bcast(a[r], 4 * g + 4)),
+                                );
+                                *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                    }
+                } else {
+                    for h in 0..4 {
+                        for r in 0..R {
                             let p = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(w[g], bcast(a[r], 4 * g)),
-                                _mm256_maddubs_epi16(w[g + 1], bcast(a[r], 4 * g + 4)),
+                                _mm256_maddubs_epi16(w[h], bcast(a[r], 4 * h)),
+                                _mm256_maddubs_epi16(w[h + 4], bcast(a[r], 16 + 4 * h)),
                             );
-                            *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
+                            dot[r][0] = if bits == 0 {
+                                _mm256_add_epi16(dot[r][0], p)
+                            } else {
+                                _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(p, ones))
+                            };
+                        }
+                    }
+                    if bits == 0 {
+                        for d in dot.iter_mut() {
+                            d[0] = _mm256_madd_epi16(d[0], ones);
                         }
                     }
                 }
-            } else {
-                for h in 0..4 {
-                    for r in 0..R {
-                        let p = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(w[h], bcast(a[r], 4 * h)),
-                            _mm256_maddubs_epi16(w[h + 4], bcast(a[r], 16 + 4 * h)),
+                let (dj, mj) = if kd == Kind::SubScaled {
+                    let sc = _mm256_cvtepu8_epi32(bytes8(unit.add(sub_scales_at(format, j))));
+                    let m = _mm256_cvtepu8_epi32(bytes8(unit.add(sub_mins_at(format, j))));
+                    (
+                        _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)),
+                        _mm256_mul_ps(mins, _mm256_cvtepi32_ps(m)),
+                    )
+                } else {
+                    (d, mins)
+                };
+                let sc6 = |h: usize| {
+                    _mm256_cvtepi8_epi32(bytes8(unit.add(sub_scales_at(format, 2 * j + h))))
+                };
+                for r in 0..R {
+                    let (da, isum) = (*rows.scales[r].add(b), *rows.sums[r].add(b));
+                    let dd = _mm256_mul_ps(dj, _mm256_set1_ps(da));
+                    if kd == Kind::Halves {
+                        let s0 = *rows.half_sums[r].add(b);
+                        let lo = _mm256_sub_epi32(dot[r][0], _mm256_set1_epi32(off * s0));
+                        let hi = _mm256_sub_epi32(dot[r][1], _mm256_set1_epi32(off * (isum - s0)));
+                        let t = _mm256_add_epi32(
+                            _mm256_mullo_epi32(sc6(0), lo),
+                            _mm256_mullo_epi32(sc6(1), hi),
                         );
-                        dot[r][0] = if bits == 0 {
-                            _mm256_add_epi16(dot[r][0], p)
-                        } else {
-                            _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(p, ones))
-                        };
+                        acc[r][hx] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), dd, acc[r][hx]);
+                        continue;
                     }
-                }
-                if bits == 0 {
-                    for d in dot.iter_mut() {
-                        d[0] = _mm256_madd_epi16(d[0], ones);
+                    // Q8_0's sign trick already gave Σ w·a; Q4_0/Q5_0 still hold Σ q·a.
+                    let mut dot = dot[r][0];
+                    if F != Q8_0 && off != 0 {
+                        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(off * isum));
                     }
-                }
-            }
-            let (dj, mj) = if kd == Kind::SubScaled {
-                let sc = _mm256_cvtepu8_epi32(bytes8(unit.add(sub_scales_at(format, j))));
-                let m = _mm256_cvtepu8_epi32(bytes8(unit.add(sub_mins_at(format, j))));
-                (
-                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)),
-                    _mm256_mul_ps(mins, _mm256_cvtepi32_ps(m)),
-                )
-            } else {
-                (d, mins)
-            };
-            let sc6 =
-                |h: usize| _mm256_cvtepi8_epi32(bytes8(unit.add(sub_scales_at(format, 2 * j + h))));
-            for r in 0..R {
-                let (da, isum) = (*rows.scales[r].add(b), *rows.sums[r].add(b));
-                let dd = _mm256_mul_ps(dj, _mm256_set1_ps(da));
-                if kd == Kind::Halves {
-                    let s0 = *rows.half_sums[r].add(b);
-                    let lo = _mm256_sub_epi32(dot[r][0], _mm256_set1_epi32(off * s0));
-                    let hi = _mm256_sub_epi32(dot[r][1], _mm256_set1_epi32(off * (isum - s0)));
-                    let t = _mm256_add_epi32(
-                        _mm256_mullo_epi32(sc6(0), lo),
-                        _mm256_mullo_epi32(sc6(1), hi),
-                    );
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), dd, acc[r]);
-                    continue;
-                }
-                // Q8_0's sign trick already gave Σ w·a; Q4_0/Q5_0 still hold Σ q·a.
-                let mut dot = dot[r][0];
-                if F != Q8_0 && off != 0 {
-                    dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(off * isum));
-                }
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dd, acc[r]);
-                let s = _mm256_set1_ps(da * isum as f32);
-                if kd == Kind::Min {
-                    acc[r] = _mm256_fmadd_ps(mj, s, acc[r]);
-                } else if kd == Kind::SubScaled {
-                    acc[r] = _mm256_fnmadd_ps(mj, s, acc[r]);
+                    acc[r][hx] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dd, acc[r][hx]);
+                    let s = _mm256_set1_ps(da * isum as f32);
+                    if kd == Kind::Min {
+                        acc[r][hx] = _mm256_fmadd_ps(mj, s, acc[r][hx]);
+                    } else if kd == Kind::SubScaled {
+                        acc[r][hx] = _mm256_fnmadd_ps(mj, s, acc[r][hx]);
+                    }
                 }
             }
         }
     }
     for (o, acc) in out.iter_mut().zip(acc) {
-        _mm256_storeu_ps(o.as_mut_ptr().add(8 * half), acc);
+        for (hi, acc) in acc.iter().enumerate().take(n_halves) {
+            let half = if BOTH { hi } else { first_half };
+            _mm256_storeu_ps(o.as_mut_ptr().add(8 * half), *acc);
+        }
     }
+}
+
+/// Both half-panels in one pass over the panel, for a few rows (decode): each cache line of
+/// quants is used whole while it is in L1, and the two halves' work overlaps.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_both<const R: usize, const F: u8>(
+    rows: &Rows<R>,
+    out: &mut [[f32; PANEL]],
+    panel: *const u8,
+    units: usize,
+) {
+    tile::<R, F, true>(rows, out, panel, units, 0)
+}
+
+/// One half-panel (`half` 0 or 1) for a tile of rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_half<const R: usize, const F: u8>(
+    rows: &Rows<R>,
+    out: &mut [[f32; PANEL]],
+    panel: *const u8,
+    units: usize,
+    half: usize,
+) {
+    tile::<R, F, false>(rows, out, panel, units, half)
 }
