@@ -203,6 +203,21 @@ async fn check_health_and_metrics(client: &reqwest::Client, wick: &Wick) {
     ] {
         assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
     }
+    // The shard's step profile: the linear layers and attention are parts of the forward pass.
+    let sum = |name: &str| -> f64 {
+        let prefix = format!("{name}_sum{{method=\"prefill\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} has no prefill sum in /metrics:\n{text}"))
+    };
+    let forward = sum("tgi_batch_forward_duration");
+    let linear = sum("wick_batch_forward_linear_duration");
+    let attention = sum("wick_batch_forward_attention_duration");
+    assert!(
+        linear > 0.0 && attention > 0.0 && linear + attention <= forward,
+        "linear {linear} s + attention {attention} s against forward {forward} s"
+    );
     let validation_failures = text
         .lines()
         .any(|l| l.starts_with("tgi_request_failure") && l.contains("validation"));
