@@ -62,9 +62,8 @@ impl DecoderLayer {
     /// `down(SiLU(gate(h)) · up(h))`, over row chunks whose gate/up output stays below
     /// [`MLP_CHUNK_BYTES`] (each row's result is the same whatever the chunk).
     fn mlp(&self, h: &Tensor, level: wick_kernels::Level) -> Result<Tensor> {
-        let width: usize = self.gate_up.linears().iter().map(|l| l.out_dim()).sum();
         // Whole kernel tiles (64 rows) per chunk.
-        let chunk = (MLP_CHUNK_BYTES / (4 * width.max(1)) / 64 * 64).max(64);
+        let chunk = (MLP_CHUNK_BYTES / (4 * self.gate_up.out_dim().max(1)) / 64 * 64).max(64);
         self.mlp_in_chunks(h, level, chunk)
     }
 
@@ -154,6 +153,14 @@ impl Projections {
                 });
         }
         Tensor::from_vec(out, (rows, width), x.device())
+    }
+
+    /// Output features of all the layers together.
+    fn out_dim(&self) -> usize {
+        match self {
+            Projections::Stacked { widths, .. } => widths.iter().sum(),
+            Projections::Separate(parts) => parts.iter().map(Linear::out_dim).sum(),
+        }
     }
 
     fn linears(&self) -> Vec<&Linear> {

@@ -85,67 +85,61 @@ pub fn attend(
     );
     let group = heads.q.len() / hd;
     if window.len() <= ATTEND_PARTITION {
-        let mut stats = std::mem::take(&mut scratch.stats);
+        let AttendScratch {
+            offsets,
+            scores,
+            stats,
+        } = scratch;
         stats.resize(group, [0.0; 2]);
-        attend_window(
-            level,
-            heads,
-            kv,
-            block_table,
-            window,
-            scratch,
-            out,
-            &mut stats,
-        );
-        scratch.stats = stats;
+        let bufs = (offsets, scores);
+        attend_window(level, heads, kv, block_table, window, bufs, out, stats);
         return;
     }
     use rayon::prelude::*;
-    let parts: Vec<Range<usize>> = window
-        .clone()
-        .step_by(ATTEND_PARTITION)
-        .map(|p| p..(p + ATTEND_PARTITION).min(window.end))
-        .collect();
-    let partials: Vec<(Vec<f32>, Vec<[f32; 2]>)> = parts
-        .into_par_iter()
-        .map_init(AttendScratch::default, |scratch, part| {
-            let mut o = vec![0f32; group * hd];
-            let mut stats = vec![[0f32; 2]; group];
-            attend_window(
-                level,
-                heads,
-                kv,
-                block_table,
-                part,
-                scratch,
-                &mut o,
-                &mut stats,
-            );
-            (o, stats)
-        })
-        .collect();
-    merge(&partials, hd, out);
+    let parts = window.len().div_ceil(ATTEND_PARTITION);
+    // Partition `i`'s output at `[i * group * hd..]`, its per-head max and sum at `[i * group..]`.
+    let mut outs = vec![0f32; parts * group * hd];
+    let mut stats = vec![[0f32; 2]; parts * group];
+    outs.par_chunks_mut(group * hd)
+        .zip(stats.par_chunks_mut(group))
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(offsets, scores), (i, (o, st))| {
+                let start = window.start + i * ATTEND_PARTITION;
+                let part = start..(start + ATTEND_PARTITION).min(window.end);
+                attend_window(
+                    level,
+                    heads,
+                    kv,
+                    block_table,
+                    part,
+                    (offsets, scores),
+                    o,
+                    st,
+                );
+            },
+        );
+    merge(&outs, &stats, group, hd, out);
 }
 
-/// Joins partitions' outputs (each normalised by its own sum) into the window's: partition `i`
-/// weighs `sumᵢ · exp(maxᵢ − max)`, in partition order. One code path for every level.
-fn merge(partials: &[(Vec<f32>, Vec<[f32; 2]>)], hd: usize, out: &mut [f32]) {
-    let mut weights = Vec::with_capacity(partials.len());
+/// Joins partitions' outputs (each normalised by its own sum; `outs` and `stats` as
+/// [`attend`] lays them out) into the window's: partition `i` weighs `sumᵢ · exp(maxᵢ − max)`,
+/// in partition order. One code path for every level.
+fn merge(outs: &[f32], stats: &[[f32; 2]], group: usize, hd: usize, out: &mut [f32]) {
+    let parts = stats.len() / group;
+    let mut weights = Vec::with_capacity(parts);
     for (h, o) in out.chunks_exact_mut(hd).enumerate() {
-        let max = partials
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, (_, st)| m.max(st[h][0]));
+        let head = |i: usize| stats[i * group + h];
+        let max = (0..parts).fold(f32::NEG_INFINITY, |m, i| m.max(head(i)[0]));
         weights.clear();
-        weights.extend(
-            partials
-                .iter()
-                .map(|(_, st)| st[h][1] * exp(st[h][0] - max)),
-        );
+        weights.extend((0..parts).map(|i| head(i)[1] * exp(head(i)[0] - max)));
         let total: f32 = weights.iter().sum();
         o.fill(0.0);
-        for ((part, _), w) in partials.iter().zip(&weights) {
+        for (i, w) in weights.iter().enumerate() {
             let c = w / total;
-            for (o, &x) in o.iter_mut().zip(&part[h * hd..(h + 1) * hd]) {
+            let part = &outs[(i * group + h) * hd..][..hd];
+            for (o, &x) in o.iter_mut().zip(part) {
                 *o += c * x;
             }
         }
@@ -160,14 +154,11 @@ fn attend_window(
     kv: &PagedKv<'_>,
     block_table: &[u32],
     window: Range<usize>,
-    scratch: &mut AttendScratch,
+    (offsets, scores): (&mut Vec<usize>, &mut Vec<f32>),
     out: &mut [f32],
     stats: &mut [[f32; 2]],
 ) {
     let hd = heads.head_dim;
-    let AttendScratch {
-        offsets, scores, ..
-    } = scratch;
     offsets.clear();
     for p in window.clone() {
         let block = *block_table
