@@ -1,22 +1,101 @@
 //! Activations quantized to 8-bit blocks, once per step, for every matrix that reads them.
+//!
+//! A block whose largest value stands far above the rest (a residual-stream outlier channel,
+//! often 15–30× its row's RMS in real models) sets a scale so coarse that the block's other
+//! values keep only a few steps. Such a block is *refined*: its rounding error is quantized
+//! again to a second 8-bit block, and the kernels add that block's product too, so the block
+//! is carried at about 15 bits. Which blocks are refined follows from each row's own values,
+//! so a row's result never depends on its batch.
 
 use rayon::prelude::*;
 
 use crate::format::BLOCK;
 use crate::Level;
 
-/// `[rows, k]` f32 activations as blocks of 32 `i8` with one f32 scale each
-/// (`x ≈ scale · q`, `|q| ≤ 127`), each block's integer sum `Σq`, which the offset formats
-/// (Q4_0's −8, Q4_1's and Q4_K's minimums) need, and the sum of its first 16 quants (Q6_K
-/// has a scale per 16).
+/// A block is refined when its largest value exceeds this many times its RMS, i.e. when
+/// `Σq² < 32·127² / OUTLIER_RATIO²` over its quants (an integer test: every level decides
+/// alike). Values of independent noise reach 4× their block's RMS about once in 500 blocks.
+pub const OUTLIER_RATIO: f32 = 4.5;
+
+/// `Σq²` below which a block is refined (see [`OUTLIER_RATIO`]).
+const REFINE_BELOW: i32 = (BLOCK as f32 * 127.0 * 127.0 / (OUTLIER_RATIO * OUTLIER_RATIO)) as i32;
+
+/// Quantized blocks of `[rows, k]` values: 32 `i8` with one f32 scale each (`x ≈ scale · q`,
+/// `|q| ≤ 127`), each block's integer sum `Σq`, which the offset formats (Q4_0's −8, Q4_1's
+/// and Q4_K's minimums) need, and the sum of its first 16 quants (Q6_K has a scale per 16).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Blocks {
+    pub qs: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub sums: Vec<i32>,
+    pub half_sums: Vec<i32>,
+}
+
+/// One row's part of [`Blocks`].
+#[derive(Clone, Copy)]
+pub(crate) struct RowBlocks<'a> {
+    pub qs: &'a [i8],
+    pub scales: &'a [f32],
+    pub sums: &'a [i32],
+    pub half_sums: &'a [i32],
+}
+
+/// A run of consecutive blocks of [`Blocks`], written by one task.
+struct BlocksMut<'a> {
+    qs: &'a mut [i8],
+    scales: &'a mut [f32],
+    sums: &'a mut [i32],
+    half_sums: &'a mut [i32],
+}
+
+impl Blocks {
+    fn resize(&mut self, blocks: usize) {
+        self.qs.resize(blocks * BLOCK, 0);
+        self.scales.resize(blocks, 0.0);
+        self.sums.resize(blocks, 0);
+        self.half_sums.resize(blocks, 0);
+    }
+
+    /// Runs of `run` blocks.
+    fn runs_mut(&mut self, run: usize) -> impl Iterator<Item = BlocksMut<'_>> {
+        self.qs
+            .chunks_mut(run * BLOCK)
+            .zip(self.scales.chunks_mut(run))
+            .zip(self.sums.chunks_mut(run))
+            .zip(self.half_sums.chunks_mut(run))
+            .map(|(((qs, scales), sums), half_sums)| BlocksMut {
+                qs,
+                scales,
+                sums,
+                half_sums,
+            })
+    }
+
+    /// Blocks `first..first + count`.
+    fn range(&self, first: usize, count: usize) -> RowBlocks<'_> {
+        RowBlocks {
+            qs: &self.qs[first * BLOCK..(first + count) * BLOCK],
+            scales: &self.scales[first..first + count],
+            sums: &self.sums[first..first + count],
+            half_sums: &self.half_sums[first..first + count],
+        }
+    }
+}
+
+/// `[rows, k]` f32 activations as 8-bit [`Blocks`], with a second 8-bit pass over the rounding
+/// error of the blocks that hold an outlier (see the module header).
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedRows {
     rows: usize,
     k: usize,
-    pub(crate) qs: Vec<i8>,
-    pub(crate) scales: Vec<f32>,
-    pub(crate) sums: Vec<i32>,
-    pub(crate) half_sums: Vec<i32>,
+    main: Blocks,
+    /// Each block's rounding error quantized again where the block is refined; scale 0
+    /// elsewhere (those blocks' quants are stale and never read).
+    residual: Blocks,
+    /// Each row's refined blocks (indices within the row), row after row.
+    refined: Vec<u32>,
+    /// Where each row's refined blocks start in `refined`, and where the last row's end.
+    refined_start: Vec<u32>,
 }
 
 impl QuantizedRows {
@@ -43,43 +122,35 @@ impl QuantizedRows {
         let blocks = rows * k / BLOCK;
         self.rows = rows;
         self.k = k;
-        self.qs.resize(rows * k, 0);
-        self.scales.resize(blocks, 0.0);
-        self.sums.resize(blocks, 0);
-        self.half_sums.resize(blocks, 0);
+        self.main.resize(blocks);
+        self.residual.resize(blocks);
         // Runs of 64 blocks per task: a decode row is one or a few tasks, a prefill many.
         const RUN: usize = 64;
         let level = level.capped();
-        self.qs
-            .par_chunks_mut(RUN * BLOCK)
-            .zip(self.scales.par_chunks_mut(RUN))
-            .zip(self.sums.par_chunks_mut(RUN))
-            .zip(self.half_sums.par_chunks_mut(RUN))
-            .zip(x.par_chunks(RUN * BLOCK))
-            .for_each(|((((qs, scales), sums), half_sums), x)| {
-                for ((((q, scale), sum), half), x) in qs
-                    .chunks_exact_mut(BLOCK)
-                    .zip(scales.iter_mut())
-                    .zip(sums.iter_mut())
-                    .zip(half_sums.iter_mut())
-                    .zip(x.chunks_exact(BLOCK))
-                {
-                    (*sum, *half) = match level {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `capped` only yields levels the CPU runs; the block sizes
-                        // are exact (`chunks_exact`).
-                        Level::Avx512 => unsafe {
-                            crate::x86::activation::quantize_block_avx512(x, q, scale)
-                        },
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: as above.
-                        Level::Avx2 => unsafe {
-                            crate::x86::activation::quantize_block_avx2(x, q, scale)
-                        },
-                        _ => quantize_block(x, q, scale),
-                    };
-                }
-            });
+        let runs: Vec<_> = self
+            .main
+            .runs_mut(RUN)
+            .zip(self.residual.runs_mut(RUN))
+            .zip(x.chunks(RUN * BLOCK))
+            .collect();
+        runs.into_par_iter().for_each(|((main, residual), x)| {
+            for (i, x) in x.chunks_exact(BLOCK).enumerate() {
+                let q = &mut main.qs[i * BLOCK..(i + 1) * BLOCK];
+                (main.sums[i], main.half_sums[i]) =
+                    quantize_block_at(level, x, q, &mut main.scales[i]);
+                let rq = &mut residual.qs[i * BLOCK..(i + 1) * BLOCK];
+                (residual.sums[i], residual.half_sums[i]) =
+                    refine(level, x, q, main.scales[i], rq, &mut residual.scales[i]);
+            }
+        });
+        self.refined.clear();
+        self.refined_start.clear();
+        self.refined_start.push(0);
+        for row in self.residual.scales.chunks_exact(k / BLOCK).take(rows) {
+            let refined = row.iter().enumerate().filter(|(_, &d)| d != 0.0);
+            self.refined.extend(refined.map(|(b, _)| b as u32));
+            self.refined_start.push(self.refined.len() as u32);
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -90,37 +161,101 @@ impl QuantizedRows {
         self.k
     }
 
-    /// Row `r`'s quants.
-    pub(crate) fn row_qs(&self, r: usize) -> &[i8] {
-        &self.qs[r * self.k..(r + 1) * self.k]
-    }
-
-    /// Row `r`'s block scales.
-    pub(crate) fn row_scales(&self, r: usize) -> &[f32] {
+    /// Row `r`'s blocks.
+    pub(crate) fn row(&self, r: usize) -> RowBlocks<'_> {
         let nb = self.k / BLOCK;
-        &self.scales[r * nb..(r + 1) * nb]
+        self.main.range(r * nb, nb)
     }
 
-    /// Row `r`'s block sums.
-    pub(crate) fn row_sums(&self, r: usize) -> &[i32] {
+    /// Row `r`'s second pass: scale 0 where a block is not refined.
+    pub(crate) fn residual_row(&self, r: usize) -> RowBlocks<'_> {
         let nb = self.k / BLOCK;
-        &self.sums[r * nb..(r + 1) * nb]
+        self.residual.range(r * nb, nb)
     }
 
-    /// Row `r`'s sums of the first half of each block.
-    pub(crate) fn row_half_sums(&self, r: usize) -> &[i32] {
-        let nb = self.k / BLOCK;
-        &self.half_sums[r * nb..(r + 1) * nb]
+    /// Whether any of `rows` has refined blocks.
+    pub(crate) fn any_refined(&self, rows: std::ops::Range<usize>) -> bool {
+        self.refined_start[rows.end] > self.refined_start[rows.start]
     }
 
-    /// Row `r` as f32, as the kernels see it (`scale · q`).
+    /// Row `r`'s refined blocks, in order.
+    pub(crate) fn refined_in(&self, r: usize) -> &[u32] {
+        let (start, end) = (self.refined_start[r], self.refined_start[r + 1]);
+        &self.refined[start as usize..end as usize]
+    }
+
+    /// Every row's blocks.
+    pub(crate) fn main(&self) -> &Blocks {
+        &self.main
+    }
+
+    /// Blocks refined over all rows (a block holding an outlier; see the module header).
+    pub fn refined_blocks(&self) -> usize {
+        self.refined.len()
+    }
+
+    /// Row `r` as f32, as the kernels see it (`scale · q`, plus the second pass where a block
+    /// is refined).
     pub fn dequantized_row(&self, r: usize) -> Vec<f32> {
-        self.row_qs(r)
-            .chunks_exact(BLOCK)
-            .zip(self.row_scales(r))
-            .flat_map(|(q, &d)| q.iter().map(move |&v| d * v as f32))
+        let (main, residual) = (self.row(r), self.residual_row(r));
+        let dequantize = |b: RowBlocks<'_>| -> Vec<f32> {
+            b.qs.chunks_exact(BLOCK)
+                .zip(b.scales)
+                .flat_map(|(q, &d)| q.iter().map(move |&v| d * v as f32))
+                .collect()
+        };
+        let (x, e) = (dequantize(main), dequantize(residual));
+        x.iter()
+            .zip(&e)
+            .enumerate()
+            .map(|(i, (x, e))| {
+                if residual.scales[i / BLOCK] != 0.0 {
+                    x + e
+                } else {
+                    *x
+                }
+            })
             .collect()
     }
+}
+
+/// One block at `level` (every level gives the scalar twin's bits).
+#[inline(always)]
+fn quantize_block_at(level: Level, x: &[f32], q: &mut [i8], scale: &mut f32) -> (i32, i32) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: callers pass a `capped` level, which the CPU runs; the blocks are whole.
+        Level::Avx512 => unsafe { crate::x86::activation::quantize_block_avx512(x, q, scale) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { crate::x86::activation::quantize_block_avx2(x, q, scale) },
+        _ => quantize_block(x, q, scale),
+    }
+}
+
+/// The second pass of a block quantized to `q` with scale `d`: when its quants show an outlier
+/// (see [`OUTLIER_RATIO`]), its rounding error `x − d·q` quantized into `rq` and `scale`,
+/// returning that block's sums; otherwise `scale` = 0. The error is portable code at every
+/// level and its quantization gives the same bits at every level, so every level refines
+/// alike.
+#[inline(always)]
+fn refine(level: Level, x: &[f32], q: &[i8], d: f32, rq: &mut [i8], scale: &mut f32) -> (i32, i32) {
+    let energy: i32 = q.iter().map(|&v| v as i32 * v as i32).sum();
+    if energy >= REFINE_BELOW || !(d > 0.0 && d.is_finite()) {
+        *scale = 0.0;
+        return (0, 0);
+    }
+    let mut error = [0f32; BLOCK];
+    for ((e, &x), &q) in error.iter_mut().zip(x).zip(q) {
+        *e = x - d * q as f32;
+    }
+    let sums = quantize_block_at(level, &error, rq, scale);
+    if !scale.is_finite() {
+        // `d·q` overflowed (a block near f32::MAX): no second pass.
+        *scale = 0.0;
+        return (0, 0);
+    }
+    sums
 }
 
 /// One block: round-to-nearest onto `amax / 127` steps; returns `Σq` and the sum of the first
@@ -161,11 +296,11 @@ mod tests {
         let q = QuantizedRows::quantize(&x, 1, 96);
         for (b, block) in x.chunks(BLOCK).enumerate() {
             let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-            assert_eq!(q.scales[b], amax / 127.0);
-            let qs = &q.qs[b * BLOCK..(b + 1) * BLOCK];
-            assert_eq!(q.sums[b], qs.iter().map(|&v| v as i32).sum::<i32>());
+            assert_eq!(q.main.scales[b], amax / 127.0);
+            let qs = &q.main.qs[b * BLOCK..(b + 1) * BLOCK];
+            assert_eq!(q.main.sums[b], qs.iter().map(|&v| v as i32).sum::<i32>());
             assert_eq!(
-                q.half_sums[b],
+                q.main.half_sums[b],
                 qs[..16].iter().map(|&v| v as i32).sum::<i32>()
             );
             assert!(qs.iter().any(|&v| v.abs() == 127));
@@ -196,17 +331,65 @@ mod tests {
         let want = QuantizedRows::quantize_at(Level::Scalar, &x, 4, 10 * BLOCK);
         for level in Level::supported() {
             let got = QuantizedRows::quantize_at(level, &x, 4, 10 * BLOCK);
-            assert_eq!(got.qs, want.qs, "{level}");
-            assert!(same_bits(&got.scales, &want.scales), "{level}");
-            assert_eq!(got.sums, want.sums, "{level}");
-            assert_eq!(got.half_sums, want.half_sums, "{level}");
+            assert_eq!(got.main.qs, want.main.qs, "{level}");
+            assert!(same_bits(&got.main.scales, &want.main.scales), "{level}");
+            assert_eq!(got.main.sums, want.main.sums, "{level}");
+            assert_eq!(got.main.half_sums, want.main.half_sums, "{level}");
+            assert!(
+                same_bits(&got.residual.scales, &want.residual.scales),
+                "{level}"
+            );
+            assert_eq!(got.residual.qs, want.residual.qs, "{level}");
+            assert_eq!(got.residual.sums, want.residual.sums, "{level}");
+            assert_eq!(got.residual.half_sums, want.residual.half_sums, "{level}");
+            assert_eq!(got.refined, want.refined, "{level}");
+            assert_eq!(got.refined_start, want.refined_start, "{level}");
+        }
+        // The f32::MAX block would overflow its second pass: not refined, and nothing infinite.
+        assert_eq!(want.residual.scales[6], 0.0);
+        assert!(want.residual.scales.iter().all(|d| d.is_finite()));
+    }
+
+    #[test]
+    fn a_block_with_an_outlier_is_carried_at_about_fifteen_bits() {
+        let mut rng = Rng(21);
+        let mut x: Vec<f32> = (0..4 * BLOCK).map(|_| rng.next()).collect();
+        // Block 1: one value at 30× the others' scale (as a residual-stream outlier channel).
+        x[BLOCK + 7] = 30.0;
+        // Block 3: a large value, but only 3× the block's RMS: not an outlier.
+        x[3 * BLOCK + 2] = 2.5;
+        let q = QuantizedRows::quantize(&x, 2, 2 * BLOCK);
+        assert_eq!(q.refined_in(0), [1]);
+        assert!(q.any_refined(0..1) && !q.any_refined(1..2) && q.any_refined(0..2));
+        assert!(q.refined_in(1).is_empty());
+        assert_eq!(q.refined_blocks(), 1);
+        assert!(q.residual.scales[1] > 0.0);
+        assert_eq!(
+            q.residual.sums[1],
+            q.residual.qs[BLOCK..2 * BLOCK]
+                .iter()
+                .map(|&v| v as i32)
+                .sum::<i32>()
+        );
+        for b in [0, 2, 3] {
+            assert_eq!(q.residual.scales[b], 0.0, "block {b}");
+        }
+        let back = q.dequantized_row(0);
+        // One 8-bit step of the outlier's block is 30/127; the second pass leaves at most
+        // half a step of the error's own scale (≤ half a first step / 127).
+        let first_step = 30.0 / 127.0;
+        for (i, (a, b)) in x[BLOCK..2 * BLOCK].iter().zip(&back[BLOCK..]).enumerate() {
+            assert!(
+                (a - b).abs() <= first_step / 254.0 * 1.01,
+                "element {i}: {a} vs {b}"
+            );
         }
     }
 
     #[test]
     fn a_zero_block_has_zero_scale_and_quants() {
         let q = QuantizedRows::quantize(&[0.0; 64], 2, 32);
-        assert_eq!(q.scales, vec![0.0, 0.0]);
-        assert!(q.qs.iter().all(|&v| v == 0));
+        assert_eq!(q.main.scales, vec![0.0, 0.0]);
+        assert!(q.main.qs.iter().all(|&v| v == 0));
     }
 }

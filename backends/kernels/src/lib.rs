@@ -6,7 +6,8 @@
 //! - [`Bf16Matrix`]: a bf16 weight kept in bf16 (half an f32 copy's memory and traffic),
 //!   computed in f32 with one fused multiply-add per input.
 //! - [`QuantizedRows`]: the step's activations quantized once to 8-bit blocks, shared by every
-//!   matrix that reads them.
+//!   matrix that reads them; a block holding an outlier also carries its rounding error as a
+//!   second 8-bit block, which the kernels add after the row's first pass.
 //! - [`PackedMatrix::matmul`]: one code path for one row (decode) and many (batches, prefill):
 //!   each panel stays in cache while all rows sweep over it, so a weight byte is read from
 //!   memory once per step whatever the batch.

@@ -21,7 +21,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::activation::QuantizedRows;
+use crate::activation::{QuantizedRows, RowBlocks};
 use crate::format::{self, Format, BLOCK};
 use crate::level::Level;
 
@@ -533,57 +533,70 @@ fn run_panel(
 }
 
 /// The portable twin: the same integer dot products and the same float operations in the same
-/// order as the SIMD levels (see [`Kind`]); each `+=` is one fused multiply-add.
+/// order as the SIMD levels (see [`Kind`]); each `+=` is one fused multiply-add. A row's
+/// refined blocks (their second pass) follow its first pass over every block, in block order.
 fn scalar_panel(panel: Panel, x: &QuantizedRows, rows: Range<usize>, out: &mut [[f32; PANEL]]) {
-    let Panel {
-        format,
-        data: panel,
-        units,
-    } = panel;
-    let (st, sb, off) = (stride(format), sub_bytes(format), offset(format));
-    let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let (format, st, sb) = (panel.format, stride(panel.format), sub_bytes(panel.format));
+    let sub = |b: usize| {
+        let (u, j) = (b / subs(format), b % subs(format));
+        let unit = &panel.data[u * st..(u + 1) * st];
+        (unit, j, &unit[j * sb..(j + 1) * sb])
+    };
     for (acc, r) in out.iter_mut().zip(rows) {
-        let (qs, scales, sums) = (x.row_qs(r), x.row_scales(r), x.row_sums(r));
-        let half_sums = x.row_half_sums(r);
         *acc = [0.0; PANEL];
-        for u in 0..units {
-            let unit = &panel[u * st..(u + 1) * st];
-            for j in 0..subs(format) {
-                let b = u * subs(format) + j;
-                let sub = &unit[j * sb..(j + 1) * sb];
-                let a = &qs[b * BLOCK..(b + 1) * BLOCK];
-                let (da, isum) = (scales[b], sums[b]);
-                for (c, acc) in acc.iter_mut().enumerate() {
-                    let mut dots = [0i32; 2];
-                    for (i, &a) in a.iter().enumerate() {
-                        dots[i / 16] += quant(format, sub, c, i) as i32 * a as i32;
-                    }
-                    let dot = dots[0] + dots[1];
-                    let d = f16_at(unit, scales_at(format) + 2 * c);
-                    let mins = || f16_at(unit, mins_at(format) + 2 * c);
-                    match kind(format) {
-                        Kind::Offset => {
-                            *acc = ((dot - off * isum) as f32).mul_add(d * da, *acc);
-                        }
-                        Kind::Min => {
-                            *acc = (dot as f32).mul_add(d * da, *acc);
-                            *acc = mins().mul_add(da * isum as f32, *acc);
-                        }
-                        Kind::SubScaled => {
-                            let dj = d * unit[sub_scales_at(format, j) + c] as f32;
-                            let mj = mins() * unit[sub_mins_at(format, j) + c] as f32;
-                            *acc = (dot as f32).mul_add(dj * da, *acc);
-                            *acc = mj.mul_add(-(da * isum as f32), *acc);
-                        }
-                        Kind::Halves => {
-                            let sc = |h: usize| unit[sub_scales_at(format, 2 * j + h) + c] as i8;
-                            let lo = half_sums[b];
-                            let t = sc(0) as i32 * (dots[0] - off * lo)
-                                + sc(1) as i32 * (dots[1] - off * (isum - lo));
-                            *acc = (t as f32).mul_add(d * da, *acc);
-                        }
-                    }
-                }
+        for b in 0..panel.units * subs(format) {
+            let (unit, j, quants) = sub(b);
+            scalar_block(format, unit, j, quants, x.row(r), b, acc);
+        }
+        for &b in x.refined_in(r) {
+            let (unit, j, quants) = sub(b as usize);
+            scalar_block(format, unit, j, quants, x.residual_row(r), b as usize, acc);
+        }
+    }
+}
+
+/// `acc += ` sub-block `j` of `unit` (quants `sub`) times activation block `b` of `a`, for the
+/// 16 features.
+fn scalar_block(
+    format: Format,
+    unit: &[u8],
+    j: usize,
+    sub: &[u8],
+    a: RowBlocks<'_>,
+    b: usize,
+    acc: &mut [f32; PANEL],
+) {
+    let off = offset(format);
+    let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let (qs, da, isum) = (&a.qs[b * BLOCK..(b + 1) * BLOCK], a.scales[b], a.sums[b]);
+    for (c, acc) in acc.iter_mut().enumerate() {
+        let mut dots = [0i32; 2];
+        for (i, &a) in qs.iter().enumerate() {
+            dots[i / 16] += quant(format, sub, c, i) as i32 * a as i32;
+        }
+        let dot = dots[0] + dots[1];
+        let d = f16_at(unit, scales_at(format) + 2 * c);
+        let mins = || f16_at(unit, mins_at(format) + 2 * c);
+        match kind(format) {
+            Kind::Offset => {
+                *acc = ((dot - off * isum) as f32).mul_add(d * da, *acc);
+            }
+            Kind::Min => {
+                *acc = (dot as f32).mul_add(d * da, *acc);
+                *acc = mins().mul_add(da * isum as f32, *acc);
+            }
+            Kind::SubScaled => {
+                let dj = d * unit[sub_scales_at(format, j) + c] as f32;
+                let mj = mins() * unit[sub_mins_at(format, j) + c] as f32;
+                *acc = (dot as f32).mul_add(dj * da, *acc);
+                *acc = mj.mul_add(-(da * isum as f32), *acc);
+            }
+            Kind::Halves => {
+                let sc = |h: usize| unit[sub_scales_at(format, 2 * j + h) + c] as i8;
+                let lo = a.half_sums[b];
+                let t = sc(0) as i32 * (dots[0] - off * lo)
+                    + sc(1) as i32 * (dots[1] - off * (isum - lo));
+                *acc = (t as f32).mul_add(d * da, *acc);
             }
         }
     }

@@ -46,8 +46,8 @@ struct Case {
 }
 
 /// Runs `case` at every level the host has and checks each against the references; returns
-/// the scalar output.
-fn check(case: &Case, seed: u64) -> Vec<f32> {
+/// the scalar output and how many activation blocks were refined (had an outlier).
+fn check(case: &Case, seed: u64) -> (Vec<f32>, usize) {
     let Case { format, n, k, m } = *case;
     let mut rng = Rng(seed | 1);
     let w = rng.vec(n * k, 0.05);
@@ -100,12 +100,13 @@ fn check(case: &Case, seed: u64) -> Vec<f32> {
             "{format:?} [{m}x{k}]·[{n}x{k}]ᵀ: {level} differs from scalar"
         );
     }
-    scalar
+    (scalar, xq.refined_blocks())
 }
 
 #[test]
 fn every_format_and_level_on_odd_shapes() {
     let mut seed = 7;
+    let mut refined = 0;
     for format in Format::ALL {
         let shapes: &[(usize, usize)] = if format.block_elems() == 32 {
             &[(1, 32), (17, 64), (33, 576), (16, 2048), (40, 96)]
@@ -115,10 +116,13 @@ fn every_format_and_level_on_odd_shapes() {
         for &(n, k) in shapes {
             for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 31, 33] {
                 seed += 1;
-                check(&Case { format, n, k, m }, seed);
+                refined += check(&Case { format, n, k, m }, seed).1;
             }
         }
     }
+    // The data's outliers (one value in 97 at 8×) make some blocks take the second pass, in
+    // tiles with and without such rows.
+    assert!(refined > 100, "{refined} refined blocks");
 }
 
 #[test]

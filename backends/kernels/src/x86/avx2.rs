@@ -25,7 +25,7 @@ pub(crate) unsafe fn panel(
     let (format, data, units) = (panel.format, panel.data.as_ptr(), panel.units);
     if rows.len() == 1 {
         // One decode row: bound by reading the weights, not by decoding them.
-        for_row_tiles!(tile_both, 1, format, x, rows, out, data, units);
+        for_row_tiles!(tile_both, 1, format, x, rows, out, data, units, x);
         return;
     }
     for half in 0..2 {
@@ -38,7 +38,8 @@ pub(crate) unsafe fn panel(
             &mut *out,
             data,
             units,
-            half
+            half,
+            x
         );
     }
 }
@@ -97,6 +98,155 @@ unsafe fn weights<const F: u8>(sub: *const u8, half: usize) -> [__m256i; 8] {
     w
 }
 
+/// Per row of a tile: `Σ q·a` over an activation block (Q8_0: `Σ w·a`; Q6_K: over each half)
+/// for `R` rows at once (quants at `a[r]`), the tile's row loop innermost so that each weight
+/// register serves every row.
+#[inline(always)]
+unsafe fn dots<const R: usize, const F: u8>(
+    w: &[__m256i; 8],
+    a: [*const i8; R],
+) -> [[__m256i; 2]; R] {
+    let (kd, bits) = (kind(format_of(F)), high_bits(format_of(F)));
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    let bcast = |a: *const i8, at: usize| {
+        _mm256_set1_epi32(std::ptr::read_unaligned(a.add(at) as *const i32))
+    };
+    let mut dot = [[_mm256_setzero_si256(); 2]; R];
+    if F == Q8_0 {
+        for (g, w) in w.iter().enumerate() {
+            let ws = _mm256_xor_si256(*w, flip);
+            let wa = _mm256_abs_epi8(ws);
+            for r in 0..R {
+                let p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(bcast(a[r], 4 * g), ws));
+                dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(p, ones));
+            }
+        }
+    } else if kd == Kind::Halves {
+        for r in 0..R {
+            for (h, dot) in dot[r].iter_mut().enumerate() {
+                for pair in 0..2 {
+                    let g = 4 * h + 2 * pair;
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(w[g], bcast(a[r], 4 * g)),
+                        _mm256_maddubs_epi16(w[g + 1], bcast(a[r], 4 * g + 4)),
+                    );
+                    *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+    } else {
+        for h in 0..4 {
+            for r in 0..R {
+                let p = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(w[h], bcast(a[r], 4 * h)),
+                    _mm256_maddubs_epi16(w[h + 4], bcast(a[r], 16 + 4 * h)),
+                );
+                dot[r][0] = if bits == 0 {
+                    _mm256_add_epi16(dot[r][0], p)
+                } else {
+                    _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(p, ones))
+                };
+            }
+        }
+        if bits == 0 {
+            for d in dot.iter_mut() {
+                d[0] = _mm256_madd_epi16(d[0], ones);
+            }
+        }
+    }
+    dot
+}
+
+/// A sub-block's weight scales for one half-panel: `d` (Q4_K/Q5_K: `d·sc`), the minimums
+/// (`m`, Q4_K/Q5_K: `dmin·m`), and Q6_K's two integer scales of its halves.
+#[derive(Clone, Copy)]
+struct SubScales {
+    d: __m256,
+    m: __m256,
+    sc: [__m256i; 2],
+}
+
+/// A unit's `d` and minimums (zero where the format has none) for half-panel `half`.
+#[inline(always)]
+unsafe fn unit_scales<const F: u8>(unit: *const u8, half: usize) -> (__m256, __m256) {
+    let format = format_of(F);
+    let halves =
+        |at: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(at.add(2 * 8 * half) as *const __m128i));
+    let d = halves(unit.add(scales_at(format)));
+    let mins = match kind(format) {
+        Kind::Min | Kind::SubScaled => halves(unit.add(mins_at(format))),
+        _ => _mm256_setzero_ps(),
+    };
+    (d, mins)
+}
+
+/// Sub-block `j`'s scales for half-panel `half`, from its unit's `d` and `mins`.
+#[inline(always)]
+unsafe fn sub_scales<const F: u8>(
+    unit: *const u8,
+    j: usize,
+    half: usize,
+    d: __m256,
+    mins: __m256,
+) -> SubScales {
+    let format = format_of(F);
+    let kd = kind(format);
+    let bytes8 = |at: *const u8| _mm_loadl_epi64(at.add(8 * half) as *const __m128i);
+    let (d, m) = if kd == Kind::SubScaled {
+        let sc = _mm256_cvtepu8_epi32(bytes8(unit.add(sub_scales_at(format, j))));
+        let m = _mm256_cvtepu8_epi32(bytes8(unit.add(sub_mins_at(format, j))));
+        (
+            _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)),
+            _mm256_mul_ps(mins, _mm256_cvtepi32_ps(m)),
+        )
+    } else {
+        (d, mins)
+    };
+    let sc6 = |h: usize| _mm256_cvtepi8_epi32(bytes8(unit.add(sub_scales_at(format, 2 * j + h))));
+    let sc = if kd == Kind::Halves {
+        [sc6(0), sc6(1)]
+    } else {
+        [_mm256_setzero_si256(); 2]
+    };
+    SubScales { d, m, sc }
+}
+
+/// `acc +` one activation block's integer dots (scale `da`, sums `isum` and `half`) scaled by
+/// the sub-block's weight scales, as [`Kind`] says.
+#[inline(always)]
+unsafe fn scale_dot<const F: u8>(
+    acc: __m256,
+    dot: [__m256i; 2],
+    s: SubScales,
+    (da, isum, half): (f32, i32, i32),
+) -> __m256 {
+    let format = format_of(F);
+    let (kd, off) = (kind(format), offset(format));
+    let dd = _mm256_mul_ps(s.d, _mm256_set1_ps(da));
+    if kd == Kind::Halves {
+        let lo = _mm256_sub_epi32(dot[0], _mm256_set1_epi32(off * half));
+        let hi = _mm256_sub_epi32(dot[1], _mm256_set1_epi32(off * (isum - half)));
+        let t = _mm256_add_epi32(
+            _mm256_mullo_epi32(s.sc[0], lo),
+            _mm256_mullo_epi32(s.sc[1], hi),
+        );
+        return _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), dd, acc);
+    }
+    // Q8_0's sign trick already gave Σ w·a; Q4_0/Q5_0 still hold Σ q·a.
+    let mut dot = dot[0];
+    if F != Q8_0 && off != 0 {
+        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(off * isum));
+    }
+    let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dd, acc);
+    let sum = _mm256_set1_ps(da * isum as f32);
+    match kd {
+        Kind::Min => _mm256_fmadd_ps(s.m, sum, acc),
+        Kind::SubScaled => _mm256_fnmadd_ps(s.m, sum, acc),
+        _ => acc,
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile<const R: usize, const F: u8, const BOTH: bool>(
     rows: &Rows<R>,
@@ -104,20 +254,10 @@ unsafe fn tile<const R: usize, const F: u8, const BOTH: bool>(
     panel: *const u8,
     units: usize,
     first_half: usize,
+    x: &QuantizedRows,
 ) {
     let format = format_of(F);
-    let (st, sb, n_sub, off) = (
-        stride(format),
-        sub_bytes(format),
-        subs(format),
-        offset(format),
-    );
-    let (kd, bits) = (kind(format), high_bits(format));
-    let flip = _mm256_set1_epi8(-128);
-    let ones = _mm256_set1_epi16(1);
-    let bcast = |a: *const i8, at: usize| {
-        _mm256_set1_epi32(std::ptr::read_unaligned(a.add(at) as *const i32))
-    };
+    let (st, sb, n_sub) = (stride(format), sub_bytes(format), subs(format));
     let n_halves = if BOTH { 2 } else { 1 };
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for u in 0..units {
@@ -131,16 +271,7 @@ unsafe fn tile<const R: usize, const F: u8, const BOTH: bool>(
         #[allow(clippy::needless_range_loop)]
         for hx in 0..n_halves {
             let half = if BOTH { hx } else { first_half };
-            let halves = |at: *const u8| {
-                _mm256_cvtph_ps(_mm_loadu_si128(at.add(2 * 8 * half) as *const __m128i))
-            };
-            let bytes8 = |at: *const u8| _mm_loadl_epi64(at.add(8 * half) as *const __m128i);
-            let d = halves(unit.add(scales_at(format)));
-            let mins = if kd == Kind::Min || kd == Kind::SubScaled {
-                halves(unit.add(mins_at(format)))
-            } else {
-                _mm256_setzero_ps()
-            };
+            let (d, mins) = unit_scales::<F>(unit, half);
             for j in 0..n_sub {
                 let b = u * n_sub + j;
                 let w = weights::<F>(unit.add(j * sb), half);
@@ -149,92 +280,12 @@ unsafe fn tile<const R: usize, const F: u8, const BOTH: bool>(
                 let mut a = [std::ptr::null::<i8>(); R];
                 #[allow(clippy::needless_range_loop)]
                 for r in 0..R {
-                    a[r] = rows.qs[r].add(b * 32);
+                    a[r] = rows.main.qs[r].add(b * 32);
                 }
-                // Per row: Σ q·a over the block (Q6_K: over each half).
-                let mut dot = [[_mm256_setzero_si256(); 2]; R];
-                if F == Q8_0 {
-                    for (g, w) in w.iter().enumerate() {
-                        let ws = _mm256_xor_si256(*w, flip);
-                        let wa = _mm256_abs_epi8(ws);
-                        for r in 0..R {
-                            let p =
-                                _mm256_maddubs_epi16(wa, _mm256_sign_epi8(bcast(a[r], 4 * g), ws));
-                            dot[r][0] = _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(p, ones));
-                        }
-                    }
-                } else if kd == Kind::Halves {
-                    for r in 0..R {
-                        for (h, dot) in dot[r].iter_mut().enumerate() {
-                            for pair in 0..2 {
-                                let g = 4 * h + 2 * pair;
-                                let p = _mm256_add_epi16(
-                                    _mm256_maddubs_epi16(w[g], bcast(a[r], 4 * g)),
-                                    _mm256_maddubs_epi16(w[g + 1], bcast(a[r], 4 * g + 4)),
-                                );
-                                *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(p, ones));
-                            }
-                        }
-                    }
-                } else {
-                    for h in 0..4 {
-                        for r in 0..R {
-                            let p = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(w[h], bcast(a[r], 4 * h)),
-                                _mm256_maddubs_epi16(w[h + 4], bcast(a[r], 16 + 4 * h)),
-                            );
-                            dot[r][0] = if bits == 0 {
-                                _mm256_add_epi16(dot[r][0], p)
-                            } else {
-                                _mm256_add_epi32(dot[r][0], _mm256_madd_epi16(p, ones))
-                            };
-                        }
-                    }
-                    if bits == 0 {
-                        for d in dot.iter_mut() {
-                            d[0] = _mm256_madd_epi16(d[0], ones);
-                        }
-                    }
-                }
-                let (dj, mj) = if kd == Kind::SubScaled {
-                    let sc = _mm256_cvtepu8_epi32(bytes8(unit.add(sub_scales_at(format, j))));
-                    let m = _mm256_cvtepu8_epi32(bytes8(unit.add(sub_mins_at(format, j))));
-                    (
-                        _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)),
-                        _mm256_mul_ps(mins, _mm256_cvtepi32_ps(m)),
-                    )
-                } else {
-                    (d, mins)
-                };
-                let sc6 = |h: usize| {
-                    _mm256_cvtepi8_epi32(bytes8(unit.add(sub_scales_at(format, 2 * j + h))))
-                };
+                let dot = dots::<R, F>(&w, a);
+                let s = sub_scales::<F>(unit, j, half, d, mins);
                 for r in 0..R {
-                    let (da, isum) = (*rows.scales[r].add(b), *rows.sums[r].add(b));
-                    let dd = _mm256_mul_ps(dj, _mm256_set1_ps(da));
-                    if kd == Kind::Halves {
-                        let s0 = *rows.half_sums[r].add(b);
-                        let lo = _mm256_sub_epi32(dot[r][0], _mm256_set1_epi32(off * s0));
-                        let hi = _mm256_sub_epi32(dot[r][1], _mm256_set1_epi32(off * (isum - s0)));
-                        let t = _mm256_add_epi32(
-                            _mm256_mullo_epi32(sc6(0), lo),
-                            _mm256_mullo_epi32(sc6(1), hi),
-                        );
-                        acc[r][hx] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), dd, acc[r][hx]);
-                        continue;
-                    }
-                    // Q8_0's sign trick already gave Σ w·a; Q4_0/Q5_0 still hold Σ q·a.
-                    let mut dot = dot[r][0];
-                    if F != Q8_0 && off != 0 {
-                        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(off * isum));
-                    }
-                    acc[r][hx] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dd, acc[r][hx]);
-                    let s = _mm256_set1_ps(da * isum as f32);
-                    if kd == Kind::Min {
-                        acc[r][hx] = _mm256_fmadd_ps(mj, s, acc[r][hx]);
-                    } else if kd == Kind::SubScaled {
-                        acc[r][hx] = _mm256_fnmadd_ps(mj, s, acc[r][hx]);
-                    }
+                    acc[r][hx] = scale_dot::<F>(acc[r][hx], dot[r], s, rows.main.sums(r, b));
                 }
             }
         }
@@ -245,6 +296,43 @@ unsafe fn tile<const R: usize, const F: u8, const BOTH: bool>(
             _mm256_storeu_ps(o.as_mut_ptr().add(8 * half), *acc);
         }
     }
+    if rows.refined {
+        for (r, out) in out.iter_mut().enumerate().take(R) {
+            for hx in 0..n_halves {
+                let half = if BOTH { hx } else { first_half };
+                refine_row::<F>(panel, x, rows.first + r, half, out);
+            }
+        }
+    }
+}
+
+/// Half-panel `half` of row `r`'s refined blocks (their second pass) added to `out`, the row's
+/// result of the first pass, in block order (the scalar twin's order). Row by row: the rows of
+/// a tile seldom refine the same blocks.
+#[inline(always)]
+unsafe fn refine_row<const F: u8>(
+    panel: *const u8,
+    x: &QuantizedRows,
+    r: usize,
+    half: usize,
+    out: &mut [f32; PANEL],
+) {
+    let format = format_of(F);
+    let (st, sb, n_sub) = (stride(format), sub_bytes(format), subs(format));
+    let residual = x.residual_row(r);
+    let mut acc = _mm256_loadu_ps(out.as_ptr().add(8 * half));
+    for &b in x.refined_in(r) {
+        let b = b as usize;
+        let (u, j) = (b / n_sub, b % n_sub);
+        let unit = panel.add(u * st);
+        let (d, mins) = unit_scales::<F>(unit, half);
+        let w = weights::<F>(unit.add(j * sb), half);
+        let s = sub_scales::<F>(unit, j, half, d, mins);
+        let dot = dots::<1, F>(&w, [residual.qs.as_ptr().add(b * 32)]);
+        let sums = (residual.scales[b], residual.sums[b], residual.half_sums[b]);
+        acc = scale_dot::<F>(acc, dot[0], s, sums);
+    }
+    _mm256_storeu_ps(out.as_mut_ptr().add(8 * half), acc);
 }
 
 /// Both half-panels in one pass over the panel, for a few rows (decode): each cache line of
@@ -255,8 +343,9 @@ unsafe fn tile_both<const R: usize, const F: u8>(
     out: &mut [[f32; PANEL]],
     panel: *const u8,
     units: usize,
+    x: &QuantizedRows,
 ) {
-    tile::<R, F, true>(rows, out, panel, units, 0)
+    tile::<R, F, true>(rows, out, panel, units, 0, x)
 }
 
 /// One half-panel (`half` 0 or 1) for a tile of rows.
@@ -267,6 +356,7 @@ unsafe fn tile_half<const R: usize, const F: u8>(
     panel: *const u8,
     units: usize,
     half: usize,
+    x: &QuantizedRows,
 ) {
-    tile::<R, F, false>(rows, out, panel, units, half)
+    tile::<R, F, false>(rows, out, panel, units, half, x)
 }
