@@ -202,10 +202,12 @@ async fn shutdown_signal() {
     }
 }
 
-/// A step allocates and frees the same few-megabyte buffers (activations, logits) layer after
-/// layer; glibc serves those from fresh mappings and returns them on free, so every step paid
-/// page faults and the kernel's page zeroing again. Up to 32 MiB now come from the heap, and
-/// freed memory is kept for reuse up to 128 MiB.
+/// A step allocates and frees the same buffers (activations, logits) layer after layer; glibc
+/// serves large ones from fresh mappings and returns them on free, so every step paid page
+/// faults and the kernel's page zeroing again (a 4096-token prefill chunk of a 2048-wide model
+/// holds 32 MiB tensors, past the largest threshold glibc accepts). So nothing is served from
+/// its own mapping: every block comes from the heaps, and freed memory is kept for reuse up to
+/// 128 MiB.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn keep_freed_memory() {
     extern "C" {
@@ -213,9 +215,11 @@ fn keep_freed_memory() {
     }
     const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
     const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+    const M_MMAP_MAX: std::ffi::c_int = -4;
     // SAFETY: mallopt only tunes the allocator; it is called before any other thread exists.
     unsafe {
         mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_MMAP_MAX, 0);
         mallopt(M_TRIM_THRESHOLD, 128 << 20);
     }
 }
