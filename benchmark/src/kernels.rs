@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use wick_kernels::{format, Bf16Matrix, Format, Level, PackedMatrix, QuantizedRows};
+use wick_kernels::{format, Bf16Matrix, Format, Level, Outliers, PackedMatrix, QuantizedRows};
 
 use crate::run_info::RunInfo;
 
@@ -162,7 +162,7 @@ pub fn run(args: KernelArgs) -> anyhow::Result<KernelReport> {
                     let mut xq = QuantizedRows::default();
                     let t = time(args.seconds, || match &weight {
                         Weight::Quantized(packed) => {
-                            xq.requantize(level, &x, rows, k);
+                            xq.requantize(level, Outliers::Refine, &x, rows, k);
                             packed.matmul(&xq, level, &mut out);
                         }
                         Weight::Bf16(b) => b.matmul(&x, rows, level, &mut out),

@@ -65,6 +65,11 @@ pub fn shard_args(args: &Args, model_path: &Path, rank: usize) -> Vec<OsString> 
         "--cpu-kernels",
         args.cpu_kernels.map(|k| k.as_arg()),
     );
+    push_opt(
+        &mut out,
+        "--activation-outliers",
+        args.activation_outliers.map(|o| o.as_arg()),
+    );
     push(
         &mut out,
         "--kv-cache-memory",
@@ -424,6 +429,8 @@ mod tests {
             "1MiB",
             "--cpu-kernels",
             "avx2",
+            "--activation-outliers",
+            "plain",
         ]);
         let out = strings(shard_args(&a, Path::new("/models/m"), 0));
         assert_eq!(out[0], "serve");
@@ -434,6 +441,7 @@ mod tests {
         assert_eq!(value(&out, "--threads"), Some("3"));
         assert_eq!(value(&out, "--kv-cache-memory"), Some("1048576"));
         assert_eq!(value(&out, "--cpu-kernels"), Some("avx2"));
+        assert_eq!(value(&out, "--activation-outliers"), Some("plain"));
         assert_eq!(value(&out, "--dtype"), None);
         assert!(out.iter().any(|a| a == "--json-output"));
         // One shard needs no rendezvous.

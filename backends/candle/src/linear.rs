@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{bail, DType, Layout, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
-use wick_kernels::{Bf16Matrix, Level, PackedMatrix, QuantizedRows};
+use wick_kernels::{Bf16Matrix, Level, Outliers, PackedMatrix, QuantizedRows};
 
 use crate::weights::{dtype_name, ggml_name};
 
@@ -29,6 +29,8 @@ pub enum Linear {
     Packed {
         weight: Arc<PackedMatrix>,
         level: Level,
+        /// Whether activation blocks holding an outlier take a second 8-bit pass.
+        outliers: Outliers,
         bias: Option<Tensor>,
     },
     /// A bf16 weight in wick's kernel layout, computed in f32 from the bf16 values.
@@ -69,8 +71,9 @@ impl Linear {
             Linear::Packed {
                 weight,
                 level,
+                outliers,
                 bias,
-            } => (packed(x, weight, *level)?, bias),
+            } => (packed(x, weight, *level, *outliers)?, bias),
             Linear::Bf16 {
                 weight,
                 level,
@@ -150,9 +153,14 @@ impl Linear {
             _ => None,
         });
         if let Some((matrices, level)) = packed {
+            let outliers = match &parts[0] {
+                Linear::Packed { outliers, .. } => *outliers,
+                _ => Outliers::default(),
+            };
             return Ok(PackedMatrix::stack(&matrices).ok().map(|m| Linear::Packed {
                 weight: Arc::new(m),
                 level,
+                outliers,
                 bias,
             }));
         }
@@ -213,7 +221,7 @@ thread_local! {
 }
 
 /// `x · Wᵀ` on wick's kernels: the rows are quantized once, then one pass over the weight.
-fn packed(x: &Tensor, weight: &PackedMatrix, level: Level) -> Result<Tensor> {
+fn packed(x: &Tensor, weight: &PackedMatrix, level: Level, outliers: Outliers) -> Result<Tensor> {
     let rows = x.dims().first().copied().unwrap_or(0);
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let mut y = vec![0f32; rows * weight.n()];
@@ -221,7 +229,7 @@ fn packed(x: &Tensor, weight: &PackedMatrix, level: Level) -> Result<Tensor> {
     let mut q = QUANTIZED.take();
     {
         let (xs, xl) = x.storage_and_layout();
-        q.requantize(level, host_f32(&xs, xl)?, rows, weight.k());
+        q.requantize(level, outliers, host_f32(&xs, xl)?, rows, weight.k());
         weight.matmul(&q, level, &mut y);
     }
     QUANTIZED.set(q);

@@ -18,7 +18,7 @@ use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Result, Tensor};
 
-use wick_kernels::{Format, Level, PackedMatrix};
+use wick_kernels::{Format, Level, Outliers, PackedMatrix};
 
 use crate::linear::Linear;
 
@@ -74,6 +74,8 @@ pub struct LoadOptions {
     pub dense_copy_budget: usize,
     /// The highest instruction set wick's kernels may use (lowered to what the CPU has).
     pub kernel_level: Level,
+    /// Whether the kernels give activation blocks holding an outlier a second 8-bit pass.
+    pub activation_outliers: Outliers,
 }
 
 /// Steps of at least this many tokens use the f32 copy of a slow quantized weight. One: on
@@ -93,6 +95,7 @@ impl Default for LoadOptions {
             dense_copy_min_rows: Some(DEFAULT_DENSE_COPY_MIN_ROWS),
             dense_copy_budget: DEFAULT_DENSE_COPY_BUDGET,
             kernel_level: Level::detected(),
+            activation_outliers: Outliers::default(),
         }
     }
 }
@@ -348,7 +351,7 @@ impl WeightStore {
                 q.dequantize(&Device::Cpu)?
             }
             Stored::Quantized(q) if on_wick_kernels(q.dtype(), opts) => {
-                return packed_linear(&q, bias, opts.kernel_level);
+                return packed_linear(&q, bias, opts);
             }
             Stored::Quantized(q) => {
                 let q = if q.device().same_device(&opts.device) {
@@ -390,7 +393,7 @@ impl WeightStore {
                 let cpu = dense.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
                 let q = QTensor::quantize_onto(&cpu, ggml, &opts.device)?;
                 if on_wick_kernels(ggml, opts) {
-                    return packed_linear(&q, bias, opts.kernel_level);
+                    return packed_linear(&q, bias, opts);
                 }
                 return Ok(Linear::Quantized {
                     weight: QMatMul::QTensor(std::sync::Arc::new(q)),
@@ -638,13 +641,14 @@ fn on_wick_kernels(dtype: GgmlDType, opts: &LoadOptions) -> bool {
 }
 
 /// A quantized weight of a format wick's kernels compute, repacked for them.
-fn packed_linear(q: &QTensor, bias: Option<Tensor>, level: Level) -> Result<Linear> {
+fn packed_linear(q: &QTensor, bias: Option<Tensor>, opts: &LoadOptions) -> Result<Linear> {
     let format = kernel_format(q.dtype()).ok_or_else(|| err(format!("{:?}", q.dtype())))?;
     let (n, k) = q.shape().dims2()?;
     let weight = PackedMatrix::from_ggml(format, &q.data()?, n, k).map_err(err)?;
     Ok(Linear::Packed {
         weight: std::sync::Arc::new(weight),
-        level,
+        level: opts.kernel_level,
+        outliers: opts.activation_outliers,
         bias,
     })
 }

@@ -27,7 +27,7 @@ mod packed;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use activation::QuantizedRows;
+pub use activation::{Outliers, QuantizedRows, OUTLIER_RATIO};
 pub use attention::{attend, softmax, AttendScratch, HeadGroup, PagedKv, ATTEND_PARTITION};
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
 pub use elementwise::silu_mul;
