@@ -149,14 +149,15 @@ impl Linear {
             None => return Ok(None),
         };
         let packed = all_of(parts, |p| match p {
-            Linear::Packed { weight, level, .. } => Some((weight.as_ref(), *level)),
+            Linear::Packed {
+                weight,
+                level,
+                outliers,
+                ..
+            } => Some((weight.as_ref(), (*level, *outliers))),
             _ => None,
         });
-        if let Some((matrices, level)) = packed {
-            let outliers = match &parts[0] {
-                Linear::Packed { outliers, .. } => *outliers,
-                _ => Outliers::default(),
-            };
+        if let Some((matrices, (level, outliers))) = packed {
             return Ok(PackedMatrix::stack(&matrices).ok().map(|m| Linear::Packed {
                 weight: Arc::new(m),
                 level,
@@ -202,15 +203,15 @@ impl Linear {
     }
 }
 
-/// Every part's wick-kernel weight as `pick` finds it, with the first part's level; `None` when
-/// some part holds another kind of weight.
-fn all_of<'a, M>(
+/// Every part's wick-kernel weight as `pick` finds it, with the first part's settings (level,
+/// ...); `None` when some part holds another kind of weight.
+fn all_of<'a, M, S: Copy>(
     parts: &'a [Linear],
-    pick: impl Fn(&'a Linear) -> Option<(&'a M, Level)>,
-) -> Option<(Vec<&'a M>, Level)> {
-    let picked: Vec<(&M, Level)> = parts.iter().map(pick).collect::<Option<_>>()?;
-    let level = picked.first()?.1;
-    Some((picked.into_iter().map(|(m, _)| m).collect(), level))
+    pick: impl Fn(&'a Linear) -> Option<(&'a M, S)>,
+) -> Option<(Vec<&'a M>, S)> {
+    let picked: Vec<(&M, S)> = parts.iter().map(pick).collect::<Option<_>>()?;
+    let settings = picked.first()?.1;
+    Some((picked.into_iter().map(|(m, _)| m).collect(), settings))
 }
 
 thread_local! {

@@ -69,14 +69,16 @@ impl Blocks {
         self.half_sums.resize(blocks, 0);
     }
 
-    /// Runs of `run` blocks.
-    fn runs_mut(&mut self, run: usize) -> impl Iterator<Item = BlocksMut<'_>> {
-        self.qs
-            .chunks_mut(run * BLOCK)
-            .zip(self.scales.chunks_mut(run))
-            .zip(self.sums.chunks_mut(run))
-            .zip(self.half_sums.chunks_mut(run))
-            .map(|(((qs, scales), sums), half_sums)| BlocksMut {
+    /// Runs of `run` blocks, for the pool.
+    fn par_runs_mut(&mut self, run: usize) -> impl IndexedParallelIterator<Item = BlocksMut<'_>> {
+        (
+            self.qs.par_chunks_mut(run * BLOCK),
+            self.scales.par_chunks_mut(run),
+            self.sums.par_chunks_mut(run),
+            self.half_sums.par_chunks_mut(run),
+        )
+            .into_par_iter()
+            .map(|(qs, scales, sums, half_sums)| BlocksMut {
                 qs,
                 scales,
                 sums,
@@ -148,29 +150,32 @@ impl QuantizedRows {
         // Runs of 64 blocks per task: a decode row is one or a few tasks, a prefill many.
         const RUN: usize = 64;
         let level = level.capped();
-        let runs: Vec<_> = self
+        let refine_outliers = outliers == Outliers::Refine;
+        let runs = self
             .main
-            .runs_mut(RUN)
-            .zip(self.residual.runs_mut(RUN))
-            .zip(x.chunks(RUN * BLOCK))
-            .collect();
-        runs.into_par_iter().for_each(|((main, residual), x)| {
-            for (i, x) in x.chunks_exact(BLOCK).enumerate() {
-                let q = &mut main.qs[i * BLOCK..(i + 1) * BLOCK];
-                (main.sums[i], main.half_sums[i]) =
-                    quantize_block_at(level, x, q, &mut main.scales[i]);
-                if outliers == Outliers::Plain {
-                    residual.scales[i] = 0.0;
-                    continue;
+            .par_runs_mut(RUN)
+            .zip(self.residual.par_runs_mut(RUN));
+        runs.zip(x.par_chunks(RUN * BLOCK))
+            .for_each(|((main, residual), x)| {
+                for (i, x) in x.chunks_exact(BLOCK).enumerate() {
+                    let q = &mut main.qs[i * BLOCK..(i + 1) * BLOCK];
+                    (main.sums[i], main.half_sums[i]) =
+                        quantize_block_at(level, x, q, &mut main.scales[i]);
+                    if !refine_outliers {
+                        continue;
+                    }
+                    let rq = &mut residual.qs[i * BLOCK..(i + 1) * BLOCK];
+                    (residual.scales[i], residual.sums[i], residual.half_sums[i]) =
+                        refine(level, x, q, main.scales[i], rq).unwrap_or_default();
                 }
-                let rq = &mut residual.qs[i * BLOCK..(i + 1) * BLOCK];
-                (residual.sums[i], residual.half_sums[i]) =
-                    refine(level, x, q, main.scales[i], rq, &mut residual.scales[i]);
-            }
-        });
+            });
         self.refined.clear();
         self.refined_start.clear();
         self.refined_start.push(0);
+        if !refine_outliers {
+            self.refined_start.resize(rows + 1, 0);
+            return;
+        }
         for row in self.residual.scales.chunks_exact(k / BLOCK).take(rows) {
             let refined = row.iter().enumerate().filter(|(_, &d)| d != 0.0);
             self.refined.extend(refined.map(|(b, _)| b as u32));
@@ -192,7 +197,8 @@ impl QuantizedRows {
         self.main.range(r * nb, nb)
     }
 
-    /// Row `r`'s second pass: scale 0 where a block is not refined.
+    /// Row `r`'s second pass: scale 0 where a block is not refined (with [`Outliers::Plain`],
+    /// stale: read only the blocks [`QuantizedRows::refined_in`] lists).
     pub(crate) fn residual_row(&self, r: usize) -> RowBlocks<'_> {
         let nb = self.k / BLOCK;
         self.residual.range(r * nb, nb)
@@ -223,24 +229,20 @@ impl QuantizedRows {
     /// is refined).
     pub fn dequantized_row(&self, r: usize) -> Vec<f32> {
         let (main, residual) = (self.row(r), self.residual_row(r));
-        let dequantize = |b: RowBlocks<'_>| -> Vec<f32> {
-            b.qs.chunks_exact(BLOCK)
-                .zip(b.scales)
-                .flat_map(|(q, &d)| q.iter().map(move |&v| d * v as f32))
-                .collect()
-        };
-        let (x, e) = (dequantize(main), dequantize(residual));
-        x.iter()
-            .zip(&e)
-            .enumerate()
-            .map(|(i, (x, e))| {
-                if residual.scales[i / BLOCK] != 0.0 {
-                    x + e
-                } else {
-                    *x
-                }
-            })
-            .collect()
+        let mut x: Vec<f32> = main
+            .qs
+            .chunks_exact(BLOCK)
+            .zip(main.scales)
+            .flat_map(|(q, &d)| q.iter().map(move |&v| d * v as f32))
+            .collect();
+        for &b in self.refined_in(r) {
+            let (b, d) = (b as usize, residual.scales[b as usize]);
+            let quants = &residual.qs[b * BLOCK..(b + 1) * BLOCK];
+            for (x, &q) in x[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(quants) {
+                *x += d * q as f32;
+            }
+        }
+        x
     }
 }
 
@@ -259,28 +261,23 @@ fn quantize_block_at(level: Level, x: &[f32], q: &mut [i8], scale: &mut f32) -> 
 }
 
 /// The second pass of a block quantized to `q` with scale `d`: when its quants show an outlier
-/// (see [`OUTLIER_RATIO`]), its rounding error `x − d·q` quantized into `rq` and `scale`,
-/// returning that block's sums; otherwise `scale` = 0. The error is portable code at every
-/// level and its quantization gives the same bits at every level, so every level refines
-/// alike.
+/// (see [`OUTLIER_RATIO`]), its rounding error `x − d·q` quantized into `rq`, with that
+/// block's scale and sums. The error is portable code at every level and its quantization
+/// gives the same bits at every level, so every level refines alike.
 #[inline(always)]
-fn refine(level: Level, x: &[f32], q: &[i8], d: f32, rq: &mut [i8], scale: &mut f32) -> (i32, i32) {
+fn refine(level: Level, x: &[f32], q: &[i8], d: f32, rq: &mut [i8]) -> Option<(f32, i32, i32)> {
     let energy: i32 = q.iter().map(|&v| v as i32 * v as i32).sum();
     if energy >= REFINE_BELOW || !(d > 0.0 && d.is_finite()) {
-        *scale = 0.0;
-        return (0, 0);
+        return None;
     }
     let mut error = [0f32; BLOCK];
     for ((e, &x), &q) in error.iter_mut().zip(x).zip(q) {
         *e = x - d * q as f32;
     }
-    let sums = quantize_block_at(level, &error, rq, scale);
-    if !scale.is_finite() {
-        // `d·q` overflowed (a block near f32::MAX): no second pass.
-        *scale = 0.0;
-        return (0, 0);
-    }
-    sums
+    let mut scale = 0.0;
+    let (sum, half) = quantize_block_at(level, &error, rq, &mut scale);
+    // Not finite: `d·q` overflowed (a block near f32::MAX), no second pass.
+    scale.is_finite().then_some((scale, sum, half))
 }
 
 /// One block: round-to-nearest onto `amax / 127` steps; returns `Σq` and the sum of the first
@@ -388,6 +385,12 @@ mod tests {
         assert_eq!(plain.main.qs, refined.main.qs);
         assert!(same_bits(&plain.main.scales, &refined.main.scales));
         assert!(plain.residual.scales.iter().all(|&d| d == 0.0));
+        assert!((0..2).all(|r| plain.refined_in(r).is_empty()));
+        // A buffer reused from a refined step keeps its stale second pass out of every result.
+        let mut reused = refined.clone();
+        reused.requantize(Level::detected(), Outliers::Plain, &x, 2, 4 * BLOCK);
+        assert_eq!(reused.refined_blocks(), 0);
+        assert_eq!(reused.dequantized_row(0), plain.dequantized_row(0));
     }
 
     #[test]

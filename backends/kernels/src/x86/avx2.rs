@@ -280,12 +280,12 @@ unsafe fn tile<const R: usize, const F: u8, const BOTH: bool>(
                 let mut a = [std::ptr::null::<i8>(); R];
                 #[allow(clippy::needless_range_loop)]
                 for r in 0..R {
-                    a[r] = rows.main.qs[r].add(b * 32);
+                    a[r] = rows.qs[r].add(b * 32);
                 }
                 let dot = dots::<R, F>(&w, a);
                 let s = sub_scales::<F>(unit, j, half, d, mins);
                 for r in 0..R {
-                    acc[r][hx] = scale_dot::<F>(acc[r][hx], dot[r], s, rows.main.sums(r, b));
+                    acc[r][hx] = scale_dot::<F>(acc[r][hx], dot[r], s, rows.sums(r, b));
                 }
             }
         }
@@ -317,11 +317,15 @@ unsafe fn refine_row<const F: u8>(
     half: usize,
     out: &mut [f32; PANEL],
 ) {
+    let refined = x.refined_in(r);
+    if refined.is_empty() {
+        return;
+    }
     let format = format_of(F);
     let (st, sb, n_sub) = (stride(format), sub_bytes(format), subs(format));
     let residual = x.residual_row(r);
     let mut acc = _mm256_loadu_ps(out.as_ptr().add(8 * half));
-    for &b in x.refined_in(r) {
+    for &b in refined {
         let b = b as usize;
         let (u, j) = (b / n_sub, b % n_sub);
         let unit = panel.add(u * st);

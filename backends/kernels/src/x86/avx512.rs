@@ -214,8 +214,8 @@ unsafe fn tile<const R: usize, const F: u8>(
             let w = weights::<F>(unit.add(j * sb));
             let s = sub_scales::<F>(unit, j, d, mins);
             for (r, acc) in acc.iter_mut().enumerate() {
-                let a = rows.main.qs[r].add(b * 32);
-                *acc = block::<F, 1>(*acc, &w, s, a, rows.main.sums(r, b));
+                let a = rows.qs[r].add(b * 32);
+                *acc = block::<F, 1>(*acc, &w, s, a, rows.sums(r, b));
             }
         }
     }
@@ -239,11 +239,15 @@ unsafe fn refine_row<const F: u8>(
     r: usize,
     out: &mut [f32; PANEL],
 ) {
+    let refined = x.refined_in(r);
+    if refined.is_empty() {
+        return;
+    }
     let format = format_of(F);
     let (st, sb, n_sub) = (stride(format), sub_bytes(format), subs(format));
     let residual = x.residual_row(r);
     let mut acc = _mm512_loadu_ps(out.as_ptr());
-    for &b in x.refined_in(r) {
+    for &b in refined {
         let b = b as usize;
         let (u, j) = (b / n_sub, b % n_sub);
         let unit = panel.add(u * st);

@@ -33,32 +33,38 @@ pub(crate) const fn format_of(f: u8) -> crate::Format {
     }
 }
 
-/// One pass of a row tile's inputs: for each of its rows, the row's quants, block scales,
-/// block sums and half-block sums.
-pub(crate) struct Blocks<const R: usize> {
+/// A row tile's inputs: its first row; for each of its rows, the row's quants, block scales,
+/// block sums and half-block sums (its first pass); and whether any of its rows has refined
+/// blocks (whose second pass follows the first, row by row).
+pub(crate) struct Rows<const R: usize> {
+    pub first: usize,
     pub qs: [*const i8; R],
     pub scales: [*const f32; R],
     pub sums: [*const i32; R],
     pub half_sums: [*const i32; R],
+    pub refined: bool,
 }
 
-impl<const R: usize> Blocks<R> {
-    /// Rows `first..first + R` of `blocks` (`k` values per row). Plain pointer arithmetic:
-    /// this runs for every tile of every panel, and slicing each field of each row cost a
-    /// decode row several percent of a matrix product.
+impl<const R: usize> Rows<R> {
+    /// Rows `first..first + R` of `x`. Plain pointer arithmetic: this runs for every tile of
+    /// every panel, and slicing each field of each row cost a decode row several percent of a
+    /// matrix product.
     #[inline(always)]
-    fn of(blocks: &crate::activation::Blocks, first: usize, k: usize) -> Self {
+    pub fn new(x: &crate::QuantizedRows, first: usize) -> Self {
+        let (blocks, k) = (x.main(), x.k());
         let nb = k / crate::BLOCK;
         assert!(
             (first + R) * nb <= blocks.scales.len(),
             "rows past the activation"
         );
-        let at = |v: usize| (first + v) * nb;
+        let at = |i: usize| (first + i) * nb;
         Self {
+            first,
             qs: std::array::from_fn(|i| blocks.qs.as_ptr().wrapping_add((first + i) * k)),
             scales: std::array::from_fn(|i| blocks.scales.as_ptr().wrapping_add(at(i))),
             sums: std::array::from_fn(|i| blocks.sums.as_ptr().wrapping_add(at(i))),
             half_sums: std::array::from_fn(|i| blocks.half_sums.as_ptr().wrapping_add(at(i))),
+            refined: x.any_refined(first..first + R),
         }
     }
 
@@ -73,66 +79,6 @@ impl<const R: usize> Blocks<R> {
     }
 }
 
-/// A row tile's inputs: its first row, the rows' first pass, and whether any of them has
-/// refined blocks (whose second pass follows the first, row by row).
-pub(crate) struct Rows<const R: usize> {
-    pub first: usize,
-    pub main: Blocks<R>,
-    pub refined: bool,
-}
-
-impl<const R: usize> Rows<R> {
-    #[inline(always)]
-    pub fn new(x: &crate::QuantizedRows, first: usize) -> Self {
-        Self {
-            first,
-            main: Blocks::of(x.main(), first, x.k()),
-            refined: x.any_refined(first..first + R),
-        }
-    }
-}
-
-/// `$call` with `$f` bound to `format`'s const parameter.
-macro_rules! with_format {
-    ($format:expr, $f:ident => $call:expr) => {
-        match $format {
-            crate::Format::Q8_0 => {
-                const $f: u8 = crate::x86::Q8_0;
-                $call
-            }
-            crate::Format::Q4_0 => {
-                const $f: u8 = crate::x86::Q4_0;
-                $call
-            }
-            crate::Format::Q4_1 => {
-                const $f: u8 = crate::x86::Q4_1;
-                $call
-            }
-            crate::Format::Q4K => {
-                const $f: u8 = crate::x86::Q4K;
-                $call
-            }
-            crate::Format::Q6K => {
-                const $f: u8 = crate::x86::Q6K;
-                $call
-            }
-            crate::Format::Q5_0 => {
-                const $f: u8 = crate::x86::Q5_0;
-                $call
-            }
-            crate::Format::Q5_1 => {
-                const $f: u8 = crate::x86::Q5_1;
-                $call
-            }
-            crate::Format::Q5K => {
-                const $f: u8 = crate::x86::Q5K;
-                $call
-            }
-        }
-    };
-}
-pub(crate) use with_format;
-
 /// Calls `$tile::<R, F>(…)` for `rows` in tiles of `$max` rows and one tail tile.
 macro_rules! for_row_tiles {
     ($tile:ident, $max:literal, $f:expr, $x:expr, $rows:expr, $out:expr, $($arg:expr),*) => {{
@@ -144,7 +90,16 @@ macro_rules! for_row_tiles {
             let left = rows.end - r;
             macro_rules! call {
                 ($n:literal) => {
-                    crate::x86::with_format!($f, F => $tile::<$n, F>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*))
+                    match $f {
+                        crate::Format::Q8_0 => $tile::<$n, { crate::x86::Q8_0 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q4_0 => $tile::<$n, { crate::x86::Q4_0 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q4_1 => $tile::<$n, { crate::x86::Q4_1 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q4K => $tile::<$n, { crate::x86::Q4K }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q6K => $tile::<$n, { crate::x86::Q6K }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q5_0 => $tile::<$n, { crate::x86::Q5_0 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q5_1 => $tile::<$n, { crate::x86::Q5_1 }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                        crate::Format::Q5K => $tile::<$n, { crate::x86::Q5K }>(&crate::x86::Rows::<$n>::new($x, r), o, $($arg),*),
+                    }
                 };
             }
             let step = if left >= $max { $max } else { left };
