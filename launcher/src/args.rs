@@ -47,7 +47,7 @@ pub struct Args {
     /// exceeds 4.5× the block's RMS (the outlier channels real models carry): `refine` (the
     /// default) quantizes its rounding error again and multiplies that too, closer to the f32
     /// path; `plain` keeps every block 8-bit as llama.cpp does, faster where activations have
-    /// heavy tails (about 10% at large batches on SmolLM2).
+    /// heavy tails (6% more tokens/s at 32 streams on the random-weight Llama-3.2-1B shape).
     #[arg(long, env = "ACTIVATION_OUTLIERS", value_enum)]
     pub activation_outliers: Option<ActivationOutliers>,
 
