@@ -482,9 +482,15 @@ pub(crate) fn for_each_tile(
             let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
             for (r, vals) in rows.clone().zip(buf.iter()) {
                 // SAFETY: tasks write disjoint (row chunk, panel) rectangles of `out`, whose
-                // size was checked above.
+                // size was checked above. A whole panel is a copy of constant size (one
+                // register), not a call to `memcpy` per row.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(vals.as_ptr(), out_ptr.at(r * n + col0), cols);
+                    let to = out_ptr.at(r * n + col0);
+                    if cols == PANEL {
+                        std::ptr::copy_nonoverlapping(vals.as_ptr(), to, PANEL);
+                    } else {
+                        std::ptr::copy_nonoverlapping(vals.as_ptr(), to, cols);
+                    }
                 }
             }
         }
