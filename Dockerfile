@@ -15,12 +15,14 @@ WORKDIR /src
 # Dependencies first, in their own layer: only the manifests and empty targets.
 COPY Cargo.toml Cargo.lock ./
 COPY proto/Cargo.toml proto/build.rs proto/generate.proto proto/
+COPY backends/model/Cargo.toml backends/model/
+COPY backends/kernels/Cargo.toml backends/kernels/
 COPY backends/candle/Cargo.toml backends/candle/
 COPY router/Cargo.toml router/
 COPY launcher/Cargo.toml launcher/
 COPY benchmark/Cargo.toml benchmark/
 COPY integration-tests/Cargo.toml integration-tests/
-RUN for d in proto backends/candle router launcher benchmark; do \
+RUN for d in proto backends/model backends/kernels backends/candle router launcher benchmark; do \
         mkdir -p $d/src/bin && echo 'fn main() {}' > $d/src/main.rs && touch $d/src/lib.rs; \
     done \
  && echo 'fn main() {}' > backends/candle/src/bin/wick-shard.rs \
@@ -28,7 +30,8 @@ RUN for d in proto backends/candle router launcher benchmark; do \
  && cargo build --release --workspace --bins || true
 
 COPY . .
-RUN touch proto/src/lib.rs backends/candle/src/lib.rs router/src/lib.rs \
+RUN touch proto/src/lib.rs backends/model/src/lib.rs backends/kernels/src/lib.rs \
+    backends/candle/src/lib.rs router/src/lib.rs \
  && FEATURES=$([ "$VARIANT" = cuda ] && echo "--features wick-backend-candle/nccl" || true) \
  && cargo build --release --bin wick --bin wick-shard --bin wick-router --bin wick-bench $FEATURES
 

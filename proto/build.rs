@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=generate.proto");
     tonic_prost_build::configure()
         .build_client(true)
-        .build_server(true)
+        .build_server(std::env::var_os("CARGO_FEATURE_SERVER").is_some())
         .compile_protos(&["generate.proto"], &["."])?;
     Ok(())
 }

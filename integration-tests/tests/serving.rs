@@ -289,11 +289,8 @@ async fn two_tensor_parallel_shards_serve_like_one() {
     let status = wick.wait_exit().await;
     assert!(status.success(), "{status}:\n{}", wick.log());
     for rank in 0..2 {
-        let socket = format!("{}-{rank}", wick.uds.display());
-        assert!(
-            !std::path::Path::new(&socket).exists(),
-            "{socket} left behind"
-        );
+        let socket = wick_proto::rank_socket(&wick.uds, rank);
+        assert!(!socket.exists(), "{} left behind", socket.display());
     }
     assert_eq!(wick.processes_left(), Vec::<i32>::new());
 }

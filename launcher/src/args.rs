@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::time::Duration;
-use wick_backend_candle::parse_bytes;
+use wick_model::parse_bytes;
 
 use anyhow::{bail, Result};
 use clap::builder::BoolishValueParser;
@@ -389,13 +389,5 @@ mod tests {
                 .validate()
                 .is_ok()
         );
-    }
-
-    #[test]
-    fn byte_sizes_parse() {
-        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
-        assert_eq!(parse_bytes("1234"), Ok(1234));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("2XB").is_err());
     }
 }

@@ -23,13 +23,6 @@ const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const SHARD_BINARY: &str = "wick-shard";
 pub const ROUTER_BINARY: &str = "wick-router";
 
-/// The socket shard `rank` listens on.
-pub fn shard_socket(base: &Path, rank: usize) -> PathBuf {
-    let mut path = base.as_os_str().to_owned();
-    path.push(format!("-{rank}"));
-    PathBuf::from(path)
-}
-
 fn push(args: &mut Vec<OsString>, flag: &str, value: impl Into<OsString>) {
     args.push(flag.into());
     args.push(value.into());
@@ -96,7 +89,7 @@ pub fn router_args(args: &Args) -> Vec<OsString> {
     push(
         &mut out,
         "--master-shard-uds-path",
-        shard_socket(&args.shard_uds_path, 0),
+        wick_proto::rank_socket(&args.shard_uds_path, 0),
     );
     push(&mut out, "--model-id", &args.model_id);
     push(
@@ -212,7 +205,7 @@ impl Fleet {
     pub async fn run(&mut self, args: &Args, model_path: &Path, signals: &mut Signals) -> Stop {
         let shard_binary = locate_binary(SHARD_BINARY);
         for rank in 0..args.num_shard {
-            let socket = shard_socket(&args.shard_uds_path, rank);
+            let socket = wick_proto::rank_socket(&args.shard_uds_path, rank);
             remove_socket(&socket);
             self.sockets.push(socket);
             let name = format!("shard-{rank}");
@@ -406,14 +399,6 @@ mod tests {
     fn value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
         let i = args.iter().position(|a| a == flag)?;
         args.get(i + 1).map(String::as_str)
-    }
-
-    #[test]
-    fn shard_sockets_append_the_rank() {
-        assert_eq!(
-            shard_socket(Path::new("/tmp/wick-x"), 3),
-            PathBuf::from("/tmp/wick-x-3")
-        );
     }
 
     #[test]

@@ -7,7 +7,6 @@ mod args;
 mod child;
 mod fleet;
 mod logs;
-mod model;
 
 use std::process::ExitCode;
 
@@ -25,7 +24,7 @@ fn main() -> ExitCode {
     }
     // Resolve (and download) before any child starts, so shards load from local disk and a bad
     // model id fails here, once, clearly.
-    let model = match model::resolve(
+    let model = match wick_model::resolve(
         &args.model_id,
         args.revision.as_deref(),
         args.huggingface_hub_cache.clone(),
@@ -38,14 +37,13 @@ fn main() -> ExitCode {
         }
     };
     // A model that cannot be split over the shards fails here, before any shard starts.
-    if let Err(e) = wick_backend_candle::parallel::ShardPlan::new(&model.config, 0, args.num_shard)
-    {
+    if let Err(e) = model.config.check_split(args.num_shard) {
         tracing::error!("{e}");
         return ExitCode::FAILURE;
     }
     tracing::info!(
         model_id = args.model_id.as_str(),
-        path = %model.path.display(),
+        path = %model.path().display(),
         architecture = ?model.config.architecture,
         "model resolved"
     );
@@ -63,7 +61,8 @@ fn main() -> ExitCode {
     };
     // Children may run from another folder one day; give them a path that does not depend on
     // the launcher's working directory.
-    let model_path = std::fs::canonicalize(&model.path).unwrap_or(model.path);
+    let model_path =
+        std::fs::canonicalize(model.path()).unwrap_or_else(|_| model.path().to_path_buf());
     runtime.block_on(serve(args, model_path))
 }
 

@@ -4,8 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use wick_backend_candle::testing::{write_hf_model, TinyModelSpec};
-
 struct Run {
     output: Output,
     uds: PathBuf,
@@ -32,7 +30,27 @@ impl Run {
 }
 
 fn socket(uds: &Path) -> PathBuf {
-    PathBuf::from(format!("{}-0", uds.display()))
+    wick_proto::rank_socket(uds, 0)
+}
+
+/// A tiny Llama folder in Hugging Face layout: 4 attention heads, 2 KV heads. The launcher reads
+/// only its config; the tokenizer and weights are never loaded, as no shard starts.
+fn write_model(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+    std::fs::write(dir.join("model.safetensors"), b"").unwrap();
 }
 
 /// Runs `wick` on a tiny model folder (or `model` when given) with `extra` flags.
@@ -43,7 +61,7 @@ fn wick(model: Option<&str>, extra: &[&str]) -> Run {
 fn wick_with_env(model: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
-    write_hf_model(&model_dir, &TinyModelSpec::llama()).unwrap();
+    write_model(&model_dir);
     let uds = dir.path().join("wick");
     let model = model.map_or_else(|| model_dir.display().to_string(), str::to_string);
     let output = Command::new(env!("CARGO_BIN_EXE_wick"))
@@ -89,7 +107,7 @@ fn missing_model_path_is_named() {
 #[test]
 fn unsupported_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    write_hf_model(dir.path(), &TinyModelSpec::llama()).unwrap();
+    write_model(dir.path());
     let config_path = dir.path().join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();

@@ -11,11 +11,11 @@ use std::time::Instant;
 use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
-use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::model::{LlamaModel, SeqSpan, StepInput, StepProfile};
 use crate::sampling::{logprob_of, Sampler, SamplingParams};
 use crate::stopping::{Detokenizer, FinishReason, StopCriteria, StoppingParams};
+use wick_model::config::ModelConfig;
 
 /// KV block size (token slots per block) when none is configured.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;

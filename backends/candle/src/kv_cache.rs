@@ -1,7 +1,7 @@
 //! The paged KV cache: per layer, K and V of shape `[num_blocks, block_size, kv_heads, head_dim]`,
 //! written at the slots the router chose (`slot = block * block_size + offset`).
 
-use crate::config::ModelConfig;
+use wick_model::config::ModelConfig;
 
 /// K and V of every layer, in blocks of `block_size` token slots. The attention
 /// ([`crate::attention`]) writes a step's K/V at the slots the router chose and reads a sequence

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::attention::{self, AttentionParams};
-use crate::config::{ModelConfig, RopeScaling};
 use crate::kv_cache::KvCache;
 use crate::linear::{host_f32, Linear};
 use crate::parallel::{Collective, ShardPlan};
 use crate::weights::{LoadOptions, Part, WeightStore};
+use wick_model::config::{ModelConfig, RopeScaling};
 
 /// One forward step over a packed batch: every token of every sequence, concatenated.
 pub struct StepInput<'a> {
@@ -695,7 +695,7 @@ fn rope_tables(c: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Architecture;
+    use wick_model::config::Architecture;
 
     fn config(rope_scaling: Option<RopeScaling>) -> ModelConfig {
         ModelConfig {

@@ -33,13 +33,6 @@ use crate::weights::LoadOptions;
 /// Largest gRPC message the shard accepts or sends: `Info` carries the whole tokenizer.
 pub const MAX_MESSAGE_SIZE: usize = wick_proto::MAX_MESSAGE_SIZE;
 
-/// The socket of shard `rank`: `{base}-{rank}`.
-pub fn uds_for_rank(base: impl AsRef<Path>, rank: u32) -> PathBuf {
-    let mut path = base.as_ref().as_os_str().to_owned();
-    path.push(format!("-{rank}"));
-    PathBuf::from(path)
-}
-
 /// Everything a shard needs to start.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
@@ -367,7 +360,12 @@ impl TextGenerationService for ShardService {
         _request: Request<pb::ServiceDiscoveryRequest>,
     ) -> Result<Response<pb::ServiceDiscoveryResponse>, Status> {
         let urls = (0..self.info.world_size)
-            .map(|r| format!("unix://{}", uds_for_rank(&self.info.uds_path, r).display()))
+            .map(|r| {
+                format!(
+                    "unix://{}",
+                    wick_proto::rank_socket(&self.info.uds_path, r as usize).display()
+                )
+            })
             .collect();
         Ok(Response::new(pb::ServiceDiscoveryResponse { urls }))
     }
@@ -591,7 +589,7 @@ pub async fn serve(config: ShardConfig, shutdown: impl Future<Output = ()>) -> a
     let load_config = config.clone();
     let (engine, info) = tokio::task::spawn_blocking(move || load_engine(&load_config)).await??;
     let (engine, failed) = EngineHandle::spawn(engine)?;
-    let path = uds_for_rank(&config.uds_path, config.rank);
+    let path = wick_proto::rank_socket(&config.uds_path, config.rank as usize);
     let failure = std::sync::Mutex::new(None);
     let stop = async {
         tokio::select! {

@@ -16,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use crate::config::{Architecture, ModelConfig, RopeScaling};
+use wick_model::config::{Architecture, ModelConfig, RopeScaling};
 
 pub use gguf::write_gguf_model;
 pub use tokenizer::{tiny_tokenizer, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS};

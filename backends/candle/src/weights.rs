@@ -6,7 +6,7 @@
 //! bf16: it has no CPU matmul kernel) or, with `LoadOptions::quantize`, as quantized linears.
 //! GGUF linears keep their stored quantization; norms and embeddings are dequantized to f32.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
@@ -227,7 +227,7 @@ impl WeightStore {
     /// Memory-maps the checkpoint in a Hugging Face model folder: the shards listed by
     /// `model.safetensors.index.json`, or `model.safetensors`.
     pub fn from_safetensors_dir(dir: &Path) -> anyhow::Result<Self> {
-        Self::from_safetensors(&safetensors_files(dir)?)
+        Self::from_safetensors(&wick_model::source::safetensors_files(dir)?)
     }
 
     /// Opens a GGUF file; returns the store and the file's metadata (for the config and the
@@ -262,7 +262,7 @@ impl WeightStore {
                 content
                     .metadata
                     .get(&format!("llama.attention.{key}"))
-                    .and_then(|v| crate::config::gguf_usize(v).ok())
+                    .and_then(gguf_count)
             };
             let heads = count("head_count").context("GGUF lacks llama.attention.head_count")?;
             Some((heads, count("head_count_kv").unwrap_or(heads)))
@@ -750,54 +750,6 @@ pub fn gguf_tensor_name(hf: &str) -> String {
     }
 }
 
-/// The safetensors files of a Hugging Face model folder: the shards named by
-/// `model.safetensors.index.json` (each once, in name order), else `model.safetensors`.
-pub fn safetensors_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let shards = shard_names(&index)?;
-        return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    anyhow::bail!(
-        "no model.safetensors or model.safetensors.index.json in {}",
-        dir.display()
-    )
-}
-
-/// The distinct shard file names in a `model.safetensors.index.json`'s `weight_map`.
-pub fn shard_names(index: &Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .with_context(|| format!("{} has no `weight_map` object", index.display()))?;
-    let mut files = BTreeSet::new();
-    for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .with_context(|| format!("{}: shard of {tensor} is not a string", index.display()))?;
-        // Shard names are plain file names next to the index; refuse paths that leave the folder.
-        if file.contains('/') || file.contains('\\') || file == ".." {
-            anyhow::bail!(
-                "{}: shard name {file:?} is not a plain file name",
-                index.display()
-            );
-        }
-        files.insert(file.to_string());
-    }
-    if files.is_empty() {
-        anyhow::bail!("{} lists no shards", index.display());
-    }
-    Ok(files.into_iter().collect())
-}
-
 /// Linear-layer weights by name, HF or GGUF (embeddings and norms excluded).
 fn is_linear_weight(name: &str) -> bool {
     const HF: &[&str] = &["_proj.weight", "lm_head.weight"];
@@ -846,5 +798,21 @@ pub fn ggml_name(dtype: GgmlDType) -> &'static str {
         GgmlDType::Q5K => "q5_k",
         GgmlDType::Q6K => "q6_k",
         GgmlDType::Q8K => "q8_k",
+    }
+}
+
+/// A GGUF metadata count (an unsigned integer of any width).
+fn gguf_count(v: &gguf_file::Value) -> Option<usize> {
+    use gguf_file::Value as V;
+    match *v {
+        V::U8(x) => Some(x.into()),
+        V::U16(x) => Some(x.into()),
+        V::U32(x) => usize::try_from(x).ok(),
+        V::U64(x) => usize::try_from(x).ok(),
+        V::I8(x) => usize::try_from(x).ok(),
+        V::I16(x) => usize::try_from(x).ok(),
+        V::I32(x) => usize::try_from(x).ok(),
+        V::I64(x) => usize::try_from(x).ok(),
+        _ => None,
     }
 }

@@ -10,13 +10,14 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use wick_backend_candle::config::{
-    llama3_freq_factors, llama3_scaling_from_freq_factors, Architecture, ModelConfig, RopeScaling,
-};
 use wick_backend_candle::linear::Linear;
-use wick_backend_candle::source::{load, ModelSource};
+use wick_backend_candle::source::load;
 use wick_backend_candle::testing::{self, TinyModelSpec, WriteOptions};
 use wick_backend_candle::weights::{gguf_tensor_name, LoadOptions, Quantize, WeightStore};
+use wick_model::config::{
+    llama3_freq_factors, llama3_scaling_from_freq_factors, Architecture, ModelConfig, RopeScaling,
+};
+use wick_model::source::ModelSource;
 
 // ---------------------------------------------------------------------------------------------
 // config.json
@@ -815,7 +816,21 @@ fn gguf_config_reads_llama_cpp_metadata() {
     };
     testing::write_gguf_model(&path, &spec, GgmlDType::Q8_0).unwrap();
     let (store, content) = WeightStore::from_gguf_file(&path).unwrap();
-    let c = ModelConfig::from_gguf(&content).unwrap();
+    let header = wick_model::gguf::Header::read_file(&path).unwrap();
+    // wick-model's header reader against candle's, on a file candle wrote: the same tensor
+    // table (GGUF stores dimensions innermost first, candle outermost first) and metadata keys.
+    assert_eq!(header.tensors.len(), content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let mut dims: Vec<u64> = info.shape.dims().iter().map(|&d| d as u64).collect();
+        dims.reverse();
+        assert_eq!(header.tensors[name].dims, dims, "{name}");
+    }
+    let mut keys: Vec<_> = header.metadata.keys().collect();
+    let mut candle_keys: Vec<_> = content.metadata.keys().collect();
+    keys.sort();
+    candle_keys.sort();
+    assert_eq!(keys, candle_keys);
+    let c = ModelConfig::from_gguf(&header).unwrap();
     let expected = ModelConfig {
         eos_token_ids: vec![testing::IM_END_ID],
         ..spec.config(testing::tiny_vocab_size())
@@ -961,7 +976,7 @@ fn hub_offline_resolves_a_prepared_cache() {
     let source = ModelSource::parse("tiny-org/tiny-llama", None).unwrap();
     let files = source.resolve(hub_cache.clone(), true).unwrap();
     match &files {
-        wick_backend_candle::source::ModelFiles::Hf(f) => {
+        wick_model::source::ModelFiles::Hf(f) => {
             assert_eq!(f.config, snapshot.join("config.json"));
             assert_eq!(f.safetensors.len(), 2);
             assert!(f.generation_config.is_some());

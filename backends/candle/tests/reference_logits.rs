@@ -8,10 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2, qwen3};
 use wick_backend_candle::attention::GEMM_MIN_TOKENS;
-use wick_backend_candle::config::{Architecture, ModelConfig, RopeScaling};
 use wick_backend_candle::kv_cache::KvCache;
 use wick_backend_candle::model::{LlamaModel, SeqSpan, StepInput};
 use wick_backend_candle::weights::{LoadOptions, WeightStore};
+use wick_model::config::{Architecture, ModelConfig, RopeScaling};
 
 /// Max abs logit difference allowed against the reference (f32 throughout). Only the order of
 /// float sums differs, and candle's GEMM picks its microkernel (so its summation order) by CPU:

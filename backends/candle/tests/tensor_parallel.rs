@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::quantized::GgmlDType;
-use wick_backend_candle::config::Architecture;
 use wick_backend_candle::kv_cache::KvCache;
 use wick_backend_candle::model::{LlamaModel, SeqSpan, StepInput};
 use wick_backend_candle::parallel::SocketCollective;
@@ -19,6 +18,7 @@ use wick_backend_candle::testing::{
     tiny_vocab_size, write_gguf_model, write_hf_model, TinyModelSpec,
 };
 use wick_backend_candle::weights::LoadOptions;
+use wick_model::config::Architecture;
 
 /// Dense f32 weights: split and whole differ only in the order partial sums are added.
 const TOL: f32 = 1e-4;

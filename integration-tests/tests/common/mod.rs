@@ -217,7 +217,7 @@ impl Wick {
     }
 
     pub fn shard_socket(&self) -> PathBuf {
-        PathBuf::from(format!("{}-0", self.uds.display()))
+        wick_proto::rank_socket(&self.uds, 0)
     }
 }
 

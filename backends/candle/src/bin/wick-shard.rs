@@ -8,10 +8,10 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 use wick_backend_candle::engine::DEFAULT_BLOCK_SIZE;
-use wick_backend_candle::parse_bytes;
 use wick_backend_candle::service::{serve, ShardConfig};
 use wick_backend_candle::weights::{LoadOptions, Quantize};
 use wick_kernels::{Level, Outliers};
+use wick_model::parse_bytes;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -349,16 +349,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_sizes_parse() {
-        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_bytes("512 MiB"), Ok(512 << 20));
-        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
-        assert_eq!(parse_bytes("1234"), Ok(1234));
-        assert!(parse_bytes("lots").is_err());
-        assert!(parse_bytes("2XB").is_err());
-    }
 
     #[test]
     fn cli_parses() {

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use candle_core::{bail, Result, Tensor};
 
-use crate::config::ModelConfig;
+use wick_model::config::ModelConfig;
 
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -119,24 +119,8 @@ impl ShardPlan {
         if world_size == 0 || rank >= world_size {
             bail!("rank {rank} is outside world size {world_size}");
         }
-        if !c.num_attention_heads.is_multiple_of(world_size)
-            || !c.num_key_value_heads.is_multiple_of(world_size)
-        {
-            bail!(
-                "the model cannot be split over {world_size} shards: its {} attention heads and {} \
-                 KV heads must both be multiples of the number of shards",
-                c.num_attention_heads,
-                c.num_key_value_heads
-            );
-        }
-        if c.intermediate_size < world_size || c.vocab_size < world_size {
-            bail!(
-                "the model cannot be split over {world_size} shards: intermediate size {} and \
-                 vocabulary {} must be at least the number of shards",
-                c.intermediate_size,
-                c.vocab_size
-            );
-        }
+        c.check_split(world_size)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let per = |n: usize| n / world_size * rank..n / world_size * (rank + 1);
         Ok(Self {
             rank,

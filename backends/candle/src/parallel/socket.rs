@@ -11,7 +11,7 @@
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -66,13 +66,6 @@ fn parse_header(h: &[u8; HEADER]) -> (u32, u32, u64, u64) {
     (u32_at(0), u32_at(4), u64_at(8), u64_at(16))
 }
 
-/// The socket rank `rank` listens on during rendezvous: `{base}-{rank}`.
-pub fn rendezvous_path(base: &Path, rank: usize) -> PathBuf {
-    let mut path = base.as_os_str().to_owned();
-    path.push(format!("-{rank}"));
-    PathBuf::from(path)
-}
-
 /// The mesh of one rank: a stream to every other rank of the host.
 pub struct SocketCollective {
     rank: usize,
@@ -103,7 +96,7 @@ impl SocketCollective {
             "rank {rank} is outside world size {world_size}"
         );
         let deadline = Instant::now() + timeout;
-        let own = rendezvous_path(base, rank);
+        let own = wick_proto::rank_socket(base, rank);
         // Only ranks with a higher rank above them are connected to.
         let listener = if rank + 1 < world_size {
             match std::fs::remove_file(&own) {
@@ -153,7 +146,7 @@ impl SocketCollective {
     ) -> anyhow::Result<Vec<Option<UnixStream>>> {
         let mut peers: Vec<Option<UnixStream>> = (0..world_size).map(|_| None).collect();
         for (peer, slot) in peers.iter_mut().enumerate().take(rank) {
-            let path = rendezvous_path(base, peer);
+            let path = wick_proto::rank_socket(base, peer);
             let mut stream = loop {
                 match UnixStream::connect(&path) {
                     Ok(s) => break s,

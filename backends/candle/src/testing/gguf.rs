@@ -10,7 +10,7 @@ use candle_core::Tensor;
 
 use super::tokenizer::{tiny_vocab, SPECIAL_TOKENS};
 use super::{tiny_weights, TinyModelSpec, CHAT_TEMPLATE, IM_END_ID, IM_START_ID, RMS_NORM_EPS};
-use crate::config::Architecture;
+use wick_model::config::Architecture;
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_NORMAL: i32 = 1;

@@ -57,8 +57,9 @@ pub struct ModelConfig {
 }
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::gguf_file;
 use serde_json::Value as Json;
+
+use crate::gguf;
 
 /// Architectures accepted in `config.json`, as (`architectures[0]`, `model_type`) pairs.
 const SUPPORTED_HF: &[(&str, &str, Architecture)] = &[
@@ -202,13 +203,13 @@ impl ModelConfig {
     ///
     /// Llama 3 rope scaling is not in the metadata (llama.cpp stores a `rope_freqs` tensor
     /// instead); see [`llama3_scaling_from_freq_factors`].
-    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
-        let md = &content.metadata;
+    pub fn from_gguf(header: &gguf::Header) -> Result<Self> {
+        let md = &header.metadata;
         let arch_name = md
             .get("general.architecture")
             .context("GGUF metadata lacks `general.architecture`")?
-            .to_string()?
-            .clone();
+            .as_str()?
+            .to_string();
         let architecture = SUPPORTED_GGUF
             .iter()
             .find(|(a, _)| *a == arch_name)
@@ -224,16 +225,23 @@ impl ModelConfig {
         let get = |k: &str| md.get(&key(k));
         let req = |k: &str| -> Result<usize> {
             let v = get(k).with_context(|| format!("GGUF metadata lacks `{}`", key(k)))?;
-            gguf_usize(v).with_context(|| format!("GGUF metadata `{}`", key(k)))
+            v.to_usize()
+                .with_context(|| format!("GGUF metadata `{}`", key(k)))
         };
         let opt = |k: &str| -> Result<Option<usize>> {
             get(k)
-                .map(|v| gguf_usize(v).with_context(|| format!("GGUF metadata `{}`", key(k))))
+                .map(|v| {
+                    v.to_usize()
+                        .with_context(|| format!("GGUF metadata `{}`", key(k)))
+                })
                 .transpose()
         };
         let float = |k: &str| -> Result<Option<f64>> {
             get(k)
-                .map(|v| gguf_f64(v).with_context(|| format!("GGUF metadata `{}`", key(k))))
+                .map(|v| {
+                    v.to_f64()
+                        .with_context(|| format!("GGUF metadata `{}`", key(k)))
+                })
                 .transpose()
         };
 
@@ -246,26 +254,24 @@ impl ModelConfig {
         let head_dim = opt("attention.key_length")?.unwrap_or(hidden_size / num_attention_heads);
 
         let vocab_size = match md.get("tokenizer.ggml.tokens") {
-            Some(tokens) => tokens.to_vec()?.len(),
+            Some(tokens) => tokens.as_array()?.len(),
             None => match opt("vocab_size")? {
                 Some(v) => v,
-                None => content
-                    .tensor_infos
+                None => header
+                    .tensors
                     .get("token_embd.weight")
-                    .map(|t| t.shape.dims()[0])
+                    .and_then(|t| t.dims.get(1))
+                    .map(|&rows| rows as usize)
                     .context(
                         "GGUF file has neither `tokenizer.ggml.tokens` nor `token_embd.weight`",
                     )?,
             },
         };
 
-        let rope_scaling = match get("rope.scaling.type")
-            .map(|v| v.to_string())
-            .transpose()?
-        {
+        let rope_scaling = match get("rope.scaling.type").map(|v| v.as_str()).transpose()? {
             None => None,
-            Some(t) if t == "none" => None,
-            Some(t) if t == "linear" => Some(RopeScaling::Linear {
+            Some("none") => None,
+            Some("linear") => Some(RopeScaling::Linear {
                 factor: float("rope.scaling.factor")?.unwrap_or(1.0) as f32,
             }),
             Some(other) => bail!(
@@ -280,7 +286,10 @@ impl ModelConfig {
             "tokenizer.ggml.eom_token_id",
         ] {
             if let Some(v) = md.get(k) {
-                let id = gguf_usize(v).with_context(|| format!("GGUF metadata `{k}`"))? as u32;
+                let id = v
+                    .to_usize()
+                    .with_context(|| format!("GGUF metadata `{k}`"))?
+                    as u32;
                 if !eos_token_ids.contains(&id) {
                     eos_token_ids.push(id);
                 }
@@ -288,7 +297,7 @@ impl ModelConfig {
         }
         let bos_token_id = md
             .get("tokenizer.ggml.bos_token_id")
-            .map(gguf_usize)
+            .map(gguf::Value::to_usize)
             .transpose()?
             .map(|id| id as u32);
 
@@ -305,14 +314,44 @@ impl ModelConfig {
             rope_theta: float("rope.freq_base")?.unwrap_or(10_000.0) as f32,
             rope_scaling,
             max_position_embeddings: req("context_length")?,
-            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            tie_word_embeddings: !header.tensors.contains_key("output.weight"),
             attention_bias: architecture == Architecture::Qwen2
-                || content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+                || header.tensors.contains_key("blk.0.attn_q.bias"),
             qk_norm: architecture == Architecture::Qwen3,
             sliding_window: None,
             bos_token_id,
             eos_token_ids,
         })
+    }
+}
+
+impl ModelConfig {
+    /// Fails when the model cannot be split over `shards` tensor-parallel ranks: each rank
+    /// holds whole attention heads and the query heads that share its KV heads, and a
+    /// non-empty part of the MLP features and of the vocabulary.
+    pub fn check_split(&self, shards: usize) -> Result<()> {
+        if shards == 0 {
+            bail!("the number of shards must be at least 1");
+        }
+        if !self.num_attention_heads.is_multiple_of(shards)
+            || !self.num_key_value_heads.is_multiple_of(shards)
+        {
+            bail!(
+                "the model cannot be split over {shards} shards: its {} attention heads and {} \
+                 KV heads must both be multiples of the number of shards",
+                self.num_attention_heads,
+                self.num_key_value_heads
+            );
+        }
+        if self.intermediate_size < shards || self.vocab_size < shards {
+            bail!(
+                "the model cannot be split over {shards} shards: intermediate size {} and \
+                 vocabulary {} must be at least the number of shards",
+                self.intermediate_size,
+                self.vocab_size
+            );
+        }
+        Ok(())
     }
 }
 
@@ -454,32 +493,4 @@ fn token_ids(v: Option<&Json>) -> Result<Vec<u32>> {
         }
         Some(x) => Ok(vec![one(x)?]),
     }
-}
-
-/// A GGUF metadata integer of any width, as `usize`.
-pub(crate) fn gguf_usize(v: &gguf_file::Value) -> Result<usize> {
-    use gguf_file::Value as V;
-    let n: i128 = match v {
-        V::U8(x) => (*x).into(),
-        V::I8(x) => (*x).into(),
-        V::U16(x) => (*x).into(),
-        V::I16(x) => (*x).into(),
-        V::U32(x) => (*x).into(),
-        V::I32(x) => (*x).into(),
-        V::U64(x) => (*x).into(),
-        V::I64(x) => (*x).into(),
-        other => bail!("expected an integer, found {:?}", other.value_type()),
-    };
-    usize::try_from(n).map_err(|_| anyhow!("integer {n} is out of range"))
-}
-
-fn gguf_f64(v: &gguf_file::Value) -> Result<f64> {
-    use gguf_file::Value as V;
-    Ok(match v {
-        // Through the shortest decimal form, so an f32 `1e-5` reads as the f64 `1e-5` that
-        // config.json would give, not as 9.99999974e-6.
-        V::F32(x) => x.to_string().parse::<f64>()?,
-        V::F64(x) => *x,
-        other => gguf_usize(other)? as f64,
-    })
 }
