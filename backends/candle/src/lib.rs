@@ -22,5 +22,6 @@ pub mod sampling;
 pub mod service;
 pub mod source;
 pub mod stopping;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod weights;
