@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use wick_proto::v1 as pb;
 
 use crate::client::{ClientError, ShardedClient, StepResult};
-use crate::infer::{FinishReason, GeneratedText, InferError, InferStreamResponse, Token};
+use crate::infer::{GeneratedText, InferError, InferStreamResponse, Token};
 use crate::metrics::{
     BATCH_CONCAT, BATCH_CONCAT_DURATION, BATCH_CURRENT_MAX_TOKENS, BATCH_CURRENT_SIZE,
     BATCH_DECODE_DURATION, BATCH_FILTER_DURATION, BATCH_FORWARD_ATTENTION_DURATION,
@@ -354,12 +354,9 @@ fn tokens(t: pb::Tokens) -> Vec<Token> {
         .collect()
 }
 
-fn finish_reason(reason: i32) -> FinishReason {
-    match pb::FinishReason::try_from(reason) {
-        Ok(pb::FinishReason::EosToken) => FinishReason::EosToken,
-        Ok(pb::FinishReason::StopSequence) => FinishReason::StopSequence,
-        _ => FinishReason::Length,
-    }
+/// The wire's reason; a value this router does not know reads as `Length`.
+fn finish_reason(reason: i32) -> pb::FinishReason {
+    pb::FinishReason::try_from(reason).unwrap_or(pb::FinishReason::Length)
 }
 
 /// Fails every request of a batch the shards could not run. (The HTTP side counts these in

@@ -13,16 +13,20 @@ use wick_proto::ShardClient;
 pub enum ClientError {
     #[error("cannot connect to the shard: {0}")]
     Connection(String),
-    /// The shard answered with an error status (or the transport broke mid-call).
-    #[error("{0}")]
-    Generation(String),
+    /// The shard answered with an error status (or the transport broke mid-call), with its
+    /// gRPC code.
+    #[error("{message}")]
+    Status { code: tonic::Code, message: String },
     #[error("the shard sent an empty answer: {0}")]
     EmptyResponse(&'static str),
 }
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
-        Self::Generation(status.message().to_string())
+        Self::Status {
+            code: status.code(),
+            message: status.message().to_string(),
+        }
     }
 }
 

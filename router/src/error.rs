@@ -72,11 +72,12 @@ impl ApiError {
             | ApiError::N(..)
             | ApiError::SuffixNotSupported
             | ApiError::ToolsNotSupported => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Infer(e) => match e.error_type() {
-                "overloaded" => StatusCode::TOO_MANY_REQUESTS,
-                "generation" => StatusCode::FAILED_DEPENDENCY,
-                "validation" => StatusCode::UNPROCESSABLE_ENTITY,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Infer(e) => match e {
+                InferError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+                InferError::GenerationError(_) => StatusCode::FAILED_DEPENDENCY,
+                InferError::IncompleteGeneration | InferError::IncompleteGenerationStream => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
             },
             ApiError::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -115,11 +116,12 @@ impl ApiError {
             | ApiError::SuffixNotSupported
             | ApiError::ToolsNotSupported => Some("validation"),
             ApiError::Template(_) => Some("template"),
-            ApiError::Infer(e) => Some(match e.error_type() {
-                "overloaded" => "overloaded",
-                "generation" => "generation",
-                "validation" => "validation",
-                _ => "incomplete",
+            ApiError::Infer(e) => Some(match e {
+                InferError::Overloaded => "overloaded",
+                InferError::GenerationError(_) => "generation",
+                InferError::IncompleteGeneration | InferError::IncompleteGenerationStream => {
+                    "incomplete"
+                }
             }),
             ApiError::IncompleteStream => Some("incomplete"),
             ApiError::Unhealthy | ApiError::Unauthorized | ApiError::Body { .. } => None,

@@ -59,19 +59,13 @@ pub struct Token {
     pub special: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Length,
-    EosToken,
-    StopSequence,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedText {
     /// Output text without special tokens; includes a matched stop sequence (as TGI).
     pub text: String,
     pub generated_tokens: u32,
-    pub finish_reason: FinishReason,
+    /// As the shard said it (the HTTP edge turns it into TGI's or OpenAI's spelling).
+    pub finish_reason: pb::FinishReason,
     pub seed: Option<u64>,
 }
 

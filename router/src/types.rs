@@ -110,12 +110,12 @@ pub enum FinishReason {
     StopSequence,
 }
 
-impl From<crate::infer::FinishReason> for FinishReason {
-    fn from(reason: crate::infer::FinishReason) -> Self {
+impl From<wick_proto::FinishReason> for FinishReason {
+    fn from(reason: wick_proto::FinishReason) -> Self {
         match reason {
-            crate::infer::FinishReason::Length => FinishReason::Length,
-            crate::infer::FinishReason::EosToken => FinishReason::EosToken,
-            crate::infer::FinishReason::StopSequence => FinishReason::StopSequence,
+            wick_proto::FinishReason::Length => FinishReason::Length,
+            wick_proto::FinishReason::EosToken => FinishReason::EosToken,
+            wick_proto::FinishReason::StopSequence => FinishReason::StopSequence,
         }
     }
 }

@@ -16,8 +16,7 @@ use futures::stream::{BoxStream, StreamExt};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use wick_backend_candle::testing::tiny_vocab_size;
 use wick_router::infer::{
-    FinishReason, Infer, InferError, InferStreamResponse, ValidParameters, ValidRequest,
-    ValidStoppingParameters,
+    Infer, InferError, InferStreamResponse, ValidParameters, ValidRequest, ValidStoppingParameters,
 };
 use wick_router::metrics::{
     BATCH_CONCAT, BATCH_CURRENT_SIZE, BATCH_INFERENCE_FAILURE, PREFIX_CACHE_HIT_TOKENS,
@@ -142,7 +141,10 @@ async fn collect_after(mut events: Events, mut ids: Vec<u32>) -> Vec<u32> {
             } => {
                 ids.push(token.id);
                 assert_eq!(generated_text.generated_tokens as usize, ids.len());
-                assert_eq!(generated_text.finish_reason, FinishReason::Length);
+                assert_eq!(
+                    generated_text.finish_reason,
+                    wick_proto::FinishReason::Length
+                );
                 assert!(start >= queued);
                 assert!(events.next().await.is_none(), "nothing after the end");
                 return ids;
