@@ -16,7 +16,6 @@ use tokio::sync::Notify;
 use wick_proto::v1 as pb;
 
 use crate::client::{ClientError, ShardedClient, StepResult};
-use crate::infer::{GeneratedText, InferError, InferStreamResponse, Token};
 use crate::metrics::{
     BATCH_CONCAT, BATCH_CONCAT_DURATION, BATCH_CURRENT_MAX_TOKENS, BATCH_CURRENT_SIZE,
     BATCH_DECODE_DURATION, BATCH_FILTER_DURATION, BATCH_FORWARD_ATTENTION_DURATION,
@@ -24,6 +23,7 @@ use crate::metrics::{
     BATCH_INFERENCE_DURATION, BATCH_INFERENCE_FAILURE, BATCH_INFERENCE_SUCCESS,
 };
 use crate::queue::{Entry, Queue};
+use crate::request::{GeneratedText, InferError, InferStreamResponse, Token};
 
 /// How long the loop waits for the shards to drop a failed batch before it moves on (a hung
 /// tensor-parallel rank would otherwise hold the loop).

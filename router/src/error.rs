@@ -11,8 +11,8 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 
 use crate::chat_template::TemplateError;
-use crate::infer::InferError;
 use crate::metrics;
+use crate::request::InferError;
 use crate::types::{ErrorResponse, OpenAiError, OpenAiErrorResponse};
 use crate::validation::ValidationError;
 

@@ -1,12 +1,11 @@
-//! The contract between the HTTP edge and the scheduler: a validated request goes in, a stream
-//! of events comes out. Everything below this (queue, block allocator, radix prefix cache,
+//! The scheduler's front door: a validated request ([`crate::request`]) goes in, a stream of
+//! its events comes out. Everything below this (queue, block allocator, radix prefix cache,
 //! batching loop, sharded gRPC client) is behind [`Infer`].
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use futures::stream::{BoxStream, Stream};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
@@ -15,107 +14,7 @@ use wick_proto::v1 as pb;
 use crate::block_allocator::BlockAllocator;
 use crate::client::ShardedClient;
 use crate::queue::{Entry, Queue};
-
-/// Sampling parameters after validation (TGI's defaults applied; 1.0 = off for the
-/// multiplicative ones).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidParameters {
-    pub temperature: f32,
-    pub top_k: u32,
-    pub top_p: f32,
-    pub typical_p: f32,
-    pub do_sample: bool,
-    pub seed: u64,
-    pub repetition_penalty: f32,
-    pub frequency_penalty: f32,
-    pub presence_penalty: f32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidStoppingParameters {
-    pub max_new_tokens: u32,
-    pub stop_sequences: Vec<String>,
-    pub ignore_eos_token: bool,
-}
-
-/// A request that passed validation: tokenized, truncated, limits checked.
-#[derive(Debug, Clone)]
-pub struct ValidRequest {
-    /// Prompt token ids (already truncated to `truncate`).
-    pub input_ids: Vec<u32>,
-    pub parameters: ValidParameters,
-    pub stopping: ValidStoppingParameters,
-    pub top_n_tokens: u32,
-    /// Return the prompt tokens with their logprobs (disables prefix-cache reuse for it).
-    pub decoder_input_details: bool,
-}
-
-/// One token as the API reports it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Token {
-    pub id: u32,
-    pub text: String,
-    pub logprob: f32,
-    pub special: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct GeneratedText {
-    /// Output text without special tokens; includes a matched stop sequence (as TGI).
-    pub text: String,
-    pub generated_tokens: u32,
-    /// As the shard said it (the HTTP edge turns it into TGI's or OpenAI's spelling).
-    pub finish_reason: pb::FinishReason,
-    pub seed: Option<u64>,
-}
-
-/// Events of one request, in order: at most one `Prefill`, any number of `Intermediate`, one
-/// `End` (or an error).
-#[derive(Debug, Clone)]
-pub enum InferStreamResponse {
-    /// Prompt tokens with logprobs (first is NaN); only with `decoder_input_details`.
-    Prefill(Vec<Token>),
-    Intermediate {
-        token: Token,
-        top_tokens: Vec<Token>,
-    },
-    End {
-        token: Token,
-        top_tokens: Vec<Token>,
-        generated_text: GeneratedText,
-        /// When the request entered the queue and when its batch started.
-        queued: Instant,
-        start: Instant,
-    },
-}
-
-/// Why a request failed after validation. `Display` gives TGI's messages.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum InferError {
-    /// Every `max_concurrent_requests` permit is taken.
-    #[error("Model is overloaded")]
-    Overloaded,
-    /// A shard call failed while the request ran (or it could never be scheduled).
-    #[error("Request failed during generation: Server error: {0}")]
-    GenerationError(String),
-    /// The stream ended without an `End` event.
-    #[error("Incomplete generation")]
-    IncompleteGeneration,
-    #[error("Incomplete generation stream")]
-    IncompleteGenerationStream,
-}
-
-impl InferError {
-    /// The `error_type` of the JSON error body, also the `err` label of `tgi_request_failure`.
-    pub fn error_type(&self) -> &'static str {
-        match self {
-            Self::Overloaded => "overloaded",
-            Self::GenerationError(_) => "generation",
-            Self::IncompleteGeneration => "incomplete_generation",
-            Self::IncompleteGenerationStream => "incomplete_generation_stream",
-        }
-    }
-}
+use crate::request::{InferError, InferStreamResponse, ValidRequest};
 
 /// Request and batch id of the health check's liveness prefill; it writes into the reserved
 /// block 0, so it never disturbs running requests.

@@ -12,6 +12,7 @@ pub mod infer;
 pub mod metrics;
 pub mod queue;
 pub mod radix;
+pub mod request;
 pub mod routes;
 pub mod server;
 pub mod startup;

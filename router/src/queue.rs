@@ -15,11 +15,11 @@ use tokio::sync::{mpsc, oneshot};
 use wick_proto::v1 as pb;
 
 use crate::block_allocator::{BlockAllocation, BlockAllocator};
-use crate::infer::{InferError, InferStreamResponse, ValidRequest};
 use crate::metrics::{
     BATCH_NEXT_SIZE, PREFIX_CACHE_HIT_TOKENS, PREFIX_CACHE_PROMPT_TOKENS, QUEUE_SIZE,
     REQUEST_FAILURE,
 };
+use crate::request::{InferError, InferStreamResponse, ValidRequest};
 
 /// Where a request's events go.
 pub type ResponseSender = mpsc::UnboundedSender<Result<InferStreamResponse, InferError>>;
@@ -355,7 +355,7 @@ async fn queue_task(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::{ValidParameters, ValidStoppingParameters};
+    use crate::request::{ValidParameters, ValidStoppingParameters};
     use tokio::sync::mpsc::UnboundedReceiver;
 
     type Receiver = UnboundedReceiver<Result<InferStreamResponse, InferError>>;

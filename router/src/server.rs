@@ -53,27 +53,6 @@ pub struct Config {
     pub validation: ValidationFlags,
 }
 
-/// State shared by every handler; cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub infer: Infer,
-    pub validation: Validation,
-    pub template: Arc<Result<ChatTemplate, TemplateError>>,
-    pub info: Arc<Info>,
-    /// `x-compute-type` header value.
-    pub compute_type: HeaderValue,
-    pub prometheus: PrometheusHandle,
-    pub max_client_batch_size: usize,
-    /// `{version}-native`, OpenAI's `system_fingerprint`.
-    pub system_fingerprint: Arc<str>,
-}
-
-impl AppState {
-    pub fn model_id(&self) -> &str {
-        &self.info.model_id
-    }
-}
-
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder with TGI's buckets, once; later calls (several
@@ -185,7 +164,7 @@ pub fn app(config: &Config, infer: Infer, backend: BackendInfo) -> anyhow::Resul
     };
     let compute_type = HeaderValue::from_str(&backend.device_type.to_ascii_lowercase())
         .unwrap_or_else(|_| HeaderValue::from_static("cpu"));
-    let state = AppState {
+    let state = crate::routes::AppState {
         infer,
         validation,
         template: Arc::new(template),

@@ -138,8 +138,8 @@ pub struct Token {
     pub special: bool,
 }
 
-impl From<crate::infer::Token> for Token {
-    fn from(t: crate::infer::Token) -> Self {
+impl From<crate::request::Token> for Token {
+    fn from(t: crate::request::Token) -> Self {
         Token {
             id: t.id,
             text: t.text,

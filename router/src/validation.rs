@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokenizers::{Encoding, Tokenizer};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::infer::{ValidParameters, ValidRequest, ValidStoppingParameters};
+use crate::request::{ValidParameters, ValidRequest, ValidStoppingParameters};
 use crate::types::GenerateParameters;
 
 /// Validation limits fixed at startup.

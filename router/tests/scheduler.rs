@@ -15,11 +15,12 @@ use common::{connect_when_ready, start_shard, Shard};
 use futures::stream::{BoxStream, StreamExt};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use wick_backend_candle::testing::tiny_vocab_size;
-use wick_router::infer::{
-    Infer, InferError, InferStreamResponse, ValidParameters, ValidRequest, ValidStoppingParameters,
-};
+use wick_router::infer::Infer;
 use wick_router::metrics::{
     BATCH_CONCAT, BATCH_CURRENT_SIZE, BATCH_INFERENCE_FAILURE, PREFIX_CACHE_HIT_TOKENS,
+};
+use wick_router::request::{
+    InferError, InferStreamResponse, ValidParameters, ValidRequest, ValidStoppingParameters,
 };
 use wick_router::startup::{BackendInfo, ShardSetup};
 

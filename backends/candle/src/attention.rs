@@ -15,7 +15,7 @@ use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
 use wick_kernels::{AttendScratch, HeadGroup, Level, PagedKv};
 
-use crate::model::SeqSpan;
+use crate::step::SeqSpan;
 
 /// Head geometry and masking of one attention layer.
 #[derive(Debug, Clone, Copy)]

@@ -12,8 +12,9 @@ use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::kv_cache::KvCache;
-use crate::model::{LlamaModel, SeqSpan, StepInput, StepProfile};
+use crate::model::{LlamaModel, StepProfile};
 use crate::sampling::{logprob_of, Sampler, SamplingParams};
+use crate::step::{SeqSpan, StepInput};
 use crate::stopping::{Detokenizer, FinishReason, StopCriteria, StoppingParams};
 use wick_model::config::ModelConfig;
 

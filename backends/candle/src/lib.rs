@@ -3,8 +3,8 @@
 //! Layers, from the bottom up:
 //! - [`source`], [`weights`], [`gguf_tokenizer`]: how a model that `wick_model` resolved (its
 //!   files and config) becomes a [`weights::WeightStore`], a tokenizer and a chat template;
-//! - [`linear`], [`kv_cache`], [`attention`], [`model`]: one Llama-family decoder that runs a packed
-//!   batch (all tokens of all sequences in one activation) over a paged KV cache;
+//! - [`step`], [`linear`], [`kv_cache`], [`attention`], [`model`]: one Llama-family decoder that runs
+//!   a packed batch (all tokens of all sequences in one activation) over a paged KV cache;
 //! - [`sampling`], [`stopping`]: per-request token choice, stop rules and incremental detokenization;
 //! - [`parallel`]: tensor parallelism: how a model splits over ranks, and their collectives;
 //! - [`engine`]: batches keyed by id (prefill, decode, filter, warmup) over plain data types;
@@ -21,6 +21,7 @@ pub mod parallel;
 pub mod sampling;
 pub mod service;
 pub mod source;
+pub mod step;
 pub mod stopping;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -4,12 +4,10 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{bail, DType, Layout, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
 use wick_kernels::{Bf16Matrix, Level, Outliers, PackedMatrix, QuantizedRows};
-
-use crate::weights::{dtype_name, ggml_name};
 
 /// Up to this many rows, f32 dense layers run [`gemv`] instead of candle's GEMM: the GEMM
 /// packs the whole transposed weight on every call, which at one row costs more than the
@@ -372,6 +370,41 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// A candle dtype's short name, for messages.
+pub(crate) fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        DType::U8 => "u8",
+        DType::U32 => "u32",
+        DType::I64 => "i64",
+        _ => "other",
+    }
+}
+
+/// llama.cpp's lower-case names of ggml types.
+pub fn ggml_name(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q4_1 => "q4_1",
+        GgmlDType::Q5_0 => "q5_0",
+        GgmlDType::Q5_1 => "q5_1",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q8_1 => "q8_1",
+        GgmlDType::Q2K => "q2_k",
+        GgmlDType::Q3K => "q3_k",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q5K => "q5_k",
+        GgmlDType::Q6K => "q6_k",
+        GgmlDType::Q8K => "q8_k",
+    }
 }
 
 #[cfg(test)]

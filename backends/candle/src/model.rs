@@ -8,33 +8,9 @@ use crate::attention::{self, AttentionParams};
 use crate::kv_cache::KvCache;
 use crate::linear::{host_f32, Linear};
 use crate::parallel::{Collective, ShardPlan};
+use crate::step::StepInput;
 use crate::weights::{LoadOptions, Part, WeightStore};
 use wick_model::config::{ModelConfig, RopeScaling};
-
-/// One forward step over a packed batch: every token of every sequence, concatenated.
-pub struct StepInput<'a> {
-    /// Token ids, `[total_tokens]`.
-    pub tokens: Vec<u32>,
-    /// Absolute position of each token in its sequence.
-    pub positions: Vec<u32>,
-    /// KV slot each token's K/V is written to.
-    pub slots: Vec<u32>,
-    pub seqs: Vec<SeqSpan<'a>>,
-    /// Packed token indices whose logits are wanted, in output row order.
-    pub logit_rows: Vec<u32>,
-}
-
-/// One sequence's part of a packed step.
-pub struct SeqSpan<'a> {
-    /// Offset of its first token in the packed arrays.
-    pub start: usize,
-    /// Tokens it computes this step.
-    pub len: usize,
-    /// Tokens in its KV after this step (cached + this step's).
-    pub context_len: usize,
-    /// Its KV blocks, in order: position `p` lives in block `block_table[p / block_size]`.
-    pub block_table: &'a [u32],
-}
 
 /// One decoder layer's weights.
 struct DecoderLayer {

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use wick_kernels::{Format, Level, Outliers, PackedMatrix};
 
-use crate::linear::Linear;
+use crate::linear::{dtype_name, ggml_name, Linear};
 
 /// A quantization applied at load time to dense (safetensors) weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -765,40 +765,6 @@ fn is_linear_weight(name: &str) -> bool {
     name == "output.weight"
         || HF.iter().any(|s| name.ends_with(s))
         || GGUF.iter().any(|s| name.ends_with(s))
-}
-
-pub(crate) fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::F64 => "f64",
-        DType::U8 => "u8",
-        DType::U32 => "u32",
-        DType::I64 => "i64",
-        _ => "other",
-    }
-}
-
-/// llama.cpp's lower-case names of ggml types.
-pub fn ggml_name(dtype: GgmlDType) -> &'static str {
-    match dtype {
-        GgmlDType::F32 => "f32",
-        GgmlDType::F16 => "f16",
-        GgmlDType::BF16 => "bf16",
-        GgmlDType::Q4_0 => "q4_0",
-        GgmlDType::Q4_1 => "q4_1",
-        GgmlDType::Q5_0 => "q5_0",
-        GgmlDType::Q5_1 => "q5_1",
-        GgmlDType::Q8_0 => "q8_0",
-        GgmlDType::Q8_1 => "q8_1",
-        GgmlDType::Q2K => "q2_k",
-        GgmlDType::Q3K => "q3_k",
-        GgmlDType::Q4K => "q4_k",
-        GgmlDType::Q5K => "q5_k",
-        GgmlDType::Q6K => "q6_k",
-        GgmlDType::Q8K => "q8_k",
-    }
 }
 
 /// A GGUF metadata count (an unsigned integer of any width).

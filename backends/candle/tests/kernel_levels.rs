@@ -7,8 +7,9 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use wick_backend_candle::kv_cache::KvCache;
-use wick_backend_candle::model::{LlamaModel, SeqSpan, StepInput};
+use wick_backend_candle::model::LlamaModel;
 use wick_backend_candle::source;
+use wick_backend_candle::step::{SeqSpan, StepInput};
 use wick_backend_candle::testing::{
     tiny_vocab_size, write_gguf_model, write_hf_model_with, TinyModelSpec, WriteOptions,
 };

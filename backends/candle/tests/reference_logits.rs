@@ -9,7 +9,8 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2, qwen3};
 use wick_backend_candle::attention::GEMM_MIN_TOKENS;
 use wick_backend_candle::kv_cache::KvCache;
-use wick_backend_candle::model::{LlamaModel, SeqSpan, StepInput};
+use wick_backend_candle::model::LlamaModel;
+use wick_backend_candle::step::{SeqSpan, StepInput};
 use wick_backend_candle::weights::{LoadOptions, WeightStore};
 use wick_model::config::{Architecture, ModelConfig, RopeScaling};
 

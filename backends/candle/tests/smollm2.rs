@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use wick_backend_candle::kv_cache::KvCache;
-use wick_backend_candle::model::{SeqSpan, StepInput};
+use wick_backend_candle::step::{SeqSpan, StepInput};
 
 use wick_backend_candle::engine::{Engine, EngineOptions, NewRequest};
 use wick_backend_candle::model::LlamaModel;

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use candle_core::quantized::GgmlDType;
 use wick_backend_candle::kv_cache::KvCache;
-use wick_backend_candle::model::{LlamaModel, SeqSpan, StepInput};
+use wick_backend_candle::model::LlamaModel;
 use wick_backend_candle::parallel::SocketCollective;
 use wick_backend_candle::source;
+use wick_backend_candle::step::{SeqSpan, StepInput};
 use wick_backend_candle::testing::{
     tiny_vocab_size, write_gguf_model, write_hf_model, TinyModelSpec,
 };

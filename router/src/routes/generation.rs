@@ -7,10 +7,10 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::AppState;
 use crate::error::ApiError;
-use crate::infer::{GeneratedText, InferError, InferStreamResponse, Token};
 use crate::metrics;
-use crate::server::AppState;
+use crate::request::{GeneratedText, InferError, InferStreamResponse, Token};
 use crate::types::GenerateParameters;
 use crate::validation::ValidGenerateRequest;
 

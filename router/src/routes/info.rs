@@ -5,8 +5,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use super::AppState;
 use crate::error::{ApiError, HttpError};
-use crate::server::AppState;
 use crate::types::{ErrorResponse, Info};
 
 /// 200 with an empty body when the shards answer; 503 otherwise.

@@ -9,16 +9,44 @@ mod openai;
 mod sse;
 mod stop;
 
+use std::sync::Arc;
+
+use axum::http::HeaderValue;
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use docs::ApiDoc;
 
 use crate::auth::{require_api_key, ApiKey};
-use crate::server::AppState;
+use crate::chat_template::{ChatTemplate, TemplateError};
+use crate::infer::Infer;
+use crate::types::Info;
+use crate::validation::Validation;
+
+/// State shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub infer: Infer,
+    pub validation: Validation,
+    pub template: Arc<Result<ChatTemplate, TemplateError>>,
+    pub info: Arc<Info>,
+    /// `x-compute-type` header value.
+    pub compute_type: HeaderValue,
+    pub prometheus: PrometheusHandle,
+    pub max_client_batch_size: usize,
+    /// `{version}-native`, OpenAI's `system_fingerprint`.
+    pub system_fingerprint: Arc<str>,
+}
+
+impl AppState {
+    pub fn model_id(&self) -> &str {
+        &self.info.model_id
+    }
+}
 
 /// All routes, with their state applied.
 pub fn router(state: AppState, api_key: Option<ApiKey>) -> Router {

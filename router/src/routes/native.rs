@@ -8,9 +8,9 @@ use futures::StreamExt;
 
 use super::generation::{admit, run_to_end, start, Finished, Timings};
 use super::sse::{self, EventSender};
+use super::AppState;
 use crate::error::{ApiError, ApiJson, HttpError};
-use crate::infer::{InferError, InferStreamResponse};
-use crate::server::AppState;
+use crate::request::{InferError, InferStreamResponse};
 use crate::types::{
     CompatGenerateRequest, Details, ErrorResponse, FinishReason, GenerateRequest, GenerateResponse,
     PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token,

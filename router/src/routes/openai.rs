@@ -15,10 +15,10 @@ use super::generation::{
 use super::native::timing_headers;
 use super::sse::{self, EventSender};
 use super::stop::{trim_at_stop, StopFilter};
+use super::AppState;
 use crate::chat_template::TemplateMessage;
 use crate::error::{ApiError, ApiJson, HttpError};
-use crate::infer::{InferError, InferStreamResponse, Token};
-use crate::server::AppState;
+use crate::request::{InferError, InferStreamResponse, Token};
 use crate::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatRequest, Completion, CompletionChoice, CompletionLogprobs,
