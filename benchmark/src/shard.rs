@@ -248,9 +248,24 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
         ..Default::default()
     };
 
+    // The router's part: each request gets its own KV blocks for its prompt and new tokens.
+    let block_size = info.block_size.max(1);
+    let blocks_per_request = (args.sequence_length + args.decode_length)
+        .saturating_sub(1)
+        .div_ceil(block_size);
     let mut batch_id = 0u64;
     let mut results = Vec::new();
     for &size in &args.batch_sizes {
+        if size * blocks_per_request > info.num_blocks {
+            bail!(
+                "a batch of {size} requests of {} + {} tokens needs {} KV blocks; the shard \
+                 holds {} (raise --kv-cache-memory)",
+                args.sequence_length,
+                args.decode_length,
+                size * blocks_per_request,
+                info.num_blocks
+            );
+        }
         let (mut prefill_ms, mut prefill_tps) = (Vec::new(), Vec::new());
         let (mut token_ms, mut total_ms, mut decode_tps) = (Vec::new(), Vec::new(), Vec::new());
         let (mut prefill_parts, mut decode_parts) = (PartSums::default(), PartSums::default());
@@ -260,6 +275,7 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
                 .map(|i| Request {
                     id: i as u64,
                     input_ids: ids.clone(),
+                    blocks: (i * blocks_per_request..(i + 1) * blocks_per_request).collect(),
                     parameters: Some(parameters.clone()),
                     stopping_parameters: Some(StoppingCriteriaParameters {
                         max_new_tokens: args.decode_length,

@@ -69,7 +69,6 @@ impl BlockAllocator {
         drop(inner);
         Some(BlockAllocation {
             blocks: allocated.blocks,
-            slots: allocated.slots,
             prefix_len: allocated.prefix_len,
             allocation_id: allocated.allocation_id,
             prompt_computed: false,
@@ -95,8 +94,6 @@ impl BlockAllocator {
 pub struct BlockAllocation {
     /// Every block of the request, cached prefix first.
     pub blocks: Vec<u32>,
-    /// KV slot of every token position (may be taken to build the shard request).
-    pub slots: Vec<u32>,
     /// Prompt tokens already in the cache (a multiple of the block size).
     pub prefix_len: u32,
     allocation_id: u64,
@@ -142,7 +139,6 @@ mod tests {
         assert_eq!(allocator.total_blocks(), 15);
         let a = allocator.allocate(10, Some(&[1, 2, 3, 4, 5])).unwrap();
         assert_eq!(a.blocks.len(), 3);
-        assert_eq!(a.slots.len(), 10);
         assert_eq!(allocator.free_blocks(), 12);
         drop(a);
         assert_eq!(allocator.free_blocks(), 15);

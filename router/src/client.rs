@@ -142,10 +142,22 @@ impl ShardedClient {
         Ok(try_join_all(calls).await?)
     }
 
-    /// Rank 0's `Info`.
+    /// Rank 0's `Info`, with the KV blocks every rank holds (the fewest of any rank: the
+    /// router allocates blocks for all ranks at once).
     pub async fn info(&self) -> Result<pb::InfoResponse> {
-        let mut client = self.clients[0].clone();
-        Ok(client.info(pb::InfoRequest {}).await?.into_inner())
+        let infos = self
+            .all(
+                pb::InfoRequest {},
+                |mut c, r| async move { c.info(r).await },
+            )
+            .await?;
+        let num_blocks = infos.iter().map(|i| i.num_blocks).min();
+        let mut info = infos
+            .into_iter()
+            .next()
+            .ok_or(ClientError::EmptyResponse("info"))?;
+        info.num_blocks = num_blocks.unwrap_or(0);
+        Ok(info)
     }
 
     pub async fn health(&self) -> Result<()> {

@@ -122,7 +122,6 @@ impl Infer {
                 ignore_eos_token: false,
             }),
             blocks: vec![0],
-            slots: vec![0],
             ..Default::default()
         };
         let batch = pb::Batch {

@@ -180,7 +180,7 @@ impl State {
         for Admitted {
             id,
             mut entry,
-            mut allocation,
+            allocation,
             cache_len,
             chunk_len,
         } in batch
@@ -191,8 +191,6 @@ impl State {
             max_blocks += allocation.blocks.len() as u32;
             requests.push(pb::Request {
                 id,
-                inputs: String::new(),
-                truncate: 0,
                 parameters: Some(pb::NextTokenChooserParameters {
                     temperature: r.parameters.temperature,
                     top_k: r.parameters.top_k,
@@ -215,10 +213,7 @@ impl State {
                 prefill_logprobs: r.decoder_input_details,
                 top_n_tokens: r.top_n_tokens,
                 blocks: allocation.blocks.clone(),
-                // Only the shard needs the slots.
-                slots: std::mem::take(&mut allocation.slots),
                 cache_len,
-                add_special_tokens: false,
                 chunk_len,
                 input_ids: r.input_ids.clone(),
             });
@@ -425,7 +420,6 @@ mod tests {
         assert!(entries.values().all(|e| e.batch_time.is_some()));
         let r = &batch.requests[0];
         // 5 prompt + 4 new − 1 positions → 8 slots in one block.
-        assert_eq!(r.slots.len(), 8);
         assert_eq!(r.blocks.len(), 1);
         assert_eq!(r.input_ids, (0..5).collect::<Vec<_>>());
         assert_eq!(r.cache_len, 0);
@@ -469,7 +463,8 @@ mod tests {
         assert_eq!(batch.requests[0].chunk_len, None);
         assert_eq!(batch.requests[1].chunk_len, Some(22));
         // The chunked request still holds blocks for its whole prompt and output.
-        assert_eq!(batch.requests[1].slots.len(), 41);
+        // 40 + 2 − 1 = 41 positions: 3 blocks of 16.
+        assert_eq!(batch.requests[1].blocks.len(), 3);
         assert_eq!(s.len(), 1);
     }
 

@@ -199,10 +199,9 @@ impl PrefixTrie {
 pub struct Allocated {
     /// Pass back to [`RadixAllocator::free`].
     pub allocation_id: u64,
-    /// Cached prefix blocks first, then fresh ones; enough for every token position.
+    /// Cached prefix blocks first, then fresh ones; enough for every token position (the
+    /// shard derives position `p`'s slot: `blocks[p / bs] * bs + p % bs`).
     pub blocks: Vec<u32>,
-    /// KV slot of every token position: `blocks[p / bs] * bs + p % bs`.
-    pub slots: Vec<u32>,
     /// Prompt tokens whose K/V the cached blocks already hold (a multiple of the block size).
     pub prefix_len: u32,
 }
@@ -270,11 +269,6 @@ impl RadixAllocator {
             return None;
         }
         blocks.extend(self.free_blocks.drain(self.free_blocks.len() - needed..));
-        let slots = blocks
-            .iter()
-            .flat_map(|&b| b * self.block_size..(b + 1) * self.block_size)
-            .take(tokens as usize)
-            .collect();
         let allocation_id = self.next_allocation_id;
         self.next_allocation_id += 1;
         let prompt = prefill_tokens.map(|p| {
@@ -291,7 +285,6 @@ impl RadixAllocator {
         Some(Allocated {
             allocation_id,
             blocks,
-            slots,
             prefix_len,
         })
     }
@@ -338,16 +331,12 @@ mod tests {
     }
 
     #[test]
-    fn block_zero_is_reserved_and_slots_follow_blocks() {
+    fn block_zero_is_reserved() {
         let mut a = RadixAllocator::new(4, 3);
         assert_eq!(a.free_blocks(), 2);
         let got = a.allocate(6, None).unwrap();
         assert!(!got.blocks.contains(&0));
         assert_eq!(got.blocks.len(), 2);
-        let expected: Vec<u32> = (0..6)
-            .map(|p| got.blocks[p / 4] * 4 + (p % 4) as u32)
-            .collect();
-        assert_eq!(got.slots, expected);
         assert_eq!(got.prefix_len, 0);
         assert!(a.allocate(1, None).is_none());
     }

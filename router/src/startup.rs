@@ -76,7 +76,7 @@ pub async fn connect(setup: &ShardSetup) -> anyhow::Result<(Infer, BackendInfo)>
     // Any token of the vocabulary will do for synthetic prompts.
     let filler_token = info.bos_token_id.unwrap_or(0);
 
-    let warmup = warmup_request(setup, &info, filler_token);
+    let warmup = warmup_request(setup, &info, filler_token)?;
     let limits = client.warmup(warmup).await.map_err(|e| {
         anyhow::anyhow!(
             "warmup failed: {e}; decrease `--max-batch-prefill-tokens` ({}) or give the KV cache \
@@ -152,8 +152,14 @@ pub async fn connect(setup: &ShardSetup) -> anyhow::Result<(Infer, BackendInfo)>
 
 /// TGI's synthetic warmup batch: prompts of one repeated token, each at most
 /// `max_input_tokens` long, summing to `max_batch_prefill_tokens`, at most `max_batch_size` of
-/// them, with sampling on so every path runs.
-fn warmup_request(setup: &ShardSetup, info: &pb::InfoResponse, token: u32) -> pb::WarmupRequest {
+/// them, with sampling on so every path runs. The shards run only its prefill, into blocks
+/// given here one after the other; a batch the KV cache cannot hold fails here.
+fn warmup_request(
+    setup: &ShardSetup,
+    info: &pb::InfoResponse,
+    token: u32,
+) -> anyhow::Result<pb::WarmupRequest> {
+    let block_size = info.block_size.max(1);
     // A prompt also has to leave room for one new token within the model's positions.
     let position_cap = info.max_position_embeddings.saturating_sub(1).max(1);
     let max_input = setup
@@ -162,15 +168,25 @@ fn warmup_request(setup: &ShardSetup, info: &pb::InfoResponse, token: u32) -> pb
         .clamp(1, position_cap);
     let mut requests = Vec::new();
     let mut n_tokens = 0u32;
+    let mut next_block = 0u32;
     while n_tokens < setup.max_batch_prefill_tokens {
         let truncate = (setup.max_batch_prefill_tokens - n_tokens).min(max_input);
         let max_new_tokens = setup
             .max_total_tokens
             .map_or(1, |total| total.saturating_sub(truncate).max(1));
+        let blocks = truncate.div_ceil(block_size);
+        if next_block + blocks > info.num_blocks {
+            anyhow::bail!(
+                "not enough memory to handle {} prefill tokens ({} KV slots); decrease \
+                 `--max-batch-prefill-tokens` or raise `--kv-cache-memory`",
+                setup.max_batch_prefill_tokens,
+                u64::from(info.num_blocks) * u64::from(block_size)
+            );
+        }
         requests.push(pb::Request {
             id: requests.len() as u64,
             input_ids: vec![token; truncate as usize],
-            truncate,
+            blocks: (next_block..next_block + blocks).collect(),
             parameters: Some(pb::NextTokenChooserParameters {
                 temperature: 0.9,
                 top_k: 10,
@@ -192,12 +208,13 @@ fn warmup_request(setup: &ShardSetup, info: &pb::InfoResponse, token: u32) -> pb
             ..Default::default()
         });
         n_tokens += truncate;
+        next_block += blocks;
         if setup.max_batch_size == Some(requests.len()) {
             break;
         }
     }
     let size = requests.len() as u32;
-    pb::WarmupRequest {
+    Ok(pb::WarmupRequest {
         batch: Some(pb::Batch {
             id: 0,
             requests,
@@ -208,7 +225,7 @@ fn warmup_request(setup: &ShardSetup, info: &pb::InfoResponse, token: u32) -> pb
         max_input_tokens: setup.max_input_tokens,
         max_prefill_tokens: setup.max_batch_prefill_tokens,
         max_total_tokens: setup.max_total_tokens,
-    }
+    })
 }
 
 /// The limits in force after warmup.
@@ -327,6 +344,7 @@ mod tests {
         pb::InfoResponse {
             max_position_embeddings,
             block_size: 16,
+            num_blocks: 64,
             ..Default::default()
         }
     }
@@ -341,15 +359,24 @@ mod tests {
     fn warmup_prompts_sum_to_the_prefill_budget() {
         let mut s = setup();
         s.max_input_tokens = Some(30);
-        let r = warmup_request(&s, &info(1000), 7);
+        let r = warmup_request(&s, &info(1000), 7).unwrap();
         assert_eq!(prompt_lens(&r), vec![30, 30, 30, 10]);
-        assert!(r.batch.unwrap().requests[0]
-            .input_ids
-            .iter()
-            .all(|&t| t == 7));
+        let requests = r.batch.unwrap().requests;
+        assert!(requests[0].input_ids.iter().all(|&t| t == 7));
+        // Each prompt gets its own blocks, one after the other.
+        let blocks: Vec<Vec<u32>> = requests.iter().map(|r| r.blocks.clone()).collect();
+        assert_eq!(blocks, vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6]]);
         // Without a limit a prompt is capped by the model's positions.
-        let r = warmup_request(&setup(), &info(41), 7);
+        let r = warmup_request(&setup(), &info(41), 7).unwrap();
         assert_eq!(prompt_lens(&r), vec![40, 40, 20]);
+        // A budget the KV cache cannot hold fails before the shards see it.
+        let mut small = info(1000);
+        small.num_blocks = 6;
+        let err = warmup_request(&s, &small, 7).unwrap_err().to_string();
+        assert!(
+            err.contains("not enough memory to handle 100 prefill tokens (96 KV slots)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -358,7 +385,7 @@ mod tests {
         s.max_input_tokens = Some(10);
         s.max_batch_size = Some(2);
         assert_eq!(
-            prompt_lens(&warmup_request(&s, &info(1000), 0)),
+            prompt_lens(&warmup_request(&s, &info(1000), 0).unwrap()),
             vec![10, 10]
         );
     }

@@ -66,8 +66,6 @@ pub enum EngineError {
     BatchNotFound(u64),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error("not enough KV cache memory: {0}")]
-    OutOfMemory(String),
     #[error("model error: {0}")]
     Model(#[from] candle_core::Error),
     #[error("tokenizer error: {0}")]
@@ -86,10 +84,10 @@ pub struct NewRequest {
     /// Return the logprob of every prompt token.
     pub prefill_logprobs: bool,
     pub top_n_tokens: u32,
-    /// KV blocks of the whole allocation; empty = the engine allocates (benchmark, warmup).
+    /// KV blocks of the whole allocation (prompt + new tokens), chosen by the router (or
+    /// whoever drives the engine: warmup, the benchmark): position `p` lives in slot
+    /// `blocks[p / block_size] · block_size + p % block_size`.
     pub blocks: Vec<u32>,
-    /// KV slot of every position; empty = derived from `blocks`.
-    pub slots: Vec<u32>,
     /// Prompt tokens whose K/V are already in `blocks` (prefix cache).
     pub cache_len: u32,
     /// Prompt tokens computed per step; `None` = the whole remaining prompt at once.
@@ -206,7 +204,6 @@ struct RequestState {
     computed: usize,
     chunk_len: Option<usize>,
     blocks: Vec<u32>,
-    slots: Vec<u32>,
     sampler: Sampler,
     stop: StopCriteria,
     detok: Detokenizer,
@@ -233,11 +230,7 @@ impl RequestState {
     }
 
     fn slot(&self, position: usize, block_size: usize) -> u32 {
-        if self.slots.is_empty() {
-            self.blocks[position / block_size] * block_size as u32 + (position % block_size) as u32
-        } else {
-            self.slots[position]
-        }
+        self.blocks[position / block_size] * block_size as u32 + (position % block_size) as u32
     }
 }
 
@@ -264,8 +257,6 @@ pub struct Engine {
     special_ids: HashSet<u32>,
     kv: KvCache,
     block_size: usize,
-    /// Requests referencing each block; the engine allocates only unreferenced ones.
-    block_refs: Vec<u32>,
     batches: HashMap<u64, BatchState>,
 }
 
@@ -295,7 +286,6 @@ impl Engine {
             special_ids,
             kv,
             block_size: options.block_size,
-            block_refs: vec![0; options.num_blocks],
             batches: HashMap::new(),
         }
     }
@@ -316,21 +306,9 @@ impl Engine {
         self.kv.num_blocks
     }
 
-    /// Blocks no request references.
-    pub fn free_blocks(&self) -> usize {
-        self.block_refs.iter().filter(|&&r| r == 0).count()
-    }
-
     /// Ids of the batches the engine holds.
     pub fn batch_ids(&self) -> Vec<u64> {
         self.batches.keys().copied().collect()
-    }
-
-    pub fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode_fast(text, add_special_tokens)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// Starts `requests` as batch `batch_id` and runs its first step; with `cached`, that batch's
@@ -367,18 +345,7 @@ impl Engine {
         for r in &requests {
             self.validate(r)?;
         }
-        let mut new_states = Vec::with_capacity(requests.len());
-        for r in requests {
-            match self.admit(r) {
-                Ok(s) => new_states.push(s),
-                Err(e) => {
-                    for s in &new_states {
-                        self.release(s);
-                    }
-                    return Err(e);
-                }
-            }
-        }
+        let new_states: Vec<RequestState> = requests.into_iter().map(|r| self.admit(r)).collect();
 
         let concat_start = Instant::now();
         let (id, mut state, concat_ns) = match cached {
@@ -440,12 +407,7 @@ impl Engine {
         let Some(mut batch) = self.batches.remove(&batch_id) else {
             return Err(EngineError::BatchNotFound(batch_id));
         };
-        let (kept, gone): (Vec<_>, Vec<_>) =
-            batch.requests.drain(..).partition(|r| keep.contains(&r.id));
-        for r in &gone {
-            self.release(r);
-        }
-        batch.requests = kept;
+        batch.requests.retain(|r| keep.contains(&r.id));
         if batch.requests.is_empty() {
             return Ok(None);
         }
@@ -461,14 +423,11 @@ impl Engine {
 
     /// Drops batch `id` (a missing one is not an error), or every batch.
     pub fn clear(&mut self, id: Option<u64>) {
-        let dropped: Vec<BatchState> = match id {
-            Some(id) => self.batches.remove(&id).into_iter().collect(),
-            None => self.batches.drain().map(|(_, b)| b).collect(),
-        };
-        for b in &dropped {
-            for r in &b.requests {
-                self.release(r);
+        match id {
+            Some(id) => {
+                self.batches.remove(&id);
             }
+            None => self.batches.clear(),
         }
     }
 
@@ -481,17 +440,6 @@ impl Engine {
         limits: WarmupLimits,
     ) -> Result<WarmupInfo> {
         let slots = self.kv.num_slots();
-        let prompt_tokens: usize = requests.iter().map(|r| r.input_ids.len()).sum();
-        let needed_blocks: usize = requests
-            .iter()
-            .map(|r| r.input_ids.len().div_ceil(self.block_size))
-            .sum();
-        if needed_blocks > self.free_blocks() {
-            return Err(EngineError::OutOfMemory(format!(
-                "not enough memory to handle {prompt_tokens} prefill tokens ({slots} KV slots); \
-                 decrease `--max-batch-prefill-tokens` or raise `--kv-cache-memory`"
-            )));
-        }
         let requests = requests
             .into_iter()
             .map(|mut r| {
@@ -499,8 +447,6 @@ impl Engine {
                 // (prompt tokens × vocab) would dwarf the real working set on a CPU host.
                 r.stopping.max_new_tokens = 1;
                 r.prefill_logprobs = false;
-                r.blocks.clear();
-                r.slots.clear();
                 r.cache_len = 0;
                 r
             })
@@ -569,13 +515,7 @@ impl Engine {
         // The last generated token is never fed back, so its K/V needs no slot.
         let positions = total - 1;
         if r.blocks.is_empty() {
-            if !r.slots.is_empty() {
-                return invalid("slots given without blocks".into());
-            }
-            if r.cache_len > 0 {
-                return invalid("cache_len given without blocks".into());
-            }
-            return Ok(());
+            return invalid("no KV blocks (the router allocates them)".into());
         }
         if let Some(&bad) = r.blocks.iter().find(|&&b| b as usize >= self.kv.num_blocks) {
             return invalid(format!(
@@ -590,43 +530,22 @@ impl Engine {
                 self.block_size
             ));
         }
-        if !r.slots.is_empty() {
-            if r.slots.len() < positions {
-                return invalid(format!("{} slots for {positions} positions", r.slots.len()));
-            }
-            if let Some(&bad) = r.slots.iter().find(|&&s| s as usize >= self.kv.num_slots()) {
-                return invalid(format!(
-                    "slot {bad} is outside the KV cache ({} slots)",
-                    self.kv.num_slots()
-                ));
-            }
-        }
         Ok(())
     }
 
-    /// Builds the running state of a validated request, allocating its blocks when it has none.
-    fn admit(&mut self, r: NewRequest) -> Result<RequestState> {
+    /// Builds the running state of a validated request.
+    fn admit(&self, r: NewRequest) -> RequestState {
         let prompt_len = r.input_ids.len();
-        let blocks = if r.blocks.is_empty() {
-            let positions = prompt_len + r.stopping.max_new_tokens as usize - 1;
-            self.allocate(positions.div_ceil(self.block_size))?
-        } else {
-            r.blocks
-        };
-        for &b in &blocks {
-            self.block_refs[b as usize] += 1;
-        }
         let seed = r.sampling.do_sample.then_some(r.sampling.seed);
         let sampler = Sampler::new(r.sampling, &r.input_ids);
         let stop = StopCriteria::new(r.stopping, &self.config.eos_token_ids);
-        Ok(RequestState {
+        RequestState {
             id: r.id,
             prompt_len,
             all_ids: r.input_ids,
             computed: r.cache_len as usize,
             chunk_len: r.chunk_len.map(|c| c as usize),
-            blocks,
-            slots: r.slots,
+            blocks: r.blocks,
             sampler,
             stop,
             detok: Detokenizer::new(prompt_len),
@@ -638,29 +557,6 @@ impl Engine {
             },
             top_n: r.top_n_tokens as usize,
             seed,
-        })
-    }
-
-    /// `n` blocks no request references.
-    fn allocate(&self, n: usize) -> Result<Vec<u32>> {
-        let blocks: Vec<u32> = (0..self.block_refs.len() as u32)
-            .filter(|&b| self.block_refs[b as usize] == 0)
-            .take(n)
-            .collect();
-        if blocks.len() < n {
-            return Err(EngineError::OutOfMemory(format!(
-                "{n} KV blocks needed, {} free",
-                blocks.len()
-            )));
-        }
-        Ok(blocks)
-    }
-
-    /// Drops a leaving request's references; engine-allocated blocks become free with it.
-    fn release(&mut self, r: &RequestState) {
-        for &b in &r.blocks {
-            let refs = &mut self.block_refs[b as usize];
-            *refs = refs.saturating_sub(1);
         }
     }
 
@@ -700,13 +596,7 @@ impl Engine {
             .filter(|g| g.finished.is_some())
             .map(|g| g.request_id)
             .collect();
-        let (gone, running): (Vec<_>, Vec<_>) = std::mem::take(&mut state.requests)
-            .into_iter()
-            .partition(|r| finished.contains(&r.id));
-        for r in &gone {
-            self.release(r);
-        }
-        state.requests = running;
+        state.requests.retain(|r| !finished.contains(&r.id));
         let batch = if state.requests.is_empty() {
             None
         } else {

@@ -73,6 +73,8 @@ pub struct ShardInfo {
     pub max_position_embeddings: u32,
     pub window_size: Option<u32>,
     pub block_size: u32,
+    /// KV blocks of `block_size` slots this shard holds (the router allocates them).
+    pub num_blocks: u32,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
     /// The tokenizer in `tokenizer.json` form.
@@ -168,7 +170,6 @@ fn status(e: EngineError) -> Status {
     match e {
         EngineError::BatchNotFound(_) => Status::not_found(e.to_string()),
         EngineError::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
-        EngineError::OutOfMemory(_) => Status::resource_exhausted(e.to_string()),
         EngineError::Model(_) | EngineError::Tokenizer(_) => Status::internal(e.to_string()),
     }
 }
@@ -197,8 +198,9 @@ fn sampling_params(p: Option<pb::NextTokenChooserParameters>) -> SamplingParams 
     }
 }
 
-/// Converts a proto request on the engine thread (it may need the tokenizer).
-fn new_request(engine: &Engine, r: pb::Request) -> Result<NewRequest, EngineError> {
+/// Converts a proto request. The router tokenized and truncated the prompt and chose its KV
+/// blocks; the engine checks them against the model and the cache.
+fn new_request(r: pb::Request) -> Result<NewRequest, EngineError> {
     let params = r.parameters.unwrap_or_default();
     if params.grammar_type != pb::GrammarType::None as i32 || !params.grammar.is_empty() {
         return Err(EngineError::InvalidRequest(format!(
@@ -206,19 +208,10 @@ fn new_request(engine: &Engine, r: pb::Request) -> Result<NewRequest, EngineErro
             r.id
         )));
     }
-    let mut input_ids = if r.input_ids.is_empty() {
-        engine.tokenize(&r.inputs, r.add_special_tokens)?
-    } else {
-        r.input_ids
-    };
-    let truncate = r.truncate as usize;
-    if truncate > 0 && input_ids.len() > truncate {
-        input_ids.drain(..input_ids.len() - truncate);
-    }
     let stopping = r.stopping_parameters.unwrap_or_default();
     Ok(NewRequest {
         id: r.id,
-        input_ids,
+        input_ids: r.input_ids,
         sampling: sampling_params(Some(params)),
         stopping: StoppingParams {
             max_new_tokens: stopping.max_new_tokens,
@@ -228,18 +221,13 @@ fn new_request(engine: &Engine, r: pb::Request) -> Result<NewRequest, EngineErro
         prefill_logprobs: r.prefill_logprobs,
         top_n_tokens: r.top_n_tokens,
         blocks: r.blocks,
-        slots: r.slots,
         cache_len: r.cache_len,
         chunk_len: r.chunk_len,
     })
 }
 
-fn new_requests(engine: &Engine, batch: pb::Batch) -> Result<Vec<NewRequest>, EngineError> {
-    batch
-        .requests
-        .into_iter()
-        .map(|r| new_request(engine, r))
-        .collect()
+fn new_requests(batch: pb::Batch) -> Result<Vec<NewRequest>, EngineError> {
+    batch.requests.into_iter().map(new_request).collect()
 }
 
 fn tokens(ts: &[TokenOut]) -> pb::Tokens {
@@ -333,6 +321,7 @@ impl TextGenerationService for ShardService {
             use_prefix_caching: true,
             attention_impl: "paged".into(),
             block_size: i.block_size,
+            num_blocks: i.num_blocks,
             model_id: i.model_id.clone(),
             architecture: i.architecture.clone(),
             vocab_size: i.vocab_size,
@@ -411,7 +400,7 @@ impl TextGenerationService for ShardService {
             .engine
             .run(move |e| {
                 let id = batch.id;
-                let requests = new_requests(e, batch)?;
+                let requests = new_requests(batch)?;
                 e.warmup(id, requests, limits)
             })
             .await?
@@ -436,7 +425,7 @@ impl TextGenerationService for ShardService {
             .engine
             .run(move |e| {
                 let id = batch.id;
-                let requests = new_requests(e, batch)?;
+                let requests = new_requests(batch)?;
                 e.prefill(id, requests, cached).map(StepParts::from)
             })
             .await?
@@ -541,6 +530,7 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         max_position_embeddings: c.max_position_embeddings as u32,
         window_size: c.sliding_window.map(|w| w as u32),
         block_size: config.block_size as u32,
+        num_blocks: u32::try_from(options.num_blocks).unwrap_or(u32::MAX),
         eos_token_ids: c.eos_token_ids.clone(),
         bos_token_id: c.bos_token_id,
         tokenizer_json: loaded

@@ -57,13 +57,11 @@ async fn shard_serves_the_protocol() {
         .await
         .unwrap();
 
-    // Warmup as TGI's router sends it: text prompts, truncated, shard-allocated blocks.
-    let warm = |id: u64, truncate: u32| pb::Request {
-        inputs: "_test ".repeat(truncate as usize),
-        truncate,
+    // Warmup as the router sends it: prompts of one token, blocks for each prompt.
+    let warm = |id: u64, len: usize| pb::Request {
         prefill_logprobs: true,
         top_n_tokens: 20,
-        ..request(id, Vec::new(), 100)
+        ..request(id, vec![5; len], 100)
     };
     let warmup = client
         .warmup(pb::WarmupRequest {
@@ -81,8 +79,13 @@ async fn shard_serves_the_protocol() {
     assert_eq!(warmup.max_input_tokens, 2047);
 
     // Prefill and decode to the end: one token per request per step.
-    let mut text_request = request(2, Vec::new(), 4);
-    text_request.inputs = "The capital of France is".into();
+    // The router tokenizes; the shard only ever sees ids.
+    let text_ids = tokenizer
+        .encode("The capital of France is", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let text_request = request(2, text_ids, 4);
     let mut with_details = request(1, vec![5, 6, 7, 8, 9, 10], 6);
     with_details.prefill_logprobs = true;
     with_details.top_n_tokens = 3;
@@ -190,6 +193,23 @@ async fn shard_serves_the_protocol() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("block 1000000"), "{}", err.message());
+    // The shard neither tokenizes nor allocates: no ids, or no blocks, is a bad request.
+    let mut no_blocks = request(5, vec![1, 2, 3], 4);
+    no_blocks.blocks.clear();
+    for (bad, says) in [
+        (request(5, Vec::new(), 4), "empty prompt"),
+        (no_blocks, "no KV blocks"),
+    ] {
+        let err = client
+            .prefill(pb::PrefillRequest {
+                batch: Some(batch(4, vec![bad])),
+                cached_batch: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(says), "{}", err.message());
+    }
     let err = client
         .decode(pb::DecodeRequest {
             batches: vec![pb::CachedBatch {

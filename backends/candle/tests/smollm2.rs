@@ -76,7 +76,14 @@ fn smollm2_knows_the_capital_of_france() {
         loaded.tokenizer,
         options,
     );
-    let input_ids = engine.tokenize(&prompt, false).unwrap();
+    let input_ids = engine
+        .tokenizer()
+        .encode_fast(prompt.as_str(), false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    // The router's part: the KV blocks of the whole allocation (block size 16).
+    let blocks = (0..(input_ids.len() + 24).div_ceil(16) as u32).collect();
     let request = NewRequest {
         id: 1,
         input_ids,
@@ -87,8 +94,7 @@ fn smollm2_knows_the_capital_of_france() {
         },
         prefill_logprobs: false,
         top_n_tokens: 0,
-        blocks: vec![],
-        slots: vec![],
+        blocks,
         cache_len: 0,
         chunk_len: None,
     };

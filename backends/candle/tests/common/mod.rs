@@ -42,10 +42,24 @@ pub async fn connect(shard: &mut Shard, socket: &Path) -> ShardClient {
     panic!("wick-shard did not become healthy");
 }
 
+/// Token slots per KV block of the shards these tests start (the default).
+pub const BLOCK_SIZE: usize = 16;
+
+/// KV blocks of the region request `id` owns: the router's part in these tests is to give
+/// request `id` blocks `8·id..`, so requests with different ids never share one.
+pub const BLOCKS_PER_ID: usize = 8;
+
+/// A greedy request with the KV blocks its prompt and new tokens need, in its id's region.
 pub fn request(id: u64, input_ids: Vec<u32>, max_new_tokens: u32) -> pb::Request {
+    let first = id as usize * BLOCKS_PER_ID;
+    let positions = input_ids.len() + max_new_tokens as usize - 1;
+    let blocks = (first..first + positions.div_ceil(BLOCK_SIZE))
+        .map(|b| b as u32)
+        .collect();
     pb::Request {
         id,
         input_ids,
+        blocks,
         parameters: Some(pb::NextTokenChooserParameters::default()),
         stopping_parameters: Some(pb::StoppingCriteriaParameters {
             max_new_tokens,
