@@ -19,10 +19,11 @@ COPY backends/model/Cargo.toml backends/model/
 COPY backends/kernels/Cargo.toml backends/kernels/
 COPY backends/candle/Cargo.toml backends/candle/
 COPY router/Cargo.toml router/
+COPY router/scheduler/Cargo.toml router/scheduler/
 COPY launcher/Cargo.toml launcher/
 COPY benchmark/Cargo.toml benchmark/
 COPY integration-tests/Cargo.toml integration-tests/
-RUN for d in proto backends/model backends/kernels backends/candle router launcher benchmark; do \
+RUN for d in proto backends/model backends/kernels backends/candle router router/scheduler launcher benchmark; do \
         mkdir -p $d/src/bin && echo 'fn main() {}' > $d/src/main.rs && touch $d/src/lib.rs; \
     done \
  && echo 'fn main() {}' > backends/candle/src/bin/wick-shard.rs \
@@ -31,7 +32,7 @@ RUN for d in proto backends/model backends/kernels backends/candle router launch
 
 COPY . .
 RUN touch proto/src/lib.rs backends/model/src/lib.rs backends/kernels/src/lib.rs \
-    backends/candle/src/lib.rs router/src/lib.rs \
+    backends/candle/src/lib.rs router/src/lib.rs router/scheduler/src/lib.rs \
  && FEATURES=$([ "$VARIANT" = cuda ] && echo "--features wick-backend-candle/nccl" || true) \
  && cargo build --release --bin wick --bin wick-shard --bin wick-router --bin wick-bench $FEATURES
 

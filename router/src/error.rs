@@ -11,10 +11,10 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 
 use crate::chat_template::TemplateError;
-use crate::metrics;
-use crate::request::InferError;
 use crate::types::{ErrorResponse, OpenAiError, OpenAiErrorResponse};
 use crate::validation::ValidationError;
+use wick_scheduler::metrics;
+use wick_scheduler::request::InferError;
 
 /// Which API family answers: decides the error body's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

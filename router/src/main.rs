@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wick_router::server::{self, Config, ServerConfig, ValidationFlags};
-use wick_router::startup::{self, ShardSetup};
+use wick_scheduler::startup::{self, ShardSetup};
 
 /// wick's router: HTTP APIs, validation, queue, continuous batching, metrics.
 #[derive(Parser)]

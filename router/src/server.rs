@@ -2,6 +2,7 @@
 //! layers (body limit, CORS, auth), and serving with graceful shutdown.
 
 use std::future::Future;
+use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
@@ -14,11 +15,11 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::ApiKey;
 use crate::chat_template::{ChatTemplate, TemplateError};
-use crate::infer::Infer;
-use crate::metrics;
-use crate::startup::BackendInfo;
 use crate::types::Info;
 use crate::validation::{Validation, ValidationConfig};
+use wick_scheduler::infer::Infer;
+use wick_scheduler::metrics;
+use wick_scheduler::startup::BackendInfo;
 
 /// HTTP-level settings.
 #[derive(Debug, Clone)]
@@ -124,6 +125,8 @@ pub fn app(config: &Config, infer: Infer, backend: BackendInfo) -> anyhow::Resul
         tracing::warn!("chat template unavailable: {e}");
     }
     let flags = &config.validation;
+    let tokenizer = tokenizers::Tokenizer::from_str(&backend.tokenizer_json)
+        .map_err(|e| anyhow::anyhow!("the shard's tokenizer cannot be loaded: {e}"))?;
     let validation = Validation::new(
         ValidationConfig {
             max_best_of: flags.max_best_of,
@@ -133,7 +136,7 @@ pub fn app(config: &Config, infer: Infer, backend: BackendInfo) -> anyhow::Resul
             max_total_tokens: backend.max_total_tokens,
             workers: flags.validation_workers,
         },
-        backend.tokenizer.clone(),
+        tokenizer,
     )
     .context("cannot start the tokenizer workers")?;
     let version = env!("CARGO_PKG_VERSION");

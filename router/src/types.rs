@@ -138,8 +138,8 @@ pub struct Token {
     pub special: bool,
 }
 
-impl From<crate::request::Token> for Token {
-    fn from(t: crate::request::Token) -> Self {
+impl From<wick_scheduler::request::Token> for Token {
+    fn from(t: wick_scheduler::request::Token) -> Self {
         Token {
             id: t.id,
             text: t.text,

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use tokenizers::{Encoding, Tokenizer};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::request::{ValidParameters, ValidRequest, ValidStoppingParameters};
 use crate::types::GenerateParameters;
+use wick_scheduler::request::{ValidParameters, ValidRequest, ValidStoppingParameters};
 
 /// Validation limits fixed at startup.
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
 //! The HTTP API end to end: the real `wick-shard` binary on a tiny random model, the scheduler,
 //! and the axum app served on a port-0 listener, driven with reqwest.
 
+#[path = "../scheduler/tests/common/mod.rs"]
 mod common;
 
 use std::time::Duration;
@@ -10,7 +11,7 @@ use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use wick_router::server::{self, Config, ServerConfig, ValidationFlags};
-use wick_router::startup::{BackendInfo, ShardSetup};
+use wick_scheduler::startup::{BackendInfo, ShardSetup};
 
 /// A running shard + router.
 struct Server {

@@ -9,10 +9,10 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::AppState;
 use crate::error::ApiError;
-use crate::metrics;
-use crate::request::{GeneratedText, InferError, InferStreamResponse, Token};
 use crate::types::GenerateParameters;
 use crate::validation::ValidGenerateRequest;
+use wick_scheduler::metrics;
+use wick_scheduler::request::{GeneratedText, InferError, InferStreamResponse, Token};
 
 pub(crate) type EventStream = BoxStream<'static, Result<InferStreamResponse, InferError>>;
 

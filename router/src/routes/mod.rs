@@ -23,9 +23,9 @@ pub use docs::ApiDoc;
 
 use crate::auth::{require_api_key, ApiKey};
 use crate::chat_template::{ChatTemplate, TemplateError};
-use crate::infer::Infer;
 use crate::types::Info;
 use crate::validation::Validation;
+use wick_scheduler::infer::Infer;
 
 /// State shared by every handler; cheap to clone.
 #[derive(Clone)]

@@ -10,11 +10,11 @@ use super::generation::{admit, run_to_end, start, Finished, Timings};
 use super::sse::{self, EventSender};
 use super::AppState;
 use crate::error::{ApiError, ApiJson, HttpError};
-use crate::request::{InferError, InferStreamResponse};
 use crate::types::{
     CompatGenerateRequest, Details, ErrorResponse, FinishReason, GenerateRequest, GenerateResponse,
     PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token,
 };
+use wick_scheduler::request::{InferError, InferStreamResponse};
 
 /// Generate tokens.
 #[utoipa::path(

@@ -18,7 +18,6 @@ use super::stop::{trim_at_stop, StopFilter};
 use super::AppState;
 use crate::chat_template::TemplateMessage;
 use crate::error::{ApiError, ApiJson, HttpError};
-use crate::request::{InferError, InferStreamResponse, Token};
 use crate::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
     ChatLogprob, ChatLogprobs, ChatRequest, Completion, CompletionChoice, CompletionLogprobs,
@@ -26,6 +25,7 @@ use crate::types::{
     StopSpec, TopLogprob, Usage,
 };
 use crate::validation::{random_seed, ValidationError};
+use wick_scheduler::request::{InferError, InferStreamResponse, Token};
 
 /// The served model.
 #[utoipa::path(

@@ -1,12 +1,12 @@
 //! The real `wick-shard` binary on a fresh tiny Llama, and the scheduler connected to it; shared
-//! by the router's test files.
+//! by the scheduler's tests and the router's HTTP tests.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use wick_backend_candle::testing::{write_hf_model, ShardProcess, TinyModelSpec};
-use wick_router::infer::Infer;
-use wick_router::startup::{connect, BackendInfo, ShardSetup};
+use wick_scheduler::infer::Infer;
+use wick_scheduler::startup::{connect, BackendInfo, ShardSetup};
 
 /// The shard process (killed on drop, its log printed when a test fails) and its socket.
 pub struct Shard {

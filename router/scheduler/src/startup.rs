@@ -2,7 +2,6 @@
 //! limits (TGI's rules), then the queue and batching tasks.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -37,7 +36,8 @@ pub struct ShardSetup {
 #[derive(Clone, Debug)]
 pub struct BackendInfo {
     pub model_id: String,
-    pub tokenizer: tokenizers::Tokenizer,
+    /// The shard's tokenizer in `tokenizer.json` form (the HTTP edge tokenizes with it).
+    pub tokenizer_json: String,
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
@@ -70,8 +70,6 @@ pub async fn connect(setup: &ShardSetup) -> anyhow::Result<(Infer, BackendInfo)>
         .await
         .context("ClearCache failed")?;
     let info = client.info().await.context("Info failed")?;
-    let tokenizer = tokenizers::Tokenizer::from_str(&info.tokenizer_json)
-        .map_err(|e| anyhow::anyhow!("the shard's tokenizer cannot be loaded: {e}"))?;
     let block_size = info.block_size.max(1);
     // Any token of the vocabulary will do for synthetic prompts.
     let filler_token = info.bos_token_id.unwrap_or(0);
@@ -131,7 +129,7 @@ pub async fn connect(setup: &ShardSetup) -> anyhow::Result<(Infer, BackendInfo)>
     );
     let backend = BackendInfo {
         model_id: info.model_id,
-        tokenizer,
+        tokenizer_json: info.tokenizer_json,
         chat_template: info.chat_template,
         bos_token: info.bos_token,
         eos_token: info.eos_token,

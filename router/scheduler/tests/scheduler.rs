@@ -15,14 +15,14 @@ use common::{connect_when_ready, start_shard, Shard};
 use futures::stream::{BoxStream, StreamExt};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use wick_backend_candle::testing::tiny_vocab_size;
-use wick_router::infer::Infer;
-use wick_router::metrics::{
+use wick_scheduler::infer::Infer;
+use wick_scheduler::metrics::{
     BATCH_CONCAT, BATCH_CURRENT_SIZE, BATCH_INFERENCE_FAILURE, PREFIX_CACHE_HIT_TOKENS,
 };
-use wick_router::request::{
+use wick_scheduler::request::{
     InferError, InferStreamResponse, ValidParameters, ValidRequest, ValidStoppingParameters,
 };
-use wick_router::startup::{BackendInfo, ShardSetup};
+use wick_scheduler::startup::{BackendInfo, ShardSetup};
 
 const BLOCK_SIZE: u32 = 16;
 
