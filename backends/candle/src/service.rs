@@ -1,16 +1,17 @@
 //! The shard's gRPC edge (`generate.v1`): proto ↔ engine conversions, the engine on its own
 //! thread, and the server on the unix socket `{uds_path}-{rank}`.
 //!
-//! Candle compute never runs on a tokio worker: every engine call is a job sent to the engine
-//! thread, answered over a oneshot channel.
+//! Candle compute never runs on a tokio worker: every engine call is a typed `Command` sent
+//! over a bounded channel to the engine thread (one tracing span each), answered over a
+//! oneshot channel.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use wick_proto::v1 as pb;
 use wick_proto::v1::text_generation_service_server::{
@@ -21,7 +22,7 @@ use candle_core::DType;
 
 use crate::engine::{
     CachedBatchInfo, Engine, EngineError, EngineOptions, Generation, NewRequest, StepOutput,
-    TokenOut, WarmupLimits,
+    TokenOut, WarmupInfo, WarmupLimits,
 };
 use crate::model::LlamaModel;
 use crate::parallel::{self, Collective};
@@ -90,34 +91,118 @@ pub struct ShardInfo {
     pub kernels: std::collections::BTreeMap<String, String>,
 }
 
-type Job = Box<dyn FnOnce(&mut Engine) + Send>;
+type EngineResult<T> = crate::engine::Result<T>;
 
-/// The engine's own thread and the channel to it. Cloning shares the same thread; the thread
-/// ends when every handle is dropped.
+/// What the engine thread is asked to run, with the channel its answer goes back on.
+enum Command {
+    Clear {
+        id: Option<u64>,
+        reply: oneshot::Sender<()>,
+    },
+    Filter {
+        batch_id: u64,
+        keep: Vec<u64>,
+        reply: oneshot::Sender<EngineResult<Option<CachedBatchInfo>>>,
+    },
+    Warmup {
+        batch_id: u64,
+        requests: Vec<NewRequest>,
+        limits: WarmupLimits,
+        reply: oneshot::Sender<EngineResult<WarmupInfo>>,
+    },
+    Prefill {
+        batch_id: u64,
+        requests: Vec<NewRequest>,
+        cached: Option<u64>,
+        reply: oneshot::Sender<EngineResult<StepOutput>>,
+    },
+    Decode {
+        batch_ids: Vec<u64>,
+        reply: oneshot::Sender<EngineResult<StepOutput>>,
+    },
+}
+
+impl Command {
+    /// The command's name and the batch it is about, for its tracing span.
+    fn describe(&self) -> (&'static str, Option<u64>) {
+        match self {
+            Command::Clear { id, .. } => ("clear_cache", *id),
+            Command::Filter { batch_id, .. } => ("filter_batch", Some(*batch_id)),
+            Command::Warmup { batch_id, .. } => ("warmup", Some(*batch_id)),
+            Command::Prefill { batch_id, .. } => ("prefill", Some(*batch_id)),
+            Command::Decode { batch_ids, .. } => ("decode", batch_ids.first().copied()),
+        }
+    }
+
+    /// Runs on the engine. A caller that has gone (its request was cancelled) drops the answer.
+    fn run(self, engine: &mut Engine) {
+        match self {
+            Command::Clear { id, reply } => {
+                engine.clear(id);
+                let _ = reply.send(());
+            }
+            Command::Filter {
+                batch_id,
+                keep,
+                reply,
+            } => {
+                let _ = reply.send(engine.filter(batch_id, &keep));
+            }
+            Command::Warmup {
+                batch_id,
+                requests,
+                limits,
+                reply,
+            } => {
+                let _ = reply.send(engine.warmup(batch_id, requests, limits));
+            }
+            Command::Prefill {
+                batch_id,
+                requests,
+                cached,
+                reply,
+            } => {
+                let _ = reply.send(engine.prefill(batch_id, requests, cached));
+            }
+            Command::Decode { batch_ids, reply } => {
+                let _ = reply.send(engine.decode(&batch_ids));
+            }
+        }
+    }
+}
+
+/// Commands waiting for the engine at most. The router steps the shards one call at a time, so
+/// a full queue means something upstream misbehaves: senders then wait.
+const COMMAND_QUEUE: usize = 16;
+
+/// The engine's own thread and the bounded command channel to it. Cloning shares the same
+/// thread; the thread ends when every handle is dropped.
 #[derive(Clone)]
 pub struct EngineHandle {
-    jobs: mpsc::Sender<Job>,
+    commands: mpsc::Sender<Command>,
 }
 
 impl EngineHandle {
-    /// Moves `engine` onto a new thread that runs jobs one at a time. The receiver gets the
-    /// model's failure once it can no longer run (its tensor-parallel ranks fell apart).
+    /// Moves `engine` onto a new thread that runs commands one at a time. The receiver gets
+    /// the model's failure once it can no longer run (its tensor-parallel ranks fell apart).
     pub fn spawn(engine: Engine) -> std::io::Result<(Self, oneshot::Receiver<String>)> {
-        let (jobs, rx) = mpsc::channel::<Job>();
+        let (commands, mut rx) = mpsc::channel::<Command>(COMMAND_QUEUE);
         let (failed_tx, failed_rx) = oneshot::channel();
         std::thread::Builder::new()
             .name("wick-engine".into())
             .spawn(move || {
                 let mut engine = engine;
                 let mut failed_tx = Some(failed_tx);
-                while let Ok(job) = rx.recv() {
-                    // A panicking job must not take the shard down: its caller gets an error
-                    // (its reply sender is dropped) and the next job runs. The job runs on a
-                    // worker of the compute pool (`rayon::scope` from outside the pool moves
-                    // it there), so its parallel loops start without a hand-off each.
-                    let run = AssertUnwindSafe(|| rayon::scope(|_| job(&mut engine)));
+                while let Some(command) = rx.blocking_recv() {
+                    let (name, batch) = command.describe();
+                    let _span = tracing::info_span!("engine", command = name, batch).entered();
+                    // A panicking command must not take the shard down: its caller gets an
+                    // error (its reply sender is dropped) and the next command runs. It runs
+                    // on a worker of the compute pool (`rayon::scope` from outside the pool
+                    // moves it there), so its parallel loops start without a hand-off each.
+                    let run = AssertUnwindSafe(|| rayon::scope(|_| command.run(&mut engine)));
                     if std::panic::catch_unwind(run).is_err() {
-                        tracing::error!("engine job panicked");
+                        tracing::error!("engine command panicked");
                     }
                     if let Some(failure) = engine.model_failure() {
                         if let Some(tx) = failed_tx.take() {
@@ -126,21 +211,16 @@ impl EngineHandle {
                     }
                 }
             })?;
-        Ok((Self { jobs }, failed_rx))
+        Ok((Self { commands }, failed_rx))
     }
 
-    /// Runs `f` on the engine thread and waits for its result without blocking the runtime.
-    pub async fn run<T, F>(&self, f: F) -> Result<T, Status>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Engine) -> T + Send + 'static,
-    {
+    /// Sends the command `make` builds around a reply channel and waits for the answer without
+    /// blocking the runtime.
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Box::new(move |engine: &mut Engine| {
-                // The caller may have gone (request cancelled); the result is then dropped.
-                let _ = tx.send(f(engine));
-            }))
+        self.commands
+            .send(make(tx))
+            .await
             .map_err(|_| Status::unavailable("the engine thread has stopped"))?;
         rx.await
             .map_err(|_| Status::internal("the engine failed while running this call"))
@@ -364,7 +444,9 @@ impl TextGenerationService for ShardService {
         request: Request<pb::ClearCacheRequest>,
     ) -> Result<Response<pb::ClearCacheResponse>, Status> {
         let id = request.into_inner().id;
-        self.engine.run(move |e| e.clear(id)).await?;
+        self.engine
+            .call(|reply| Command::Clear { id, reply })
+            .await?;
         Ok(Response::new(pb::ClearCacheResponse {}))
     }
 
@@ -375,7 +457,11 @@ impl TextGenerationService for ShardService {
         let r = request.into_inner();
         let batch = self
             .engine
-            .run(move |e| e.filter(r.batch_id, &r.request_ids))
+            .call(|reply| Command::Filter {
+                batch_id: r.batch_id,
+                keep: r.request_ids,
+                reply,
+            })
             .await?
             .map_err(status)?;
         Ok(Response::new(pb::FilterBatchResponse {
@@ -396,12 +482,15 @@ impl TextGenerationService for ShardService {
             max_prefill_tokens: r.max_prefill_tokens,
             max_total_tokens: r.max_total_tokens,
         };
+        let batch_id = batch.id;
+        let requests = new_requests(batch).map_err(status)?;
         let info = self
             .engine
-            .run(move |e| {
-                let id = batch.id;
-                let requests = new_requests(batch)?;
-                e.warmup(id, requests, limits)
+            .call(|reply| Command::Warmup {
+                batch_id,
+                requests,
+                limits,
+                reply,
             })
             .await?
             .map_err(status)?;
@@ -421,14 +510,18 @@ impl TextGenerationService for ShardService {
             .batch
             .ok_or_else(|| Status::invalid_argument("prefill needs a batch"))?;
         let cached = r.cached_batch.map(|b| b.id);
-        let out: StepParts = self
+        let batch_id = batch.id;
+        let requests = new_requests(batch).map_err(status)?;
+        let out = self
             .engine
-            .run(move |e| {
-                let id = batch.id;
-                let requests = new_requests(batch)?;
-                e.prefill(id, requests, cached).map(StepParts::from)
+            .call(|reply| Command::Prefill {
+                batch_id,
+                requests,
+                cached,
+                reply,
             })
             .await?
+            .map(StepParts::from)
             .map_err(status)?;
         Ok(Response::new(pb::PrefillResponse {
             generations: out.generations,
@@ -447,10 +540,14 @@ impl TextGenerationService for ShardService {
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
         let ids: Vec<u64> = request.into_inner().batches.iter().map(|b| b.id).collect();
-        let out: StepParts = self
+        let out = self
             .engine
-            .run(move |e| e.decode(&ids).map(StepParts::from))
+            .call(|reply| Command::Decode {
+                batch_ids: ids,
+                reply,
+            })
             .await?
+            .map(StepParts::from)
             .map_err(status)?;
         Ok(Response::new(pb::DecodeResponse {
             generations: out.generations,
