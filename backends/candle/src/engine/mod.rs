@@ -13,10 +13,19 @@ use tokenizers::Tokenizer;
 
 use crate::kv_cache::KvCache;
 use crate::model::{LlamaModel, StepProfile};
-use crate::sampling::{logprob_of, Sampler, SamplingParams};
-use crate::step::{SeqSpan, StepInput};
-use crate::stopping::{Detokenizer, FinishReason, StopCriteria, StoppingParams};
+use crate::sampling::Sampler;
+use crate::step::StepInput;
+use crate::stopping::{Detokenizer, StopCriteria};
 use wick_model::config::ModelConfig;
+
+mod running;
+mod types;
+
+use running::{BatchState, RequestState};
+pub use types::{
+    CachedBatchInfo, Finished, Generation, NewRequest, StepOutput, TokenOut, WarmupInfo,
+    WarmupLimits,
+};
 
 /// KV block size (token slots per block) when none is configured.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -74,103 +83,6 @@ pub enum EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
-/// A request entering the engine (TGI's `Request`, already tokenized and normalised).
-#[derive(Debug, Clone)]
-pub struct NewRequest {
-    pub id: u64,
-    pub input_ids: Vec<u32>,
-    pub sampling: SamplingParams,
-    pub stopping: StoppingParams,
-    /// Return the logprob of every prompt token.
-    pub prefill_logprobs: bool,
-    pub top_n_tokens: u32,
-    /// KV blocks of the whole allocation (prompt + new tokens), chosen by the router (or
-    /// whoever drives the engine: warmup, the benchmark): position `p` lives in slot
-    /// `blocks[p / block_size] · block_size + p % block_size`.
-    pub blocks: Vec<u32>,
-    /// Prompt tokens whose K/V are already in `blocks` (prefix cache).
-    pub cache_len: u32,
-    /// Prompt tokens computed per step; `None` = the whole remaining prompt at once.
-    pub chunk_len: Option<u32>,
-}
-
-/// One token with its logprob and text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenOut {
-    pub id: u32,
-    pub logprob: f32,
-    pub text: String,
-    /// The token is one of the tokenizer's added special tokens.
-    pub special: bool,
-}
-
-/// How and why a request ended.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finished {
-    /// Every generated token decoded without special tokens (a matched stop sequence included).
-    pub text: String,
-    pub generated_tokens: u32,
-    pub reason: FinishReason,
-    /// The seed, when the request sampled.
-    pub seed: Option<u64>,
-}
-
-/// The token one request produced in one step.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Generation {
-    pub request_id: u64,
-    /// Prompt tokens with their logprobs (the first is NaN), once, when the prompt completes and
-    /// `prefill_logprobs` was asked.
-    pub prefill: Option<Vec<TokenOut>>,
-    pub token: TokenOut,
-    /// The `top_n_tokens` most likely alternatives for `token`.
-    pub top_tokens: Vec<TokenOut>,
-    pub finished: Option<Finished>,
-}
-
-/// A batch the engine holds (TGI's `CachedBatch`); finished requests are already gone from it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CachedBatchInfo {
-    pub id: u64,
-    pub request_ids: Vec<u64>,
-    pub size: u32,
-    /// KV token slots the batch's requests hold (blocks × block size).
-    pub max_tokens: u32,
-    /// Tokens the next forward pass of this batch computes.
-    pub current_tokens: u32,
-}
-
-/// The result of one prefill or decode step.
-#[derive(Debug, Clone)]
-pub struct StepOutput {
-    pub generations: Vec<Generation>,
-    /// `None` when every request finished.
-    pub batch: Option<CachedBatchInfo>,
-    pub forward_ns: u64,
-    /// The parts of `forward_ns` spent in the linear layers and in attention.
-    pub profile: StepProfile,
-    pub decode_ns: u64,
-    pub total_ns: u64,
-    /// Time spent merging batches, when batches were merged.
-    pub concat_ns: Option<u64>,
-}
-
-/// What warmup found the shard can hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WarmupInfo {
-    pub max_supported_total_tokens: u32,
-    pub max_input_tokens: u32,
-    pub max_total_tokens: u32,
-}
-
-/// The limits a warmup request asks for (unset values are derived as TGI does).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WarmupLimits {
-    pub max_input_tokens: Option<u32>,
-    pub max_prefill_tokens: u32,
-    pub max_total_tokens: Option<u32>,
-}
-
 /// KV cache geometry.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
@@ -193,60 +105,6 @@ impl EngineOptions {
             num_blocks: (kv_cache_bytes / block_bytes.max(1)).max(1),
         }
     }
-}
-
-struct RequestState {
-    id: u64,
-    prompt_len: usize,
-    /// Prompt then generated ids.
-    all_ids: Vec<u32>,
-    /// Positions whose K/V are in the cache.
-    computed: usize,
-    chunk_len: Option<usize>,
-    blocks: Vec<u32>,
-    sampler: Sampler,
-    stop: StopCriteria,
-    detok: Detokenizer,
-    prefill_logprobs: bool,
-    /// Logprob of each prompt token (NaN where unknown), filled chunk by chunk.
-    prompt_logprobs: Vec<f32>,
-    top_n: usize,
-    seed: Option<u64>,
-}
-
-impl RequestState {
-    fn in_prompt(&self) -> bool {
-        self.computed < self.prompt_len
-    }
-
-    /// Tokens the next forward pass computes for this request.
-    fn next_tokens(&self) -> usize {
-        if self.in_prompt() {
-            let remaining = self.prompt_len - self.computed;
-            self.chunk_len.map_or(remaining, |c| c.min(remaining))
-        } else {
-            1
-        }
-    }
-
-    fn slot(&self, position: usize, block_size: usize) -> u32 {
-        self.blocks[position / block_size] * block_size as u32 + (position % block_size) as u32
-    }
-}
-
-#[derive(Default)]
-struct BatchState {
-    requests: Vec<RequestState>,
-}
-
-/// Where one request's rows sit in a step's packed input and logits.
-struct StepPlan {
-    /// First position computed this step.
-    from: usize,
-    len: usize,
-    /// First logits row of this request and how many it has.
-    row: usize,
-    rows: usize,
 }
 
 /// Batches keyed by id over one model and one paged KV cache.
@@ -572,191 +430,5 @@ impl Engine {
                 .sum(),
             current_tokens: state.requests.iter().map(|r| r.next_tokens() as u32).sum(),
         }
-    }
-
-    /// Runs one step of `state`, then stores what is still running under `id`. On error the
-    /// batch is stored as it is, so that the caller can clear it.
-    fn run_step(
-        &mut self,
-        id: u64,
-        state: &mut BatchState,
-        start: Instant,
-        concat_ns: Option<u64>,
-    ) -> Result<StepOutput> {
-        let result = self.step(state);
-        let (generations, forward_ns, profile, decode_ns) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                self.batches.insert(id, std::mem::take(state));
-                return Err(e);
-            }
-        };
-        let finished: HashSet<u64> = generations
-            .iter()
-            .filter(|g| g.finished.is_some())
-            .map(|g| g.request_id)
-            .collect();
-        state.requests.retain(|r| !finished.contains(&r.id));
-        let batch = if state.requests.is_empty() {
-            None
-        } else {
-            let info = self.info(id, state);
-            self.batches.insert(id, std::mem::take(state));
-            Some(info)
-        };
-        Ok(StepOutput {
-            generations,
-            batch,
-            forward_ns,
-            profile,
-            decode_ns,
-            total_ns: start.elapsed().as_nanos() as u64,
-            concat_ns,
-        })
-    }
-
-    /// One packed forward pass over every request, then sampling for those that produce a token.
-    fn step(&mut self, state: &mut BatchState) -> Result<(Vec<Generation>, u64, StepProfile, u64)> {
-        let forward_start = Instant::now();
-        let total: usize = state.requests.iter().map(|r| r.next_tokens()).sum();
-        let mut tokens = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
-        let mut slots = Vec::with_capacity(total);
-        let mut seqs = Vec::with_capacity(state.requests.len());
-        let mut logit_rows = Vec::new();
-        let mut plans = Vec::with_capacity(state.requests.len());
-        for r in &state.requests {
-            let from = r.computed;
-            let len = r.next_tokens();
-            let start = tokens.len();
-            for p in from..from + len {
-                tokens.push(r.all_ids[p]);
-                positions.push(p as u32);
-                slots.push(r.slot(p, self.block_size));
-            }
-            let row = logit_rows.len();
-            let ends_prompt_or_decodes = from + len >= r.prompt_len;
-            if r.prefill_logprobs && r.in_prompt() {
-                logit_rows.extend((start..start + len).map(|i| i as u32));
-            } else if ends_prompt_or_decodes {
-                logit_rows.push((start + len - 1) as u32);
-            }
-            plans.push(StepPlan {
-                from,
-                len,
-                row,
-                rows: logit_rows.len() - row,
-            });
-            seqs.push(SeqSpan {
-                start,
-                len,
-                context_len: from + len,
-                block_table: &r.blocks,
-            });
-        }
-        let input = StepInput {
-            tokens,
-            positions,
-            slots,
-            seqs,
-            logit_rows,
-        };
-        let mut profile = StepProfile::default();
-        let logits = self.model.forward(&input, &mut self.kv, &mut profile)?;
-        let vocab = logits.dim(1)?;
-        let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        drop(input);
-        let forward_ns = forward_start.elapsed().as_nanos() as u64;
-
-        let decode_start = Instant::now();
-        let mut generations = Vec::new();
-        for (r, plan) in state.requests.iter_mut().zip(&plans) {
-            let was_prompt = r.in_prompt();
-            r.computed = plan.from + plan.len;
-            if plan.rows == 0 {
-                continue;
-            }
-            let rows = &mut logits[plan.row * vocab..(plan.row + plan.rows) * vocab];
-            if was_prompt && r.prefill_logprobs {
-                // Row of position p scores prompt token p + 1.
-                for (i, row) in rows.chunks(vocab).enumerate() {
-                    let next = plan.from + i + 1;
-                    if next < r.prompt_len {
-                        r.prompt_logprobs[next] = logprob_of(row, r.all_ids[next]);
-                    }
-                }
-            }
-            if r.in_prompt() {
-                continue;
-            }
-            let last = &mut rows[(plan.rows - 1) * vocab..];
-            let sampled = r.sampler.next(last, r.top_n);
-            r.all_ids.push(sampled.id);
-            let text = r
-                .detok
-                .next_text(&self.tokenizer, &r.all_ids)
-                .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-            let reason = r.stop.check(sampled.id, &text);
-            let prefill = if was_prompt && r.prefill_logprobs {
-                let ids = &r.all_ids[..r.prompt_len];
-                let mut out = Vec::with_capacity(ids.len());
-                for (&id, &logprob) in ids.iter().zip(&r.prompt_logprobs) {
-                    out.push(self.token_out(id, logprob)?);
-                }
-                Some(out)
-            } else {
-                None
-            };
-            let mut top_tokens = Vec::with_capacity(sampled.top.len());
-            for &(id, logprob) in &sampled.top {
-                top_tokens.push(self.token_out(id, logprob)?);
-            }
-            let finished = match reason {
-                Some(reason) => {
-                    let generated = &r.all_ids[r.prompt_len..];
-                    Some(Finished {
-                        text: self
-                            .tokenizer
-                            .decode(generated, true)
-                            .map_err(|e| EngineError::Tokenizer(e.to_string()))?,
-                        generated_tokens: generated.len() as u32,
-                        reason,
-                        seed: r.seed,
-                    })
-                }
-                None => None,
-            };
-            generations.push(Generation {
-                request_id: r.id,
-                prefill,
-                token: TokenOut {
-                    id: sampled.id,
-                    logprob: sampled.logprob,
-                    text,
-                    special: self.special_ids.contains(&sampled.id),
-                },
-                top_tokens,
-                finished,
-            });
-        }
-        Ok((
-            generations,
-            forward_ns,
-            profile,
-            decode_start.elapsed().as_nanos() as u64,
-        ))
-    }
-
-    /// A token decoded on its own (prompt tokens, top-n alternatives).
-    fn token_out(&self, id: u32, logprob: f32) -> Result<TokenOut> {
-        Ok(TokenOut {
-            id,
-            logprob,
-            text: self
-                .tokenizer
-                .decode(&[id], false)
-                .map_err(|e| EngineError::Tokenizer(e.to_string()))?,
-            special: self.special_ids.contains(&id),
-        })
     }
 }

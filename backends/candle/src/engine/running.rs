@@ -1,0 +1,253 @@
+//! The running side of a batch: each request's state, and one step (pack every request's
+//! tokens into one forward pass, then sample, detokenize and check stop rules per request).
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use super::{Engine, EngineError, Finished, Generation, Result, StepOutput, TokenOut};
+use crate::model::StepProfile;
+use crate::sampling::{logprob_of, Sampler};
+use crate::step::{SeqSpan, StepInput};
+use crate::stopping::{Detokenizer, StopCriteria};
+
+pub(super) struct RequestState {
+    pub(super) id: u64,
+    pub(super) prompt_len: usize,
+    /// Prompt then generated ids.
+    pub(super) all_ids: Vec<u32>,
+    /// Positions whose K/V are in the cache.
+    pub(super) computed: usize,
+    pub(super) chunk_len: Option<usize>,
+    pub(super) blocks: Vec<u32>,
+    pub(super) sampler: Sampler,
+    pub(super) stop: StopCriteria,
+    pub(super) detok: Detokenizer,
+    pub(super) prefill_logprobs: bool,
+    /// Logprob of each prompt token (NaN where unknown), filled chunk by chunk.
+    pub(super) prompt_logprobs: Vec<f32>,
+    pub(super) top_n: usize,
+    pub(super) seed: Option<u64>,
+}
+
+impl RequestState {
+    pub(super) fn in_prompt(&self) -> bool {
+        self.computed < self.prompt_len
+    }
+
+    /// Tokens the next forward pass computes for this request.
+    pub(super) fn next_tokens(&self) -> usize {
+        if self.in_prompt() {
+            let remaining = self.prompt_len - self.computed;
+            self.chunk_len.map_or(remaining, |c| c.min(remaining))
+        } else {
+            1
+        }
+    }
+
+    fn slot(&self, position: usize, block_size: usize) -> u32 {
+        self.blocks[position / block_size] * block_size as u32 + (position % block_size) as u32
+    }
+}
+
+#[derive(Default)]
+pub(super) struct BatchState {
+    pub(super) requests: Vec<RequestState>,
+}
+
+/// Where one request's rows sit in a step's packed input and logits.
+struct StepPlan {
+    /// First position computed this step.
+    from: usize,
+    len: usize,
+    /// First logits row of this request and how many it has.
+    row: usize,
+    rows: usize,
+}
+
+impl Engine {
+    /// Runs one step of `state`, then stores what is still running under `id`. On error the
+    /// batch is stored as it is, so that the caller can clear it.
+    pub(super) fn run_step(
+        &mut self,
+        id: u64,
+        state: &mut BatchState,
+        start: Instant,
+        concat_ns: Option<u64>,
+    ) -> Result<StepOutput> {
+        let result = self.step(state);
+        let (generations, forward_ns, profile, decode_ns) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.batches.insert(id, std::mem::take(state));
+                return Err(e);
+            }
+        };
+        let finished: HashSet<u64> = generations
+            .iter()
+            .filter(|g| g.finished.is_some())
+            .map(|g| g.request_id)
+            .collect();
+        state.requests.retain(|r| !finished.contains(&r.id));
+        let batch = if state.requests.is_empty() {
+            None
+        } else {
+            let info = self.info(id, state);
+            self.batches.insert(id, std::mem::take(state));
+            Some(info)
+        };
+        Ok(StepOutput {
+            generations,
+            batch,
+            forward_ns,
+            profile,
+            decode_ns,
+            total_ns: start.elapsed().as_nanos() as u64,
+            concat_ns,
+        })
+    }
+
+    /// One packed forward pass over every request, then sampling for those that produce a token.
+    fn step(&mut self, state: &mut BatchState) -> Result<(Vec<Generation>, u64, StepProfile, u64)> {
+        let forward_start = Instant::now();
+        let total: usize = state.requests.iter().map(|r| r.next_tokens()).sum();
+        let mut tokens = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut slots = Vec::with_capacity(total);
+        let mut seqs = Vec::with_capacity(state.requests.len());
+        let mut logit_rows = Vec::new();
+        let mut plans = Vec::with_capacity(state.requests.len());
+        for r in &state.requests {
+            let from = r.computed;
+            let len = r.next_tokens();
+            let start = tokens.len();
+            for p in from..from + len {
+                tokens.push(r.all_ids[p]);
+                positions.push(p as u32);
+                slots.push(r.slot(p, self.block_size));
+            }
+            let row = logit_rows.len();
+            let ends_prompt_or_decodes = from + len >= r.prompt_len;
+            if r.prefill_logprobs && r.in_prompt() {
+                logit_rows.extend((start..start + len).map(|i| i as u32));
+            } else if ends_prompt_or_decodes {
+                logit_rows.push((start + len - 1) as u32);
+            }
+            plans.push(StepPlan {
+                from,
+                len,
+                row,
+                rows: logit_rows.len() - row,
+            });
+            seqs.push(SeqSpan {
+                start,
+                len,
+                context_len: from + len,
+                block_table: &r.blocks,
+            });
+        }
+        let input = StepInput {
+            tokens,
+            positions,
+            slots,
+            seqs,
+            logit_rows,
+        };
+        let mut profile = StepProfile::default();
+        let logits = self.model.forward(&input, &mut self.kv, &mut profile)?;
+        let vocab = logits.dim(1)?;
+        let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        drop(input);
+        let forward_ns = forward_start.elapsed().as_nanos() as u64;
+
+        let decode_start = Instant::now();
+        let mut generations = Vec::new();
+        for (r, plan) in state.requests.iter_mut().zip(&plans) {
+            let was_prompt = r.in_prompt();
+            r.computed = plan.from + plan.len;
+            if plan.rows == 0 {
+                continue;
+            }
+            let rows = &mut logits[plan.row * vocab..(plan.row + plan.rows) * vocab];
+            if was_prompt && r.prefill_logprobs {
+                // Row of position p scores prompt token p + 1.
+                for (i, row) in rows.chunks(vocab).enumerate() {
+                    let next = plan.from + i + 1;
+                    if next < r.prompt_len {
+                        r.prompt_logprobs[next] = logprob_of(row, r.all_ids[next]);
+                    }
+                }
+            }
+            if r.in_prompt() {
+                continue;
+            }
+            let last = &mut rows[(plan.rows - 1) * vocab..];
+            let sampled = r.sampler.next(last, r.top_n);
+            r.all_ids.push(sampled.id);
+            let text = r
+                .detok
+                .next_text(&self.tokenizer, &r.all_ids)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+            let reason = r.stop.check(sampled.id, &text);
+            let prefill = if was_prompt && r.prefill_logprobs {
+                let ids = &r.all_ids[..r.prompt_len];
+                let mut out = Vec::with_capacity(ids.len());
+                for (&id, &logprob) in ids.iter().zip(&r.prompt_logprobs) {
+                    out.push(self.token_out(id, logprob)?);
+                }
+                Some(out)
+            } else {
+                None
+            };
+            let mut top_tokens = Vec::with_capacity(sampled.top.len());
+            for &(id, logprob) in &sampled.top {
+                top_tokens.push(self.token_out(id, logprob)?);
+            }
+            let finished = match reason {
+                Some(reason) => {
+                    let generated = &r.all_ids[r.prompt_len..];
+                    Some(Finished {
+                        text: self
+                            .tokenizer
+                            .decode(generated, true)
+                            .map_err(|e| EngineError::Tokenizer(e.to_string()))?,
+                        generated_tokens: generated.len() as u32,
+                        reason,
+                        seed: r.seed,
+                    })
+                }
+                None => None,
+            };
+            generations.push(Generation {
+                request_id: r.id,
+                prefill,
+                token: TokenOut {
+                    id: sampled.id,
+                    logprob: sampled.logprob,
+                    text,
+                    special: self.special_ids.contains(&sampled.id),
+                },
+                top_tokens,
+                finished,
+            });
+        }
+        Ok((
+            generations,
+            forward_ns,
+            profile,
+            decode_start.elapsed().as_nanos() as u64,
+        ))
+    }
+
+    /// A token decoded on its own (prompt tokens, top-n alternatives).
+    fn token_out(&self, id: u32, logprob: f32) -> Result<TokenOut> {
+        Ok(TokenOut {
+            id,
+            logprob,
+            text: self
+                .tokenizer
+                .decode(&[id], false)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?,
+            special: self.special_ids.contains(&id),
+        })
+    }
+}
