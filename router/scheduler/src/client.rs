@@ -63,7 +63,7 @@ pub type StepResult = (Vec<pb::Generation>, Option<pb::CachedBatch>, StepTimings
 
 /// The limits warmup found (the minimum over ranks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WarmupLimits {
+pub struct ShardLimits {
     /// KV token slots the shards hold; `None` when a shard cannot tell.
     pub max_supported_total_tokens: Option<u32>,
     pub max_input_tokens: u32,
@@ -197,19 +197,19 @@ impl ShardedClient {
     }
 
     /// Runs the warmup batch; the limits are the minimum over ranks.
-    pub async fn warmup(&self, request: pb::WarmupRequest) -> Result<WarmupLimits> {
+    pub async fn warmup(&self, request: pb::WarmupRequest) -> Result<ShardLimits> {
         let _order = self.steps.lock().await;
         let answers = self
             .all(request, |mut c, r| async move { c.warmup(r).await })
             .await?;
         let limits = answers
             .into_iter()
-            .map(|a| WarmupLimits {
+            .map(|a| ShardLimits {
                 max_supported_total_tokens: a.max_supported_total_tokens,
                 max_input_tokens: a.max_input_tokens,
                 max_total_tokens: a.max_total_tokens,
             })
-            .reduce(|a, b| WarmupLimits {
+            .reduce(|a, b| ShardLimits {
                 max_supported_total_tokens: match (
                     a.max_supported_total_tokens,
                     b.max_supported_total_tokens,

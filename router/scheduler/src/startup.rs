@@ -11,7 +11,7 @@ use wick_proto::v1 as pb;
 
 use crate::batcher::{batching_task, BatchingConfig};
 use crate::block_allocator::BlockAllocator;
-use crate::client::{ShardedClient, WarmupLimits};
+use crate::client::{ShardLimits, ShardedClient};
 use crate::infer::Infer;
 use crate::metrics::BATCH_MAX_TOTAL_TOKENS;
 use crate::queue::{Queue, State};
@@ -238,7 +238,7 @@ struct Limits {
 /// is reserved), or it would wait in the queue forever.
 fn resolve_limits(
     setup: &ShardSetup,
-    shard: WarmupLimits,
+    shard: ShardLimits,
     block_size: u32,
 ) -> anyhow::Result<Limits> {
     if let Some(asked) = setup.max_input_tokens {
@@ -388,8 +388,8 @@ mod tests {
         );
     }
 
-    fn shard(supported: u32, input: u32, total: u32) -> WarmupLimits {
-        WarmupLimits {
+    fn shard(supported: u32, input: u32, total: u32) -> ShardLimits {
+        ShardLimits {
             max_supported_total_tokens: Some(supported),
             max_input_tokens: input,
             max_total_tokens: total,

@@ -17,7 +17,7 @@ use wick_scheduler::request::{GeneratedText, InferError, InferStreamResponse, To
 pub(crate) type EventStream = BoxStream<'static, Result<InferStreamResponse, InferError>>;
 
 /// A validated request holding its concurrency permit, not yet queued.
-pub(crate) struct Admitted {
+pub(crate) struct Permitted {
     pub permit: OwnedSemaphorePermit,
     pub valid: ValidGenerateRequest,
     /// When the HTTP request arrived.
@@ -32,7 +32,7 @@ pub(crate) async fn admit(
     add_special_tokens: bool,
     parameters: &GenerateParameters,
     stream: bool,
-) -> Result<Admitted, ApiError> {
+) -> Result<Permitted, ApiError> {
     let arrived = Instant::now();
     ::metrics::counter!(metrics::REQUEST_COUNT).increment(1);
     let permit = state.infer.try_acquire_permit()?;
@@ -46,7 +46,7 @@ pub(crate) async fn admit(
     ::metrics::histogram!(metrics::REQUEST_INPUT_LENGTH).record(f64::from(valid.input_length));
     ::metrics::histogram!(metrics::REQUEST_MAX_NEW_TOKENS)
         .record(f64::from(valid.request.stopping.max_new_tokens));
-    Ok(Admitted {
+    Ok(Permitted {
         permit,
         valid,
         arrived,
@@ -112,7 +112,7 @@ impl Timings {
 
 /// Everything a request produced, for the non-stream answers.
 #[derive(Debug, Clone)]
-pub(crate) struct Finished {
+pub(crate) struct Completed {
     pub input_length: u32,
     pub seed: u64,
     pub sampled: bool,
@@ -124,14 +124,17 @@ pub(crate) struct Finished {
 }
 
 /// Queues an admitted request and returns its event stream.
-pub(crate) fn start(state: &AppState, admitted: Admitted) -> Result<EventStream, ApiError> {
+pub(crate) fn start(state: &AppState, admitted: Permitted) -> Result<EventStream, ApiError> {
     Ok(state
         .infer
         .generate_stream(admitted.permit, admitted.valid.request)?)
 }
 
 /// Runs an admitted request to its end.
-pub(crate) async fn run_to_end(state: &AppState, admitted: Admitted) -> Result<Finished, ApiError> {
+pub(crate) async fn run_to_end(
+    state: &AppState,
+    admitted: Permitted,
+) -> Result<Completed, ApiError> {
     let arrived = admitted.arrived;
     let validation_time = admitted.validation_time;
     let input_length = admitted.valid.input_length;
@@ -168,7 +171,7 @@ pub(crate) async fn run_to_end(state: &AppState, admitted: Admitted) -> Result<F
                     generated_text.generated_tokens,
                 );
                 timings.record_success(generated_text.generated_tokens);
-                return Ok(Finished {
+                return Ok(Completed {
                     input_length,
                     seed,
                     sampled,

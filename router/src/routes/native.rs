@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 
-use super::generation::{admit, run_to_end, start, Finished, Timings};
+use super::generation::{admit, run_to_end, start, Completed, Timings};
 use super::sse::{self, EventSender};
 use super::AppState;
 use crate::error::{ApiError, ApiJson, HttpError};
@@ -155,7 +155,7 @@ async fn generate_one(
     ))
 }
 
-fn details(finished: &Finished, with_prefill: bool) -> Details {
+fn details(finished: &Completed, with_prefill: bool) -> Details {
     let prefill = if with_prefill {
         finished
             .prefill
@@ -189,7 +189,7 @@ fn details(finished: &Finished, with_prefill: bool) -> Details {
 }
 
 /// TGI's timing and size headers of a non-stream answer.
-pub(crate) fn generate_headers(state: &AppState, inputs: &str, finished: &Finished) -> HeaderMap {
+pub(crate) fn generate_headers(state: &AppState, inputs: &str, finished: &Completed) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("x-compute-type", state.compute_type.clone());
     timing_headers(

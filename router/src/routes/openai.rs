@@ -9,7 +9,7 @@ use axum::Json;
 use futures::stream::{self, StreamExt};
 
 use super::generation::{
-    acquire_more, admit, run_to_end, start, unique_id, unix_now, Admitted, EventStream, Finished,
+    acquire_more, admit, run_to_end, start, unique_id, unix_now, Completed, EventStream, Permitted,
     Timings,
 };
 use super::native::timing_headers;
@@ -110,7 +110,7 @@ fn openai_parameters(
 }
 
 /// How many generations, and the id/model fields shared by their answers.
-struct Job {
+struct OpenAiReply {
     kind: Kind,
     id: String,
     created: u64,
@@ -129,7 +129,7 @@ enum Kind {
     Completion,
 }
 
-impl Job {
+impl OpenAiReply {
     fn new(
         state: &AppState,
         kind: Kind,
@@ -190,7 +190,7 @@ async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiErro
         ..openai_parameters(request.temperature, request.top_p, request.stop.as_ref())
     };
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-    let job = Job::new(&state, Kind::Chat, n, &parameters, logprobs, include_usage);
+    let job = OpenAiReply::new(&state, Kind::Chat, n, &parameters, logprobs, include_usage);
     // The template supplies BOS and friends.
     let admitted = admit_all(&state, &[prompt], n, &parameters, false, request.stream).await?;
     respond(state, job, admitted, request.stream).await
@@ -220,7 +220,7 @@ async fn complete(state: AppState, request: CompletionRequest) -> Result<Respons
     };
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
     let logprobs = request.logprobs.is_some();
-    let job = Job::new(
+    let job = OpenAiReply::new(
         &state,
         Kind::Completion,
         n,
@@ -255,12 +255,12 @@ async fn admit_all(
     parameters: &GenerateParameters,
     add_special_tokens: bool,
     stream: bool,
-) -> Result<Vec<Admitted>, ApiError> {
+) -> Result<Vec<Permitted>, ApiError> {
     let mut all = Vec::with_capacity(prompts.len() * n);
     for prompt in prompts {
         let first = admit(state, prompt, add_special_tokens, parameters, stream).await?;
         let permits = acquire_more(state, n - 1)?;
-        let copies: Vec<Admitted> = permits
+        let copies: Vec<Permitted> = permits
             .into_iter()
             .enumerate()
             .map(|(j, permit)| {
@@ -271,7 +271,7 @@ async fn admit_all(
                     None if p.do_sample => random_seed(),
                     None => p.seed,
                 };
-                Admitted {
+                Permitted {
                     permit,
                     valid,
                     arrived: first.arrived,
@@ -287,8 +287,8 @@ async fn admit_all(
 
 async fn respond(
     state: AppState,
-    job: Job,
-    admitted: Vec<Admitted>,
+    job: OpenAiReply,
+    admitted: Vec<Permitted>,
     stream: bool,
 ) -> Result<Response, ApiError> {
     if stream {
@@ -386,12 +386,12 @@ async fn respond(
     Ok((headers, body).into_response())
 }
 
-fn finish_reason(f: &Finished) -> &'static str {
+fn finish_reason(f: &Completed) -> &'static str {
     FinishReason::from(f.generated.finish_reason).openai()
 }
 
 /// Prompt tokens count once per prompt (not per choice); completion tokens add up.
-fn usage(finished: &[Finished], n: usize) -> Usage {
+fn usage(finished: &[Completed], n: usize) -> Usage {
     let prompt_tokens = finished
         .iter()
         .step_by(n.max(1))
@@ -448,7 +448,7 @@ struct GenState {
 /// Interleaves the choices' events as they come; ends with the usage chunk (when asked for)
 /// and `[DONE]`. An error is sent in OpenAI's shape, then `[DONE]`.
 async fn stream_choices(
-    job: Job,
+    job: OpenAiReply,
     mut gens: Vec<GenState>,
     streams: Vec<EventStream>,
     tx: EventSender,
@@ -576,7 +576,7 @@ async fn send_error(tx: &EventSender, error: ApiError) {
 }
 
 fn chat_chunk(
-    job: &Job,
+    job: &OpenAiReply,
     index: usize,
     content: String,
     logprob: Option<ChatLogprob>,
@@ -602,7 +602,7 @@ fn chat_chunk(
 }
 
 fn completion_chunk(
-    job: &Job,
+    job: &OpenAiReply,
     index: usize,
     text: String,
     logprobs: Option<CompletionLogprobs>,
