@@ -333,6 +333,7 @@ fn generation(g: Generation) -> pb::Generation {
         prefill_tokens: g.prefill.as_deref().map(tokens),
         tokens: Some(tokens(std::slice::from_ref(&g.token))),
         generated_text: g.finished.map(|f| pb::GeneratedText {
+            stop_sequence_start: f.stop_start.and_then(|at| u32::try_from(at).ok()),
             text: f.text,
             generated_tokens: f.generated_tokens,
             finish_reason: finish_reason(f.reason) as i32,

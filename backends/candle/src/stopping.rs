@@ -32,6 +32,9 @@ pub struct StopCriteria {
     longest_stop: usize,
     /// The end of the decoded text (see the type's doc).
     tail: String,
+    /// Once a stop sequence matched: which one, and how many bytes of text followed it (in the
+    /// token that completed it).
+    matched: Option<(usize, usize)>,
 }
 
 impl StopCriteria {
@@ -50,6 +53,7 @@ impl StopCriteria {
             generated: 0,
             longest_stop,
             tail: String::new(),
+            matched: None,
         }
     }
 
@@ -64,13 +68,18 @@ impl StopCriteria {
         }
         if self.longest_stop > 0 && !new_text.is_empty() {
             self.tail.push_str(new_text);
-            let tail = &self.tail;
-            if self
+            // The earliest match in the tail (several stop sequences may end in this token).
+            let earliest = self
                 .params
                 .stop_sequences
                 .iter()
-                .any(|stop| !stop.is_empty() && tail.contains(stop.as_str()))
-            {
+                .enumerate()
+                .filter(|(_, stop)| !stop.is_empty())
+                .filter_map(|(i, stop)| self.tail.find(stop.as_str()).map(|at| (at, i)))
+                .min();
+            if let Some((at, i)) = earliest {
+                let end = at + self.params.stop_sequences[i].len();
+                self.matched = Some((i, self.tail.len() - end));
                 return Some(FinishReason::StopSequence);
             }
             self.trim_tail();
@@ -79,6 +88,21 @@ impl StopCriteria {
             return Some(FinishReason::Length);
         }
         None
+    }
+
+    /// Where the matched stop sequence starts in `text`, the whole output once it finished
+    /// with [`FinishReason::StopSequence`]: found from the end (the match ended in the last
+    /// token's text), and checked against `text`; `None` when no stop sequence matched.
+    pub fn stop_start(&self, text: &str) -> Option<usize> {
+        let (i, after) = self.matched?;
+        let stop = &self.params.stop_sequences[i];
+        let start = text.len().checked_sub(after + stop.len())?;
+        if text.get(start..start + stop.len()) == Some(stop.as_str()) {
+            return Some(start);
+        }
+        // The whole output decoded at once may differ from the token-by-token text it was
+        // matched on (special tokens dropped, decoder clean-up): the last occurrence then.
+        text.rfind(stop.as_str())
     }
 
     /// Tokens checked so far (each call of [`StopCriteria::check`] is one generated token).
@@ -170,6 +194,32 @@ mod tests {
             ignore_eos,
         };
         StopCriteria::new(params, eos)
+    }
+
+    #[test]
+    fn the_earliest_stop_is_reported_where_it_starts() {
+        // Two stop sequences end in the same token; the earlier one wins, and the text after
+        // it is not part of the answer OpenAI gets.
+        let mut c = criteria(100, &["END", "\n\n"], true, &[]);
+        assert_eq!(c.check(1, "hel"), None);
+        assert_eq!(c.check(1, "lo\n\nEND!"), Some(FinishReason::StopSequence));
+        assert_eq!(c.stop_start("hello\n\nEND!"), Some(5));
+
+        // A match spread over several tokens, with text after it in the last one.
+        let mut c = criteria(100, &["END"], true, &[]);
+        for piece in ["so E", "N"] {
+            assert_eq!(c.check(1, piece), None);
+        }
+        assert_eq!(c.check(1, "D."), Some(FinishReason::StopSequence));
+        assert_eq!(c.stop_start("so END."), Some(3));
+        // The whole output decoded at once lost a special token's text before the match: the
+        // stop sequence is still found.
+        assert_eq!(c.stop_start("soEND."), Some(2));
+        // No stop sequence matched: nothing to report.
+        let mut c = criteria(2, &["END"], true, &[]);
+        assert_eq!(c.check(1, "a"), None);
+        assert_eq!(c.check(1, "b"), Some(FinishReason::Length));
+        assert_eq!(c.stop_start("ab"), None);
     }
 
     #[test]

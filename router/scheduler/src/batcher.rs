@@ -324,6 +324,7 @@ fn send_responses(generation: pb::Generation, entry: &mut Entry) -> bool {
                         text: text.text,
                         generated_tokens: text.generated_tokens,
                         finish_reason: finish_reason(text.finish_reason),
+                        stop_sequence_start: text.stop_sequence_start.map(|at| at as usize),
                         seed: text.seed,
                     },
                     queued: entry.queue_time,

@@ -55,7 +55,19 @@ pub struct GeneratedText {
     pub generated_tokens: u32,
     /// As the shard said it (the HTTP edge turns it into TGI's or OpenAI's spelling).
     pub finish_reason: pb::FinishReason,
+    /// Where the matched stop sequence starts in `text` (the shard found it).
+    pub stop_sequence_start: Option<usize>,
     pub seed: Option<u64>,
+}
+
+impl GeneratedText {
+    /// The text up to the matched stop sequence (OpenAI's answers leave it out), else all of
+    /// it.
+    pub fn text_before_stop(&self) -> &str {
+        self.stop_sequence_start
+            .and_then(|at| self.text.get(..at))
+            .unwrap_or(&self.text)
+    }
 }
 
 /// Events of one request, in order: at most one `Prefill`, any number of `Intermediate`, one

@@ -14,7 +14,7 @@ use super::generation::{
 };
 use super::native::timing_headers;
 use super::sse::{self, EventSender};
-use super::stop::{trim_at_stop, StopFilter};
+use super::stop::StopFilter;
 use super::AppState;
 use crate::chat_template::TemplateMessage;
 use crate::error::{ApiError, ApiJson, HttpError};
@@ -340,7 +340,7 @@ async fn respond(
                     index: i as u32,
                     message: AssistantMessage {
                         role: "assistant".into(),
-                        content: trim_at_stop(&f.generated.text, &job.stops).to_string(),
+                        content: f.generated.text_before_stop().to_string(),
                     },
                     logprobs: job.logprobs.then(|| ChatLogprobs {
                         content: f
@@ -367,7 +367,7 @@ async fn respond(
                 .enumerate()
                 .map(|(i, f)| CompletionChoice {
                     index: i as u32,
-                    text: trim_at_stop(&f.generated.text, &job.stops).to_string(),
+                    text: f.generated.text_before_stop().to_string(),
                     logprobs: job.logprobs.then(|| {
                         let mut lp = CompletionLogprobs::default();
                         let mut offset = 0;

@@ -1,14 +1,7 @@
 //! OpenAI's stop semantics on top of TGI's: the shard ends a request when a stop sequence
 //! appears (and keeps it in the text); OpenAI answers must not contain it. Non-stream text is cut
-//! at the first match; streams hold back any tail that could still become a stop sequence.
-
-/// Cuts `text` before the earliest occurrence of any stop sequence.
-pub(crate) fn trim_at_stop<'a>(text: &'a str, stops: &[String]) -> &'a str {
-    match earliest_match(text, stops) {
-        Some(at) => &text[..at],
-        None => text,
-    }
-}
+//! where the shard says the match starts (`GeneratedText::text_before_stop`); streams hold back
+//! any tail that could still become a stop sequence, here.
 
 fn earliest_match(text: &str, stops: &[String]) -> Option<usize> {
     stops
@@ -83,15 +76,6 @@ mod tests {
 
     fn stops(s: &[&str]) -> Vec<String> {
         s.iter().map(|x| x.to_string()).collect()
-    }
-
-    #[test]
-    fn trims_at_the_earliest_stop() {
-        let s = stops(&["END", "\n\n"]);
-        assert_eq!(trim_at_stop("hello\n\nworld END", &s), "hello");
-        assert_eq!(trim_at_stop("hello END", &s), "hello ");
-        assert_eq!(trim_at_stop("no stop here", &s), "no stop here");
-        assert_eq!(trim_at_stop("x", &stops(&[""])), "x");
     }
 
     fn run(filter: &mut StopFilter, pieces: &[&str]) -> Vec<String> {

@@ -205,11 +205,13 @@ impl Engine {
             let finished = match reason {
                 Some(reason) => {
                     let generated = &r.all_ids[r.prompt_len..];
+                    let text = self
+                        .tokenizer
+                        .decode(generated, true)
+                        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
                     Some(Finished {
-                        text: self
-                            .tokenizer
-                            .decode(generated, true)
-                            .map_err(|e| EngineError::Tokenizer(e.to_string()))?,
+                        stop_start: r.stop.stop_start(&text),
+                        text,
                         generated_tokens: generated.len() as u32,
                         reason,
                         seed: r.seed,

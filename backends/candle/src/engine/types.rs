@@ -41,6 +41,8 @@ pub struct Finished {
     pub text: String,
     pub generated_tokens: u32,
     pub reason: FinishReason,
+    /// With [`FinishReason::StopSequence`], where the matched stop sequence starts in `text`.
+    pub stop_start: Option<usize>,
     /// The seed, when the request sampled.
     pub seed: Option<u64>,
 }
