@@ -188,7 +188,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((args.hostname.as_str(), args.port))
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", args.hostname, args.port))?;
-    server::run(args.config(), infer, backend, listener, shutdown_signal()).await
+    server::run(
+        args.config(),
+        std::sync::Arc::new(infer),
+        backend,
+        listener,
+        shutdown_signal(),
+    )
+    .await
 }
 
 fn main() -> ExitCode {

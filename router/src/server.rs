@@ -17,7 +17,7 @@ use crate::auth::ApiKey;
 use crate::chat_template::{ChatTemplate, TemplateError};
 use crate::types::Info;
 use crate::validation::{Validation, ValidationConfig};
-use wick_scheduler::infer::Infer;
+use wick_scheduler::infer::Backend;
 use wick_scheduler::metrics;
 use wick_scheduler::startup::BackendInfo;
 
@@ -105,7 +105,11 @@ pub fn install_prometheus(
 }
 
 /// Builds the axum app (tests serve it on their own listener).
-pub fn app(config: &Config, infer: Infer, backend: BackendInfo) -> anyhow::Result<Router> {
+pub fn app(
+    config: &Config,
+    infer: Arc<dyn Backend>,
+    backend: BackendInfo,
+) -> anyhow::Result<Router> {
     let prometheus = install_prometheus(backend.max_input_tokens, backend.max_total_tokens)?;
     // Set at warmup, possibly before the recorder existed.
     ::metrics::gauge!(metrics::BATCH_MAX_TOTAL_TOKENS)
@@ -206,7 +210,7 @@ fn cors_layer(origins: &[String]) -> anyhow::Result<CorsLayer> {
 /// Serves until `shutdown` resolves; in-flight requests finish first.
 pub async fn run(
     config: Config,
-    infer: Infer,
+    infer: Arc<dyn Backend>,
     backend: BackendInfo,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,

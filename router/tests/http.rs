@@ -98,7 +98,7 @@ async fn start(
     };
     let (infer, mut backend) = connect_when_ready(&mut shard, &setup).await;
     tweak_backend(&mut backend);
-    let app = server::app(&config, infer, backend).expect("the app builds");
+    let app = server::app(&config, std::sync::Arc::new(infer), backend).expect("the app builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -913,5 +913,81 @@ fn dropped_stream_does_not_wedge_the_server() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(status, StatusCode::OK);
+    });
+}
+
+/// A backend that is down and full: the HTTP edge in front of it, with no shard at all.
+struct DownBackend;
+
+impl wick_scheduler::infer::Backend for DownBackend {
+    fn try_acquire_permit(
+        &self,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, wick_scheduler::request::InferError> {
+        Err(wick_scheduler::request::InferError::Overloaded)
+    }
+
+    fn generate_stream(
+        &self,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+        _request: wick_scheduler::request::ValidRequest,
+    ) -> Result<wick_scheduler::infer::EventStream, wick_scheduler::request::InferError> {
+        panic!("generation without a permit")
+    }
+
+    fn health(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(async { false })
+    }
+}
+
+#[test]
+fn the_http_edge_answers_for_any_backend() {
+    run(async {
+        let backend = BackendInfo {
+            model_id: "down".into(),
+            tokenizer_json: wick_backend_candle::testing::tiny_tokenizer()
+                .to_string(false)
+                .unwrap(),
+            chat_template: None,
+            bos_token: None,
+            eos_token: None,
+            max_input_tokens: 64,
+            max_total_tokens: 128,
+            max_batch_total_tokens: 1024,
+            block_size: 16,
+            dtype: "float32".into(),
+            device_type: "cpu".into(),
+            quantize: "f32".into(),
+            world_size: 1,
+            cpu_model: String::new(),
+            cpu_features: Vec::new(),
+            kernels: Default::default(),
+        };
+        let app = server::app(&default_config(), std::sync::Arc::new(DownBackend), backend)
+            .expect("the app builds");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let client = reqwest::Client::new();
+
+        let health = client.get(format!("{base}/health")).send().await.unwrap();
+        assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let native = client
+            .post(format!("{base}/generate"))
+            .json(&json!({"inputs": "hello", "parameters": {"max_new_tokens": 2}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(native.status(), StatusCode::TOO_MANY_REQUESTS);
+        let body: Value = native.json().await.unwrap();
+        assert_eq!(body["error_type"], "overloaded");
+        let openai = client
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": "hello", "max_tokens": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(openai.status(), StatusCode::TOO_MANY_REQUESTS);
+        let body: Value = openai.json().await.unwrap();
+        assert_eq!(body["error"]["message"], "Model is overloaded");
     });
 }

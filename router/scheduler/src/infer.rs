@@ -1,7 +1,9 @@
 //! The scheduler's front door: a validated request ([`crate::request`]) goes in, a stream of
-//! its events comes out. Everything below this (queue, block allocator, radix prefix cache,
-//! batching loop, sharded gRPC client) is behind [`Infer`].
+//! its events comes out. The HTTP edge sees only the [`Backend`] contract; [`Infer`] fulfils it
+//! with everything below (queue, block allocator, radix prefix cache, batching loop, sharded
+//! gRPC client).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +17,44 @@ use crate::block_allocator::BlockAllocator;
 use crate::client::ShardedClient;
 use crate::queue::{Entry, Queue};
 use crate::request::{InferError, InferStreamResponse, ValidRequest};
+
+/// A request's events, in order (see [`InferStreamResponse`]); dropping it cancels the request.
+pub type EventStream = BoxStream<'static, Result<InferStreamResponse, InferError>>;
+
+/// What the HTTP edge needs from whatever generates (TGI's `Backend`): admission under a
+/// concurrency limit, generation of a validated request as a stream of events, and health.
+pub trait Backend: Send + Sync {
+    /// Non-blocking: `Err(Overloaded)` when the concurrency limit is reached.
+    fn try_acquire_permit(&self) -> Result<OwnedSemaphorePermit, InferError>;
+
+    /// Starts `request`; the permit is held as long as the stream lives.
+    fn generate_stream(
+        &self,
+        permit: OwnedSemaphorePermit,
+        request: ValidRequest,
+    ) -> Result<EventStream, InferError>;
+
+    /// Whether the backend can generate now.
+    fn health(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
+impl Backend for Infer {
+    fn try_acquire_permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
+        Infer::try_acquire_permit(self)
+    }
+
+    fn generate_stream(
+        &self,
+        permit: OwnedSemaphorePermit,
+        request: ValidRequest,
+    ) -> Result<EventStream, InferError> {
+        Infer::generate_stream(self, permit, request)
+    }
+
+    fn health(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(Infer::health(self))
+    }
+}
 
 /// Request and batch id of the health check's liveness prefill; it writes into the reserved
 /// block 0, so it never disturbs running requests.
@@ -68,27 +108,28 @@ impl Infer {
     /// Queues the request; the stream yields its events; dropping the stream cancels it (its KV
     /// blocks are freed and the shard batch is filtered at the next step). The permit is held
     /// as long as the stream lives.
+    ///
+    /// `request` passed validation, which guarantees what the scheduler relies on: at least
+    /// one prompt token and one new token, and no more positions than the KV pool holds
+    /// (validation's `max_total_tokens` is capped to the pool at startup). They are asserted
+    /// here, not checked again.
     pub fn generate_stream(
         &self,
         permit: OwnedSemaphorePermit,
         request: ValidRequest,
-    ) -> Result<BoxStream<'static, Result<InferStreamResponse, InferError>>, InferError> {
-        // Validation guarantees these; a request breaking them would fail its whole batch on
-        // the shard, or wait forever for memory, so it is refused here.
-        if request.input_ids.is_empty() || request.stopping.max_new_tokens == 0 {
-            return Err(InferError::GenerationError(
-                "a request needs at least one prompt token and one new token".into(),
-            ));
-        }
-        let positions = (request.input_ids.len() as u64 + request.stopping.max_new_tokens as u64)
-            .saturating_sub(1);
-        let blocks = positions.div_ceil(self.allocator.block_size() as u64);
-        let total = self.allocator.total_blocks() as u64;
-        if blocks > total {
-            return Err(InferError::GenerationError(format!(
-                "the request needs {blocks} KV blocks but the cache holds {total}"
-            )));
-        }
+    ) -> Result<EventStream, InferError> {
+        debug_assert!(
+            !request.input_ids.is_empty() && request.stopping.max_new_tokens > 0,
+            "a validated request has a prompt token and a new token"
+        );
+        debug_assert!(
+            {
+                let positions = request.input_ids.len() + request.stopping.max_new_tokens as usize;
+                (positions - 1).div_ceil(self.allocator.block_size() as usize)
+                    <= self.allocator.total_blocks()
+            },
+            "a validated request fits the KV pool"
+        );
         let (response_tx, response_rx) = mpsc::unbounded_channel();
         self.queue.append(Entry::new(request, response_tx));
         self.notifier.notify_one();

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -11,10 +10,9 @@ use super::AppState;
 use crate::error::ApiError;
 use crate::types::GenerateParameters;
 use crate::validation::ValidGenerateRequest;
+pub(crate) use wick_scheduler::infer::EventStream;
 use wick_scheduler::metrics;
 use wick_scheduler::request::{GeneratedText, InferError, InferStreamResponse, Token};
-
-pub(crate) type EventStream = BoxStream<'static, Result<InferStreamResponse, InferError>>;
 
 /// A validated request holding its concurrency permit, not yet queued.
 pub(crate) struct Permitted {

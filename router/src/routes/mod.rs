@@ -25,12 +25,12 @@ use crate::auth::{require_api_key, ApiKey};
 use crate::chat_template::{ChatTemplate, TemplateError};
 use crate::types::Info;
 use crate::validation::Validation;
-use wick_scheduler::infer::Infer;
+use wick_scheduler::infer::Backend;
 
 /// State shared by every handler; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub infer: Infer,
+    pub infer: Arc<dyn Backend>,
     pub validation: Validation,
     pub template: Arc<Result<ChatTemplate, TemplateError>>,
     pub info: Arc<Info>,
