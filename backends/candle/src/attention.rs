@@ -15,7 +15,7 @@ use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
 use wick_kernels::{AttendScratch, HeadGroup, Level, PagedKv};
 
-use crate::step::SeqSpan;
+use crate::step::{SeqSpan, StepInput};
 
 /// Head geometry and masking of one attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -46,21 +46,15 @@ impl AttentionParams {
 }
 
 /// Checks, once per step, that the packed step is consistent and stays inside a cache of
-/// `num_blocks` blocks: the sequences tile `0..total_tokens` in order, every token's position is
-/// inside its sequence's context and covered by its block table, and every token's slot is the one
-/// its block table gives for its position (the attention reads K/V back through the block table,
-/// so a slot elsewhere would silently attend to stale data).
+/// `num_blocks` blocks: the sequences tile `0..total_tokens` in order, and every token's position
+/// is inside its sequence's context and covered by its block table (its slot follows from it).
 pub fn validate_step(
     positions: &[u32],
-    slots: &[u32],
     seqs: &[SeqSpan<'_>],
     num_blocks: usize,
     block_size: usize,
 ) -> Result<()> {
     let total = positions.len();
-    if slots.len() != total {
-        bail!("step has {total} positions but {} slots", slots.len());
-    }
     if block_size == 0 {
         bail!("block size is 0");
     }
@@ -93,24 +87,16 @@ pub fn validate_step(
         if let Some(&b) = seq.block_table.iter().find(|&&b| b as usize >= num_blocks) {
             bail!("sequence {i} uses block {b}, the cache has {num_blocks}");
         }
-        for t in seq.start..next_start {
-            // A step computes the last `len` positions of the sequence's context, in order.
-            let p = positions[t] as usize;
-            let expected = seq.context_len - seq.len + (t - seq.start);
+        // A step computes the last `len` positions of the sequence's context, in order.
+        for (j, &p) in positions[seq.start..next_start].iter().enumerate() {
+            let (t, p) = (seq.start + j, p as usize);
+            let expected = seq.context_len - seq.len + j;
             if p != expected {
                 bail!(
                     "token {t} of sequence {i} is at position {p}, expected {expected} (the last {} \
                      of its context {})",
                     seq.len,
                     seq.context_len
-                );
-            }
-            let want = seq.block_table[p / block_size] as usize * block_size + p % block_size;
-            if slots[t] as usize != want {
-                bail!(
-                    "token {t} of sequence {i} (position {p}) has slot {} but its block table \
-                     places it at slot {want}",
-                    slots[t]
                 );
             }
         }
@@ -121,37 +107,36 @@ pub fn validate_step(
     Ok(())
 }
 
-/// Writes each token's K and V rows (`[tokens, kv_width]`) at its slot of one layer's cache.
+/// Writes each token's K and V rows (`[tokens, kv_width]`) of a checked `step` (see
+/// [`validate_step`]) at the slot its sequence's block table gives its position, in one layer's
+/// cache.
 pub fn write_kv(
     cache_k: &mut [f32],
     cache_v: &mut [f32],
     k: &[f32],
     v: &[f32],
-    slots: &[u32],
-    kv_width: usize,
+    step: &StepInput<'_>,
+    params: &AttentionParams,
 ) -> Result<()> {
-    if k.len() != slots.len() * kv_width || v.len() != k.len() {
+    let (kv_width, block_size) = (params.kv_width(), params.block_size);
+    let tokens = step.positions.len();
+    if k.len() != tokens * kv_width || v.len() != k.len() {
         bail!(
-            "write_kv: {} K and {} V floats for {} tokens of width {kv_width}",
+            "write_kv: {} K and {} V floats for {tokens} tokens of width {kv_width}",
             k.len(),
             v.len(),
-            slots.len()
         );
     }
-    if let Some(&s) = slots
-        .iter()
-        .find(|&&s| (s as usize + 1) * kv_width > cache_k.len())
-    {
-        bail!("slot {s} is outside the KV cache");
-    }
-    for ((&slot, k_row), v_row) in slots
-        .iter()
-        .zip(k.chunks_exact(kv_width))
-        .zip(v.chunks_exact(kv_width))
-    {
-        let at = slot as usize * kv_width;
-        cache_k[at..at + kv_width].copy_from_slice(k_row);
-        cache_v[at..at + kv_width].copy_from_slice(v_row);
+    for seq in &step.seqs {
+        for t in seq.start..seq.start + seq.len {
+            let at = seq.slot(step.positions[t] as usize, block_size) * kv_width;
+            if at + kv_width > cache_k.len() {
+                bail!("token {t}'s slot is outside the KV cache");
+            }
+            let row = t * kv_width..(t + 1) * kv_width;
+            cache_k[at..at + kv_width].copy_from_slice(&k[row.clone()]);
+            cache_v[at..at + kv_width].copy_from_slice(&v[row]);
+        }
     }
     Ok(())
 }
@@ -364,6 +349,16 @@ fn attend(job: &Job<'_, '_>, item: usize, scratch: &mut AttendScratch, out: &mut
 mod tests {
     use super::*;
 
+    /// A step of `positions` over one sequence.
+    fn step<'a>(positions: &[u32], seq: SeqSpan<'a>) -> StepInput<'a> {
+        StepInput {
+            tokens: vec![0; positions.len()],
+            positions: positions.to_vec(),
+            seqs: vec![seq],
+            logit_rows: Vec::new(),
+        }
+    }
+
     fn params(window: Option<usize>) -> AttentionParams {
         AttentionParams {
             num_heads: 2,
@@ -381,21 +376,24 @@ mod tests {
         // One token at position 0 whose only block is block 1 of 2.
         let p = params(None);
         let table = [1u32];
-        let seqs = [SeqSpan {
-            start: 0,
-            len: 1,
-            context_len: 1,
-            block_table: &table,
-        }];
-        let (positions, slots) = ([0u32], [2u32]);
-        validate_step(&positions, &slots, &seqs, 2, 2).unwrap();
+        let s = step(
+            &[0],
+            SeqSpan {
+                start: 0,
+                len: 1,
+                context_len: 1,
+                block_table: &table,
+            },
+        );
+        validate_step(&s.positions, &s.seqs, 2, 2).unwrap();
         let mut ck = vec![0f32; 4 * 3];
         let mut cv = vec![0f32; 4 * 3];
-        write_kv(&mut ck, &mut cv, &[1., 2., 3.], &[4., 5., 6.], &slots, 3).unwrap();
+        write_kv(&mut ck, &mut cv, &[1., 2., 3.], &[4., 5., 6.], &s, &p).unwrap();
+        // Position 0 of block 1: slot 2.
         assert_eq!(&cv[6..9], &[4., 5., 6.]);
         let mut out = vec![0f32; 6];
         let q = [0.3, -1., 2., 5., 5., 5.];
-        paged_attention(&q, &ck, &cv, &positions, &seqs, &p, &mut out).unwrap();
+        paged_attention(&q, &ck, &cv, &s.positions, &s.seqs, &p, &mut out).unwrap();
         assert_eq!(out, vec![4., 5., 6., 4., 5., 6.]);
     }
 
@@ -403,30 +401,31 @@ mod tests {
     fn window_of_one_sees_only_the_token_itself() {
         let p = params(Some(1));
         let table = [0u32, 1];
-        let seqs = [SeqSpan {
-            start: 0,
-            len: 3,
-            context_len: 3,
-            block_table: &table,
-        }];
-        let positions = [0u32, 1, 2];
-        let slots = [0u32, 1, 2];
-        validate_step(&positions, &slots, &seqs, 2, 2).unwrap();
+        let s = step(
+            &[0, 1, 2],
+            SeqSpan {
+                start: 0,
+                len: 3,
+                context_len: 3,
+                block_table: &table,
+            },
+        );
+        validate_step(&s.positions, &s.seqs, 2, 2).unwrap();
         let mut ck = vec![0f32; 4 * 3];
         let mut cv = vec![0f32; 4 * 3];
         let k = [1., 0., 0., 0., 1., 0., 0., 0., 1.];
         let v = [1., 1., 1., 2., 2., 2., 3., 3., 3.];
-        write_kv(&mut ck, &mut cv, &k, &v, &slots, 3).unwrap();
+        write_kv(&mut ck, &mut cv, &k, &v, &s, &p).unwrap();
         let q = [1f32; 18];
         let mut out = vec![0f32; 18];
-        paged_attention(&q, &ck, &cv, &positions, &seqs, &p, &mut out).unwrap();
+        paged_attention(&q, &ck, &cv, &s.positions, &s.seqs, &p, &mut out).unwrap();
         for (t, row) in out.chunks_exact(6).enumerate() {
             assert!(row.iter().all(|&x| x == (t + 1) as f32), "{row:?}");
         }
     }
 
     #[test]
-    fn slots_that_disagree_with_the_block_table_are_rejected() {
+    fn steps_outside_their_blocks_or_sequences_are_rejected() {
         let table = [3u32];
         let seqs = [SeqSpan {
             start: 0,
@@ -434,11 +433,13 @@ mod tests {
             context_len: 1,
             block_table: &table,
         }];
-        let err = validate_step(&[0], &[0], &seqs, 4, 2).unwrap_err();
-        assert!(err.to_string().contains("slot"), "{err}");
+        assert!(validate_step(&[0], &seqs, 4, 2).is_ok());
         // A block outside the cache.
-        assert!(validate_step(&[0], &[6], &seqs, 3, 2).is_err());
+        let err = validate_step(&[0], &seqs, 3, 2).unwrap_err();
+        assert!(err.to_string().contains("block 3"), "{err}");
         // Tokens not covered by any sequence.
-        assert!(validate_step(&[0, 1], &[6, 7], &seqs, 4, 2).is_err());
+        assert!(validate_step(&[0, 1], &seqs, 4, 2).is_err());
+        // A position its sequence's context does not reach.
+        assert!(validate_step(&[1], &seqs, 4, 2).is_err());
     }
 }

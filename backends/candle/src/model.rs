@@ -515,7 +515,7 @@ impl LlamaModel {
             let q = host_f32(&q_storage, q_layout)?;
             let k = host_f32(&k_storage, k_layout)?;
             let v = host_f32(&v_storage, v_layout)?;
-            attention::write_kv(cache_k, cache_v, k, v, &step.slots, params.kv_width())?;
+            attention::write_kv(cache_k, cache_v, k, v, step, params)?;
             attention::paged_attention(
                 q,
                 cache_k,
@@ -533,12 +533,8 @@ impl LlamaModel {
     fn validate(&self, step: &StepInput, cache: &KvCache) -> Result<()> {
         let c = &self.config;
         let n = step.tokens.len();
-        if step.positions.len() != n || step.slots.len() != n {
-            bail!(
-                "step has {n} tokens, {} positions and {} slots",
-                step.positions.len(),
-                step.slots.len()
-            );
+        if step.positions.len() != n {
+            bail!("step has {n} tokens and {} positions", step.positions.len());
         }
         if cache.layers.len() != c.num_hidden_layers
             || cache.kv_heads != self.plan.kv_heads.len()
@@ -578,7 +574,6 @@ impl LlamaModel {
         }
         attention::validate_step(
             &step.positions,
-            &step.slots,
             &step.seqs,
             cache.num_blocks,
             cache.block_size,

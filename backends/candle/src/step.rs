@@ -5,10 +5,9 @@
 pub struct StepInput<'a> {
     /// Token ids, `[total_tokens]`.
     pub tokens: Vec<u32>,
-    /// Absolute position of each token in its sequence.
+    /// Absolute position of each token in its sequence (its K/V goes to the slot its
+    /// sequence's block table gives that position: [`SeqSpan::slot`]).
     pub positions: Vec<u32>,
-    /// KV slot each token's K/V is written to.
-    pub slots: Vec<u32>,
     pub seqs: Vec<SeqSpan<'a>>,
     /// Packed token indices whose logits are wanted, in output row order.
     pub logit_rows: Vec<u32>,
@@ -24,4 +23,11 @@ pub struct SeqSpan<'a> {
     pub context_len: usize,
     /// Its KV blocks, in order: position `p` lives in block `block_table[p / block_size]`.
     pub block_table: &'a [u32],
+}
+
+impl SeqSpan<'_> {
+    /// The KV slot of `position`: `block_table[p / block_size] · block_size + p % block_size`.
+    pub fn slot(&self, position: usize, block_size: usize) -> usize {
+        self.block_table[position / block_size] as usize * block_size + position % block_size
+    }
 }

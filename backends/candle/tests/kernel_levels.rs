@@ -25,10 +25,9 @@ fn logits(model: &LlamaModel) -> Vec<Vec<f32>> {
     );
     let mut cache = KvCache::with_kv_heads(model.config(), model.plan().kv_heads.len(), 8, 4);
     let (ta, tb) = ([0u32, 1, 2, 3], [4u32, 5, 6, 7]);
-    let mut step = StepInput {
+    let step = StepInput {
         tokens: [a.clone(), b.clone()].concat(),
         positions: (0..a.len() as u32).chain(0..b.len() as u32).collect(),
-        slots: Vec::new(),
         seqs: vec![
             SeqSpan {
                 start: 0,
@@ -45,10 +44,6 @@ fn logits(model: &LlamaModel) -> Vec<Vec<f32>> {
         ],
         logit_rows: (0..(a.len() + b.len()) as u32).collect(),
     };
-    step.slots = (0..a.len())
-        .map(|p| ta[p / 4] * 4 + (p % 4) as u32)
-        .chain((0..b.len()).map(|p| tb[p / 4] * 4 + (p % 4) as u32))
-        .collect();
     model.forward(&step, &mut cache).unwrap().to_vec2().unwrap()
 }
 

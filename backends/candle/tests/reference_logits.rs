@@ -359,8 +359,7 @@ fn step(
     cache: &mut KvCache,
     parts: &mut [(&mut Seq, &[u32], Want)],
 ) -> Vec<Vec<Vec<f32>>> {
-    let bs = cache.block_size;
-    let (mut tokens, mut positions, mut slots, mut logit_rows) = (vec![], vec![], vec![], vec![]);
+    let (mut tokens, mut positions, mut logit_rows) = (vec![], vec![], vec![]);
     let mut spans = vec![];
     let mut rows_per_part = vec![];
     for (seq, new, want) in parts.iter() {
@@ -369,7 +368,6 @@ fn step(
             let p = seq.cached + i;
             tokens.push(t);
             positions.push(p as u32);
-            slots.push(seq.block_table[p / bs] * bs as u32 + (p % bs) as u32);
         }
         let rows: Vec<u32> = match want {
             Want::All => (start..start + new.len()).map(|r| r as u32).collect(),
@@ -387,7 +385,6 @@ fn step(
     let input = StepInput {
         tokens,
         positions,
-        slots,
         seqs: spans,
         logit_rows,
     };
@@ -671,11 +668,9 @@ fn inconsistent_steps_are_rejected_without_panicking() {
     let c = config(Architecture::Llama);
     let model = load(&c, &random_weights(&c, 12));
     let mut cache = KvCache::new(&c, 4, 4);
-    let good_slot = 2 * 4 + 1; // position 1 in block 2
-    let make = |token: u32, slot: u32, table: &'static [u32]| StepInput {
+    let make = |token: u32, position: u32, table: &'static [u32]| StepInput {
         tokens: vec![token],
-        positions: vec![1],
-        slots: vec![slot],
+        positions: vec![position],
         seqs: vec![SeqSpan {
             start: 0,
             len: 1,
@@ -686,16 +681,12 @@ fn inconsistent_steps_are_rejected_without_panicking() {
     };
     static TABLE: [u32; 2] = [2, 0];
     static BAD_TABLE: [u32; 1] = [9];
-    assert!(model
-        .forward(&make(5, good_slot, &TABLE), &mut cache)
-        .is_ok());
-    assert!(model
-        .forward(&make(300, good_slot, &TABLE), &mut cache)
-        .is_err());
-    assert!(model
-        .forward(&make(5, good_slot + 1, &TABLE), &mut cache)
-        .is_err());
-    assert!(model.forward(&make(5, 37, &BAD_TABLE), &mut cache).is_err());
+    assert!(model.forward(&make(5, 1, &TABLE), &mut cache).is_ok());
+    // A token outside the vocabulary, a position the sequence's context does not end at, a
+    // block outside the cache.
+    assert!(model.forward(&make(300, 1, &TABLE), &mut cache).is_err());
+    assert!(model.forward(&make(5, 0, &TABLE), &mut cache).is_err());
+    assert!(model.forward(&make(5, 1, &BAD_TABLE), &mut cache).is_err());
 }
 
 /// SmolLM2-135M's attention shape: 9 query heads over 3 KV heads of 64, rope base 1e5, tied.

@@ -191,9 +191,6 @@ fn prefill_logits(model: &LlamaModel, ids: &[u32], blocks: &[u32]) -> Vec<Vec<f3
     let step = StepInput {
         tokens: ids.to_vec(),
         positions: (0..n as u32).collect(),
-        slots: (0..n)
-            .map(|p| blocks[p / 16] * 16 + (p % 16) as u32)
-            .collect(),
         seqs: vec![SeqSpan {
             start: 0,
             len: n,

@@ -73,7 +73,6 @@ fn run(model: &LlamaModel, prompts: &[Vec<u32>], forced: Option<&[Vec<u32>]>) ->
         let mut input = StepInput {
             tokens: Vec::new(),
             positions: Vec::new(),
-            slots: Vec::new(),
             seqs: Vec::new(),
             logit_rows: Vec::new(),
         };
@@ -85,10 +84,6 @@ fn run(model: &LlamaModel, prompts: &[Vec<u32>], forced: Option<&[Vec<u32>]>) ->
                 let pos = cached[s] + i;
                 input.tokens.push(t);
                 input.positions.push(pos as u32);
-                let block = tables[s][pos / BLOCK_SIZE] as usize;
-                input
-                    .slots
-                    .push((block * BLOCK_SIZE + pos % BLOCK_SIZE) as u32);
                 // Every position at the prefill, the last one when decoding.
                 if step == 0 || i + 1 == new.len() {
                     input.logit_rows.push((start + i) as u32);

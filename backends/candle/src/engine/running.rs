@@ -43,10 +43,6 @@ impl RequestState {
             1
         }
     }
-
-    fn slot(&self, position: usize, block_size: usize) -> u32 {
-        self.blocks[position / block_size] * block_size as u32 + (position % block_size) as u32
-    }
 }
 
 #[derive(Default)]
@@ -112,7 +108,6 @@ impl Engine {
         let total: usize = state.requests.iter().map(|r| r.next_tokens()).sum();
         let mut tokens = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
-        let mut slots = Vec::with_capacity(total);
         let mut seqs = Vec::with_capacity(state.requests.len());
         let mut logit_rows = Vec::new();
         let mut plans = Vec::with_capacity(state.requests.len());
@@ -123,7 +118,6 @@ impl Engine {
             for p in from..from + len {
                 tokens.push(r.all_ids[p]);
                 positions.push(p as u32);
-                slots.push(r.slot(p, self.block_size));
             }
             let row = logit_rows.len();
             let ends_prompt_or_decodes = from + len >= r.prompt_len;
@@ -148,7 +142,6 @@ impl Engine {
         let input = StepInput {
             tokens,
             positions,
-            slots,
             seqs,
             logit_rows,
         };
