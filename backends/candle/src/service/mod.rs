@@ -6,12 +6,10 @@
 //! oneshot channel.
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use wick_proto::v1 as pb;
 use wick_proto::v1::text_generation_service_server::{
@@ -20,16 +18,18 @@ use wick_proto::v1::text_generation_service_server::{
 
 use candle_core::DType;
 
-use crate::engine::{
-    CachedBatchInfo, Engine, EngineError, EngineOptions, Generation, NewRequest, StepOutput,
-    TokenOut, WarmupInfo, WarmupLimits,
-};
+use crate::engine::{Engine, EngineOptions, WarmupLimits};
 use crate::model::LlamaModel;
 use crate::parallel::{self, Collective};
-use crate::sampling::SamplingParams;
 use crate::source;
-use crate::stopping::{FinishReason, StoppingParams};
 use crate::weights::LoadOptions;
+
+mod convert;
+mod engine_thread;
+
+use convert::{cached_batch, new_requests, status, StepParts};
+use engine_thread::Command;
+pub use engine_thread::EngineHandle;
 
 /// Largest gRPC message the shard accepts or sends: `Info` carries the whole tokenizer.
 pub const MAX_MESSAGE_SIZE: usize = wick_proto::MAX_MESSAGE_SIZE;
@@ -91,142 +91,6 @@ pub struct ShardInfo {
     pub kernels: std::collections::BTreeMap<String, String>,
 }
 
-type EngineResult<T> = crate::engine::Result<T>;
-
-/// What the engine thread is asked to run, with the channel its answer goes back on.
-enum Command {
-    Clear {
-        id: Option<u64>,
-        reply: oneshot::Sender<()>,
-    },
-    Filter {
-        batch_id: u64,
-        keep: Vec<u64>,
-        reply: oneshot::Sender<EngineResult<Option<CachedBatchInfo>>>,
-    },
-    Warmup {
-        batch_id: u64,
-        requests: Vec<NewRequest>,
-        limits: WarmupLimits,
-        reply: oneshot::Sender<EngineResult<WarmupInfo>>,
-    },
-    Prefill {
-        batch_id: u64,
-        requests: Vec<NewRequest>,
-        cached: Option<u64>,
-        reply: oneshot::Sender<EngineResult<StepOutput>>,
-    },
-    Decode {
-        batch_ids: Vec<u64>,
-        reply: oneshot::Sender<EngineResult<StepOutput>>,
-    },
-}
-
-impl Command {
-    /// The command's name and the batch it is about, for its tracing span.
-    fn describe(&self) -> (&'static str, Option<u64>) {
-        match self {
-            Command::Clear { id, .. } => ("clear_cache", *id),
-            Command::Filter { batch_id, .. } => ("filter_batch", Some(*batch_id)),
-            Command::Warmup { batch_id, .. } => ("warmup", Some(*batch_id)),
-            Command::Prefill { batch_id, .. } => ("prefill", Some(*batch_id)),
-            Command::Decode { batch_ids, .. } => ("decode", batch_ids.first().copied()),
-        }
-    }
-
-    /// Runs on the engine. A caller that has gone (its request was cancelled) drops the answer.
-    fn run(self, engine: &mut Engine) {
-        match self {
-            Command::Clear { id, reply } => {
-                engine.clear(id);
-                let _ = reply.send(());
-            }
-            Command::Filter {
-                batch_id,
-                keep,
-                reply,
-            } => {
-                let _ = reply.send(engine.filter(batch_id, &keep));
-            }
-            Command::Warmup {
-                batch_id,
-                requests,
-                limits,
-                reply,
-            } => {
-                let _ = reply.send(engine.warmup(batch_id, requests, limits));
-            }
-            Command::Prefill {
-                batch_id,
-                requests,
-                cached,
-                reply,
-            } => {
-                let _ = reply.send(engine.prefill(batch_id, requests, cached));
-            }
-            Command::Decode { batch_ids, reply } => {
-                let _ = reply.send(engine.decode(&batch_ids));
-            }
-        }
-    }
-}
-
-/// Commands waiting for the engine at most. The router steps the shards one call at a time, so
-/// a full queue means something upstream misbehaves: senders then wait.
-const COMMAND_QUEUE: usize = 16;
-
-/// The engine's own thread and the bounded command channel to it. Cloning shares the same
-/// thread; the thread ends when every handle is dropped.
-#[derive(Clone)]
-pub struct EngineHandle {
-    commands: mpsc::Sender<Command>,
-}
-
-impl EngineHandle {
-    /// Moves `engine` onto a new thread that runs commands one at a time. The receiver gets
-    /// the model's failure once it can no longer run (its tensor-parallel ranks fell apart).
-    pub fn spawn(engine: Engine) -> std::io::Result<(Self, oneshot::Receiver<String>)> {
-        let (commands, mut rx) = mpsc::channel::<Command>(COMMAND_QUEUE);
-        let (failed_tx, failed_rx) = oneshot::channel();
-        std::thread::Builder::new()
-            .name("wick-engine".into())
-            .spawn(move || {
-                let mut engine = engine;
-                let mut failed_tx = Some(failed_tx);
-                while let Some(command) = rx.blocking_recv() {
-                    let (name, batch) = command.describe();
-                    let _span = tracing::info_span!("engine", command = name, batch).entered();
-                    // A panicking command must not take the shard down: its caller gets an
-                    // error (its reply sender is dropped) and the next command runs. It runs
-                    // on a worker of the compute pool (`rayon::scope` from outside the pool
-                    // moves it there), so its parallel loops start without a hand-off each.
-                    let run = AssertUnwindSafe(|| rayon::scope(|_| command.run(&mut engine)));
-                    if std::panic::catch_unwind(run).is_err() {
-                        tracing::error!("engine command panicked");
-                    }
-                    if let Some(failure) = engine.model_failure() {
-                        if let Some(tx) = failed_tx.take() {
-                            let _ = tx.send(failure);
-                        }
-                    }
-                }
-            })?;
-        Ok((Self { commands }, failed_rx))
-    }
-
-    /// Sends the command `make` builds around a reply channel and waits for the answer without
-    /// blocking the runtime.
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(make(tx))
-            .await
-            .map_err(|_| Status::unavailable("the engine thread has stopped"))?;
-        rx.await
-            .map_err(|_| Status::internal("the engine failed while running this call"))
-    }
-}
-
 /// The `generate.v1` service over one engine.
 pub struct ShardService {
     engine: EngineHandle,
@@ -243,145 +107,6 @@ impl ShardService {
         TextGenerationServiceServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE)
-    }
-}
-
-fn status(e: EngineError) -> Status {
-    match e {
-        EngineError::BatchNotFound(_) => Status::not_found(e.to_string()),
-        EngineError::InvalidRequest(_) => Status::invalid_argument(e.to_string()),
-        EngineError::Model(_) | EngineError::Tokenizer(_) => Status::internal(e.to_string()),
-    }
-}
-
-/// Zero means "off" for the multiplicative parameters.
-fn or_one(x: f32) -> f32 {
-    if x == 0.0 {
-        1.0
-    } else {
-        x
-    }
-}
-
-fn sampling_params(p: Option<pb::NextTokenChooserParameters>) -> SamplingParams {
-    let p = p.unwrap_or_default();
-    SamplingParams {
-        temperature: or_one(p.temperature),
-        top_k: p.top_k,
-        top_p: or_one(p.top_p),
-        typical_p: or_one(p.typical_p),
-        do_sample: p.do_sample,
-        seed: p.seed,
-        repetition_penalty: or_one(p.repetition_penalty),
-        frequency_penalty: p.frequency_penalty,
-        presence_penalty: p.presence_penalty,
-    }
-}
-
-/// Converts a proto request. The router tokenized and truncated the prompt and chose its KV
-/// blocks; the engine checks them against the model and the cache.
-fn new_request(r: pb::Request) -> Result<NewRequest, EngineError> {
-    let params = r.parameters.unwrap_or_default();
-    if params.grammar_type != pb::GrammarType::None as i32 || !params.grammar.is_empty() {
-        return Err(EngineError::InvalidRequest(format!(
-            "request {}: grammars are not supported",
-            r.id
-        )));
-    }
-    let stopping = r.stopping_parameters.unwrap_or_default();
-    Ok(NewRequest {
-        id: r.id,
-        input_ids: r.input_ids,
-        sampling: sampling_params(Some(params)),
-        stopping: StoppingParams {
-            max_new_tokens: stopping.max_new_tokens,
-            stop_sequences: stopping.stop_sequences,
-            ignore_eos: stopping.ignore_eos_token,
-        },
-        prefill_logprobs: r.prefill_logprobs,
-        top_n_tokens: r.top_n_tokens,
-        blocks: r.blocks,
-        cache_len: r.cache_len,
-        chunk_len: r.chunk_len,
-    })
-}
-
-fn new_requests(batch: pb::Batch) -> Result<Vec<NewRequest>, EngineError> {
-    batch.requests.into_iter().map(new_request).collect()
-}
-
-fn tokens(ts: &[TokenOut]) -> pb::Tokens {
-    pb::Tokens {
-        ids: ts.iter().map(|t| t.id).collect(),
-        logprobs: ts.iter().map(|t| t.logprob).collect(),
-        texts: ts.iter().map(|t| t.text.clone()).collect(),
-        is_special: ts.iter().map(|t| t.special).collect(),
-    }
-}
-
-fn finish_reason(r: FinishReason) -> pb::FinishReason {
-    match r {
-        FinishReason::Length => pb::FinishReason::Length,
-        FinishReason::EosToken => pb::FinishReason::EosToken,
-        FinishReason::StopSequence => pb::FinishReason::StopSequence,
-    }
-}
-
-fn generation(g: Generation) -> pb::Generation {
-    pb::Generation {
-        request_id: g.request_id,
-        prefill_tokens: g.prefill.as_deref().map(tokens),
-        tokens: Some(tokens(std::slice::from_ref(&g.token))),
-        generated_text: g.finished.map(|f| pb::GeneratedText {
-            stop_sequence_start: f.stop_start.and_then(|at| u32::try_from(at).ok()),
-            text: f.text,
-            generated_tokens: f.generated_tokens,
-            finish_reason: finish_reason(f.reason) as i32,
-            seed: f.seed,
-        }),
-        // One entry per generated token; none when no alternatives were asked for.
-        top_tokens: if g.top_tokens.is_empty() {
-            Vec::new()
-        } else {
-            vec![tokens(&g.top_tokens)]
-        },
-    }
-}
-
-fn cached_batch(b: CachedBatchInfo) -> pb::CachedBatch {
-    pb::CachedBatch {
-        id: b.id,
-        request_ids: b.request_ids,
-        size: b.size,
-        max_tokens: b.max_tokens,
-        current_tokens: b.current_tokens,
-    }
-}
-
-/// The parts of a prefill or decode response.
-struct StepParts {
-    generations: Vec<pb::Generation>,
-    batch: Option<pb::CachedBatch>,
-    forward_ns: u64,
-    linear_ns: u64,
-    attention_ns: u64,
-    decode_ns: u64,
-    total_ns: u64,
-    concat_ns: Option<u64>,
-}
-
-impl From<StepOutput> for StepParts {
-    fn from(out: StepOutput) -> Self {
-        Self {
-            generations: out.generations.into_iter().map(generation).collect(),
-            batch: out.batch.map(cached_batch),
-            forward_ns: out.forward_ns,
-            linear_ns: out.profile.linear_ns,
-            attention_ns: out.profile.attention_ns,
-            decode_ns: out.decode_ns,
-            total_ns: out.total_ns,
-            concat_ns: out.concat_ns,
-        }
     }
 }
 
