@@ -6,26 +6,27 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::stream::{self, StreamExt};
 
 use super::generation::{
-    acquire_more, admit, run_to_end, start, unique_id, unix_now, Completed, EventStream, Permitted,
-    Timings,
+    acquire_more, admit, run_to_end, start, unique_id, unix_now, Completed, Permitted,
 };
 use super::native::timing_headers;
-use super::sse::{self, EventSender};
+use super::sse;
 use super::stop::StopFilter;
 use super::AppState;
 use crate::chat_template::TemplateMessage;
 use crate::error::{ApiError, ApiJson, HttpError};
 use crate::types::{
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
-    ChatLogprob, ChatLogprobs, ChatRequest, Completion, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, FinishReason, GenerateParameters, ModelCard, ModelList, OpenAiErrorResponse,
-    StopSpec, TopLogprob, Usage,
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprob, ChatLogprobs,
+    ChatRequest, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason,
+    GenerateParameters, ModelCard, ModelList, OpenAiErrorResponse, StopSpec, TopLogprob, Usage,
 };
 use crate::validation::{random_seed, ValidationError};
-use wick_scheduler::request::{InferError, InferStreamResponse, Token};
+use wick_scheduler::request::Token;
+
+mod streaming;
+
+use streaming::{stream_choices, GenState};
 
 /// The served model.
 #[utoipa::path(
@@ -431,197 +432,6 @@ fn push_completion_logprob(
         .push(top.iter().map(|t| (t.text.clone(), t.logprob)).collect());
     lp.text_offset.push(*offset);
     *offset += token.text.len();
-}
-
-/// Per-choice state of a stream.
-struct GenState {
-    filter: StopFilter,
-    input_length: u32,
-    arrived: std::time::Instant,
-    validation_time: std::time::Duration,
-    text_offset: usize,
-    /// Text of the tokens so far, before stop filtering.
-    streamed: String,
-    done: bool,
-}
-
-/// Interleaves the choices' events as they come; ends with the usage chunk (when asked for)
-/// and `[DONE]`. An error is sent in OpenAI's shape, then `[DONE]`.
-async fn stream_choices(
-    job: OpenAiReply,
-    mut gens: Vec<GenState>,
-    streams: Vec<EventStream>,
-    tx: EventSender,
-) {
-    let mut merged = stream::select_all(
-        streams
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| s.map(move |event| (i, event))),
-    );
-    let mut usage = Usage {
-        prompt_tokens: gens
-            .iter()
-            .step_by(job.n.max(1))
-            .map(|g| g.input_length)
-            .sum(),
-        completion_tokens: 0,
-        total_tokens: 0,
-    };
-    while let Some((i, event)) = merged.next().await {
-        let gen = &mut gens[i];
-        let (token, top, end) = match event {
-            Ok(InferStreamResponse::Prefill(_)) => continue,
-            Ok(InferStreamResponse::Intermediate { token, top_tokens }) => {
-                (token, top_tokens, None)
-            }
-            Ok(InferStreamResponse::End {
-                token,
-                top_tokens,
-                generated_text,
-                queued,
-                start,
-            }) => (token, top_tokens, Some((generated_text, queued, start))),
-            Err(e) => {
-                send_error(&tx, e.into()).await;
-                return;
-            }
-        };
-        // Special tokens (EOS) carry no content, as in the non-stream text.
-        let mut piece = if token.special {
-            String::new()
-        } else {
-            token.text.clone()
-        };
-        if let Some((generated, _, _)) = &end {
-            // The final text is decoded from all tokens at once; where it differs from the
-            // pieces streamed (bytes of a character left incomplete), it is the truth.
-            if let Some(rest) = generated.text.strip_prefix(gen.streamed.as_str()) {
-                piece = rest.to_string();
-            }
-        }
-        gen.streamed.push_str(&piece);
-        let mut text = gen.filter.push(&piece);
-        let finish = end.map(|(generated, queued, start)| {
-            text.push_str(&gen.filter.finish());
-            gen.done = true;
-            let n = generated.generated_tokens;
-            Timings::new(gen.arrived, gen.validation_time, queued, start, n).record_success(n);
-            usage.completion_tokens += n;
-            FinishReason::from(generated.finish_reason)
-                .openai()
-                .to_string()
-        });
-        let sent = match job.kind {
-            Kind::Chat => {
-                tx.json(&chat_chunk(
-                    &job,
-                    i,
-                    text,
-                    job.logprobs.then(|| chat_logprob(&token, &top)),
-                    finish,
-                ))
-                .await
-            }
-            Kind::Completion => {
-                let logprobs = job.logprobs.then(|| {
-                    let mut lp = CompletionLogprobs::default();
-                    push_completion_logprob(&mut lp, &token, &top, &mut gen.text_offset);
-                    lp
-                });
-                tx.json(&completion_chunk(&job, i, text, logprobs, finish))
-                    .await
-            }
-        };
-        if !sent {
-            return;
-        }
-    }
-    if gens.iter().any(|g| !g.done) {
-        send_error(&tx, InferError::IncompleteGenerationStream.into()).await;
-        return;
-    }
-    if job.include_usage {
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-        let sent = match job.kind {
-            Kind::Chat => {
-                tx.json(&ChatCompletionChunk {
-                    choices: vec![],
-                    usage: Some(usage),
-                    ..chat_chunk(&job, 0, String::new(), None, None)
-                })
-                .await
-            }
-            Kind::Completion => {
-                tx.json(&Completion {
-                    choices: vec![],
-                    usage: Some(usage),
-                    ..completion_chunk(&job, 0, String::new(), None, None)
-                })
-                .await
-            }
-        };
-        if !sent {
-            return;
-        }
-    }
-    tx.data("[DONE]".into()).await;
-}
-
-async fn send_error(tx: &EventSender, error: ApiError) {
-    error.record();
-    if tx.json(&error.openai_body()).await {
-        tx.data("[DONE]".into()).await;
-    }
-}
-
-fn chat_chunk(
-    job: &OpenAiReply,
-    index: usize,
-    content: String,
-    logprob: Option<ChatLogprob>,
-    finish_reason: Option<String>,
-) -> ChatCompletionChunk {
-    ChatCompletionChunk {
-        id: job.id.clone(),
-        object: "chat.completion.chunk".into(),
-        created: job.created,
-        model: job.model.clone(),
-        system_fingerprint: job.fingerprint.clone(),
-        choices: vec![ChatChunkChoice {
-            index: index as u32,
-            delta: ChatDelta {
-                role: Some("assistant".into()),
-                content: Some(content),
-            },
-            logprobs: logprob.map(|l| ChatLogprobs { content: vec![l] }),
-            finish_reason,
-        }],
-        usage: None,
-    }
-}
-
-fn completion_chunk(
-    job: &OpenAiReply,
-    index: usize,
-    text: String,
-    logprobs: Option<CompletionLogprobs>,
-    finish_reason: Option<String>,
-) -> Completion {
-    Completion {
-        id: job.id.clone(),
-        object: "text_completion".into(),
-        created: job.created,
-        model: job.model.clone(),
-        system_fingerprint: job.fingerprint.clone(),
-        choices: vec![CompletionChoice {
-            index: index as u32,
-            text,
-            logprobs,
-            finish_reason,
-        }],
-        usage: None,
-    }
 }
 
 #[cfg(test)]
