@@ -1,11 +1,12 @@
 //! The paged KV cache: per layer, K and V of shape `[num_blocks, block_size, kv_heads, head_dim]`,
-//! written at the slots the router chose (`slot = block * block_size + offset`).
+//! in the blocks the router chose: position `p` of a sequence is slot
+//! `block_table[p / block_size] * block_size + p % block_size`.
 
 use wick_model::config::ModelConfig;
 
 /// K and V of every layer, in blocks of `block_size` token slots. The attention
-/// ([`crate::attention`]) writes a step's K/V at the slots the router chose and reads a sequence
-/// back through its block table.
+/// ([`crate::attention`]) writes a step's K/V through each sequence's block table (the router's
+/// choice) and reads it back the same way.
 pub struct KvCache {
     pub num_blocks: usize,
     pub block_size: usize,
