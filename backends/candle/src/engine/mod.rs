@@ -289,8 +289,8 @@ impl Engine {
         }
     }
 
-    /// Runs the warmup batch as one prefill on engine-allocated blocks, drops it, and reports the
-    /// token limits the KV cache supports.
+    /// Runs the warmup batch (its blocks chosen by the router) as one prefill, drops it, and
+    /// reports the token limits the KV cache supports.
     pub fn warmup(
         &mut self,
         batch_id: u64,
