@@ -39,16 +39,46 @@ pub trait Backend: Send + Sync {
 }
 
 impl Backend for Infer {
+    /// `Err(Overloaded)` when `max_concurrent_requests` are in flight.
     fn try_acquire_permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
-        Infer::try_acquire_permit(self)
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| InferError::Overloaded)
     }
 
+    /// Queues the request; the stream yields its events; dropping the stream cancels it (its KV
+    /// blocks are freed and the shard batch is filtered at the next step). The permit is held
+    /// as long as the stream lives.
+    ///
+    /// `request` passed validation, which guarantees what the scheduler relies on: at least
+    /// one prompt token and one new token, and no more positions than the KV pool holds
+    /// (validation's `max_total_tokens` is capped to the pool at startup). They are asserted
+    /// here, not checked again.
     fn generate_stream(
         &self,
         permit: OwnedSemaphorePermit,
         request: ValidRequest,
     ) -> Result<EventStream, InferError> {
-        Infer::generate_stream(self, permit, request)
+        debug_assert!(
+            !request.input_ids.is_empty() && request.stopping.max_new_tokens > 0,
+            "a validated request has a prompt token and a new token"
+        );
+        debug_assert!(
+            {
+                let positions = request.input_ids.len() + request.stopping.max_new_tokens as usize;
+                (positions - 1).div_ceil(self.allocator.block_size() as usize)
+                    <= self.allocator.total_blocks()
+            },
+            "a validated request fits the KV pool"
+        );
+        let (response_tx, response_rx) = mpsc::unbounded_channel();
+        self.queue.append(Entry::new(request, response_tx));
+        self.notifier.notify_one();
+        Ok(Box::pin(ResponseStream {
+            events: response_rx,
+            _permit: permit,
+        }))
     }
 
     fn health(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
@@ -95,48 +125,6 @@ impl Infer {
             allocator,
             liveness_token,
         }
-    }
-
-    /// Non-blocking: `Err(Overloaded)` when `max_concurrent_requests` are in flight.
-    pub fn try_acquire_permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
-        self.permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| InferError::Overloaded)
-    }
-
-    /// Queues the request; the stream yields its events; dropping the stream cancels it (its KV
-    /// blocks are freed and the shard batch is filtered at the next step). The permit is held
-    /// as long as the stream lives.
-    ///
-    /// `request` passed validation, which guarantees what the scheduler relies on: at least
-    /// one prompt token and one new token, and no more positions than the KV pool holds
-    /// (validation's `max_total_tokens` is capped to the pool at startup). They are asserted
-    /// here, not checked again.
-    pub fn generate_stream(
-        &self,
-        permit: OwnedSemaphorePermit,
-        request: ValidRequest,
-    ) -> Result<EventStream, InferError> {
-        debug_assert!(
-            !request.input_ids.is_empty() && request.stopping.max_new_tokens > 0,
-            "a validated request has a prompt token and a new token"
-        );
-        debug_assert!(
-            {
-                let positions = request.input_ids.len() + request.stopping.max_new_tokens as usize;
-                (positions - 1).div_ceil(self.allocator.block_size() as usize)
-                    <= self.allocator.total_blocks()
-            },
-            "a validated request fits the KV pool"
-        );
-        let (response_tx, response_rx) = mpsc::unbounded_channel();
-        self.queue.append(Entry::new(request, response_tx));
-        self.notifier.notify_one();
-        Ok(Box::pin(ResponseStream {
-            events: response_rx,
-            _permit: permit,
-        }))
     }
 
     /// True when the shards answer `Health`; after a shard error, only once a one-token

@@ -15,7 +15,7 @@ use common::{connect_when_ready, start_shard, Shard};
 use futures::stream::{BoxStream, StreamExt};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use wick_backend_candle::testing::tiny_vocab_size;
-use wick_scheduler::infer::Infer;
+use wick_scheduler::infer::{Backend, Infer};
 use wick_scheduler::metrics::{
     BATCH_CONCAT, BATCH_CURRENT_SIZE, BATCH_INFERENCE_FAILURE, PREFIX_CACHE_HIT_TOKENS,
 };

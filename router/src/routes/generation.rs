@@ -10,7 +10,7 @@ use super::AppState;
 use crate::error::ApiError;
 use crate::types::GenerateParameters;
 use crate::validation::ValidGenerateRequest;
-pub(crate) use wick_scheduler::infer::EventStream;
+use wick_scheduler::infer::EventStream;
 use wick_scheduler::metrics;
 use wick_scheduler::request::{GeneratedText, InferError, InferStreamResponse, Token};
 

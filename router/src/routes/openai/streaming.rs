@@ -5,13 +5,14 @@ use futures::stream::{self, StreamExt};
 
 use super::{chat_logprob, push_completion_logprob, Kind, OpenAiReply};
 use crate::error::ApiError;
-use crate::routes::generation::{EventStream, Timings};
+use crate::routes::generation::Timings;
 use crate::routes::sse::EventSender;
 use crate::routes::stop::StopFilter;
 use crate::types::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprob, ChatLogprobs, Completion,
     CompletionChoice, CompletionLogprobs, FinishReason, Usage,
 };
+use wick_scheduler::infer::EventStream;
 use wick_scheduler::request::{InferError, InferStreamResponse};
 
 /// Per-choice state of a stream.
