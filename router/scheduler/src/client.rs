@@ -32,6 +32,23 @@ impl From<tonic::Status> for ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// A prefill or decode answer's generations, batch and timings (`pb::PrefillResponse` and
+/// `pb::DecodeResponse` have the same fields).
+macro_rules! step_answer {
+    ($a:expr) => {{
+        let a = $a;
+        let timings = StepTimings {
+            forward_ns: a.forward_ns,
+            linear_ns: a.linear_ns,
+            attention_ns: a.attention_ns,
+            decode_ns: a.decode_ns,
+            total_ns: a.total_ns,
+            concat_ns: a.concat_ns,
+        };
+        (a.generations, a.batch, timings)
+    }};
+}
+
 /// Shard timings of one step (the slowest rank's), in nanoseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepTimings {
@@ -237,17 +254,7 @@ impl ShardedClient {
         let answers = self
             .all(request, |mut c, r| async move { c.prefill(r).await })
             .await?;
-        Ok(merge(answers.into_iter().map(|a| {
-            let t = StepTimings {
-                forward_ns: a.forward_ns,
-                linear_ns: a.linear_ns,
-                attention_ns: a.attention_ns,
-                decode_ns: a.decode_ns,
-                total_ns: a.total_ns,
-                concat_ns: a.concat_ns,
-            };
-            (a.generations, a.batch, t)
-        })))
+        Ok(merge(answers.into_iter().map(|a| step_answer!(a))))
     }
 
     /// One step of every request of `batches` (merged into the first on the shards).
@@ -258,17 +265,7 @@ impl ShardedClient {
                 c.decode(r).await
             })
             .await?;
-        Ok(merge(answers.into_iter().map(|a| {
-            let t = StepTimings {
-                forward_ns: a.forward_ns,
-                linear_ns: a.linear_ns,
-                attention_ns: a.attention_ns,
-                decode_ns: a.decode_ns,
-                total_ns: a.total_ns,
-                concat_ns: a.concat_ns,
-            };
-            (a.generations, a.batch, t)
-        })))
+        Ok(merge(answers.into_iter().map(|a| step_answer!(a))))
     }
 }
 

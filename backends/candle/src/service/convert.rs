@@ -3,7 +3,7 @@
 use tonic::Status;
 use wick_proto::v1 as pb;
 
-use crate::engine::{CachedBatchInfo, EngineError, Generation, NewRequest, StepOutput, TokenOut};
+use crate::engine::{CachedBatchInfo, EngineError, Generation, NewRequest, TokenOut};
 use crate::sampling::SamplingParams;
 use crate::stopping::{FinishReason, StoppingParams};
 
@@ -119,23 +119,18 @@ pub(super) fn cached_batch(b: CachedBatchInfo) -> pb::CachedBatch {
     }
 }
 
-/// The parts of a prefill or decode response.
-pub(super) struct StepParts {
-    pub(super) generations: Vec<pb::Generation>,
-    pub(super) batch: Option<pb::CachedBatch>,
-    pub(super) forward_ns: u64,
-    pub(super) linear_ns: u64,
-    pub(super) attention_ns: u64,
-    pub(super) decode_ns: u64,
-    pub(super) total_ns: u64,
-    pub(super) concat_ns: Option<u64>,
-}
-
-impl From<StepOutput> for StepParts {
-    fn from(out: StepOutput) -> Self {
-        Self {
-            generations: out.generations.into_iter().map(generation).collect(),
-            batch: out.batch.map(cached_batch),
+/// A prefill or decode answer (`pb::PrefillResponse` and `pb::DecodeResponse` have the same
+/// fields) from the engine's step output.
+macro_rules! step_response {
+    ($response:path, $out:expr) => {{
+        let out: crate::engine::StepOutput = $out;
+        $response {
+            generations: out
+                .generations
+                .into_iter()
+                .map(crate::service::convert::generation)
+                .collect(),
+            batch: out.batch.map(crate::service::convert::cached_batch),
             forward_ns: out.forward_ns,
             linear_ns: out.profile.linear_ns,
             attention_ns: out.profile.attention_ns,
@@ -143,5 +138,6 @@ impl From<StepOutput> for StepParts {
             total_ns: out.total_ns,
             concat_ns: out.concat_ns,
         }
-    }
+    }};
 }
+pub(super) use step_response;

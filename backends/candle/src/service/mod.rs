@@ -27,7 +27,7 @@ use crate::weights::LoadOptions;
 mod convert;
 mod engine_thread;
 
-use convert::{cached_batch, new_requests, status, StepParts};
+use convert::{cached_batch, new_requests, status, step_response};
 use engine_thread::Command;
 pub use engine_thread::EngineHandle;
 
@@ -247,18 +247,8 @@ impl TextGenerationService for ShardService {
                 reply,
             })
             .await?
-            .map(StepParts::from)
             .map_err(status)?;
-        Ok(Response::new(pb::PrefillResponse {
-            generations: out.generations,
-            batch: out.batch,
-            forward_ns: out.forward_ns,
-            linear_ns: out.linear_ns,
-            attention_ns: out.attention_ns,
-            decode_ns: out.decode_ns,
-            total_ns: out.total_ns,
-            concat_ns: out.concat_ns,
-        }))
+        Ok(Response::new(step_response!(pb::PrefillResponse, out)))
     }
 
     async fn decode(
@@ -273,18 +263,8 @@ impl TextGenerationService for ShardService {
                 reply,
             })
             .await?
-            .map(StepParts::from)
             .map_err(status)?;
-        Ok(Response::new(pb::DecodeResponse {
-            generations: out.generations,
-            batch: out.batch,
-            forward_ns: out.forward_ns,
-            linear_ns: out.linear_ns,
-            attention_ns: out.attention_ns,
-            decode_ns: out.decode_ns,
-            total_ns: out.total_ns,
-            concat_ns: out.concat_ns,
-        }))
+        Ok(Response::new(step_response!(pb::DecodeResponse, out)))
     }
 
     async fn health(
