@@ -160,10 +160,6 @@ impl Engine {
         self.block_size
     }
 
-    pub fn num_blocks(&self) -> usize {
-        self.kv.num_blocks
-    }
-
     /// Ids of the batches the engine holds.
     pub fn batch_ids(&self) -> Vec<u64> {
         self.batches.keys().copied().collect()
