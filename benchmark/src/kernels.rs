@@ -38,6 +38,46 @@ pub struct KernelArgs {
     /// Compute threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Activation values: `ramp` (even, no block holds an outlier) or `ffn` (products of two
+    /// normal values, as a down projection's input SiLU(gate)·up: heavy tails, about one block
+    /// in seven takes the outlier pass).
+    #[arg(long, value_enum, default_value_t = Activations::Ramp)]
+    pub activations: Activations,
+}
+
+/// What the benchmark's activation rows hold (see [`KernelArgs::activations`]).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activations {
+    Ramp,
+    Ffn,
+}
+
+impl Activations {
+    /// `rows × k` values, the same on every run.
+    fn values(self, rows: usize, k: usize) -> Vec<f32> {
+        match self {
+            Activations::Ramp => (0..rows * k)
+                .map(|i| ((i * 31 % 257) as f32 - 128.0) / 64.0)
+                .collect(),
+            Activations::Ffn => {
+                let mut state = 0x2545_f491_4f6c_dd1du64;
+                let mut uniform = || {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+                };
+                // Box-Muller: normal values, tails included.
+                let mut normal = || {
+                    let (u, v) = (uniform(), uniform());
+                    (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+                };
+                (0..rows * k)
+                    .map(|_| normal() * normal() * normal())
+                    .collect()
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -61,6 +101,8 @@ pub struct KernelResult {
     pub weight_gbs: f64,
     /// `2·rows·n·k` over the time of one product.
     pub gops: f64,
+    /// The share of activation blocks that took the outlier pass.
+    pub refined: f64,
 }
 
 /// A weight the benchmark multiplies by.
@@ -155,9 +197,7 @@ pub fn run(args: KernelArgs) -> anyhow::Result<KernelReport> {
                     Weight::Bf16(b) => b.bytes(),
                 };
                 for &rows in &args.rows {
-                    let x: Vec<f32> = (0..rows * k)
-                        .map(|i| ((i * 31 % 257) as f32 - 128.0) / 64.0)
-                        .collect();
+                    let x = args.activations.values(rows, k);
                     let mut out = vec![0f32; rows * n];
                     let mut xq = QuantizedRows::default();
                     let t = time(args.seconds, || match &weight {
@@ -176,6 +216,7 @@ pub fn run(args: KernelArgs) -> anyhow::Result<KernelReport> {
                         micros: secs * 1e6,
                         weight_gbs: bytes as f64 / secs / 1e9,
                         gops: 2.0 * (rows * n * k) as f64 / secs / 1e9,
+                        refined: xq.refined_blocks() as f64 / (rows * k / 32) as f64,
                     });
                 }
             }
@@ -195,11 +236,18 @@ pub fn markdown(r: &KernelReport) -> String {
         "kernels at {} on {} thread(s), {}; memory read {:.1} GB/s\n\n",
         r.level, r.threads, r.run.cpu_model, r.read_bandwidth_gbs
     );
-    s += "| format | out x in | rows | µs | weight GB/s | GOP/s |\n|---|---|---:|---:|---:|---:|\n";
+    s += "| format | out x in | rows | µs | weight GB/s | GOP/s | refined |\n|---|---|---:|---:|---:|---:|---:|\n";
     for x in &r.results {
         s += &format!(
-            "| {} | {}x{} | {} | {:.1} | {:.1} | {:.1} |\n",
-            x.format, x.n, x.k, x.rows, x.micros, x.weight_gbs, x.gops
+            "| {} | {}x{} | {} | {:.1} | {:.1} | {:.1} | {:.1}% |\n",
+            x.format,
+            x.n,
+            x.k,
+            x.rows,
+            x.micros,
+            x.weight_gbs,
+            x.gops,
+            100.0 * x.refined
         );
     }
     s
