@@ -51,6 +51,12 @@ pub struct Args {
     #[arg(long, env = "ACTIVATION_OUTLIERS", value_enum)]
     pub activation_outliers: Option<ActivationOutliers>,
 
+    /// Element type of the KV cache: `auto` (f16), `f16`, `bf16` or `f32`. 16-bit values take
+    /// half the memory of f32 (so `--kv-cache-memory` holds twice the tokens) and half its read
+    /// traffic in attention; each K/V value is rounded once, when written.
+    #[arg(long, env = "KV_CACHE_DTYPE", value_enum)]
+    pub kv_cache_dtype: Option<KvCacheDtype>,
+
     /// Compute dtype of dense weights (default float32). bfloat16 keeps dense linear weights in
     /// bf16 on wick's CPU kernels: half the memory of float32.
     #[arg(long, env = "DTYPE", value_enum)]
@@ -237,6 +243,29 @@ impl ActivationOutliers {
         match self {
             ActivationOutliers::Refine => "refine",
             ActivationOutliers::Plain => "plain",
+        }
+    }
+}
+
+/// `--kv-cache-dtype` values (the shard's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheDtype {
+    Auto,
+    #[value(alias = "fp16", alias = "float16")]
+    F16,
+    #[value(alias = "bfloat16")]
+    Bf16,
+    #[value(alias = "fp32", alias = "float32")]
+    F32,
+}
+
+impl KvCacheDtype {
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            KvCacheDtype::Auto => "auto",
+            KvCacheDtype::F16 => "f16",
+            KvCacheDtype::Bf16 => "bf16",
+            KvCacheDtype::F32 => "f32",
         }
     }
 }

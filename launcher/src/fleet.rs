@@ -63,6 +63,11 @@ pub fn shard_args(args: &Args, model_path: &Path, rank: usize) -> Vec<OsString> 
         "--activation-outliers",
         args.activation_outliers.map(|o| o.as_arg()),
     );
+    push_opt(
+        &mut out,
+        "--kv-cache-dtype",
+        args.kv_cache_dtype.map(|d| d.as_arg()),
+    );
     push(
         &mut out,
         "--kv-cache-memory",
@@ -416,6 +421,8 @@ mod tests {
             "avx2",
             "--activation-outliers",
             "plain",
+            "--kv-cache-dtype",
+            "fp32",
         ]);
         let out = strings(shard_args(&a, Path::new("/models/m"), 0));
         assert_eq!(out[0], "serve");
@@ -427,6 +434,7 @@ mod tests {
         assert_eq!(value(&out, "--kv-cache-memory"), Some("1048576"));
         assert_eq!(value(&out, "--cpu-kernels"), Some("avx2"));
         assert_eq!(value(&out, "--activation-outliers"), Some("plain"));
+        assert_eq!(value(&out, "--kv-cache-dtype"), Some("f32"));
         assert_eq!(value(&out, "--dtype"), None);
         assert!(out.iter().any(|a| a == "--json-output"));
         // One shard needs no rendezvous.

@@ -168,6 +168,8 @@ pub fn app(
         cpu_model: backend.cpu_model.clone(),
         cpu_features: backend.cpu_features.clone(),
         kernels: backend.kernels.clone(),
+        kv_cache_dtype: backend.kv_cache_dtype.clone(),
+        kv_cache_bytes_per_token: backend.kv_cache_bytes_per_token,
     };
     let compute_type = HeaderValue::from_str(&backend.device_type.to_ascii_lowercase())
         .unwrap_or_else(|_| HeaderValue::from_static("cpu"));

@@ -249,6 +249,10 @@ pub struct Info {
     pub cpu_features: Vec<String>,
     /// Where each weight format of the linear layers computes, e.g. `{"q4_1": "wick avx512"}`.
     pub kernels: std::collections::BTreeMap<String, String>,
+    /// The KV cache's element type (`f16`, `bf16` or `f32`).
+    pub kv_cache_dtype: String,
+    /// Bytes one token's K and V take over all layers, on each rank.
+    pub kv_cache_bytes_per_token: u64,
 }
 
 /// One prompt token of `/tokenize`, with byte offsets into `inputs`.

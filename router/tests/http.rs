@@ -961,6 +961,8 @@ fn the_http_edge_answers_for_any_backend() {
             cpu_model: String::new(),
             cpu_features: Vec::new(),
             kernels: Default::default(),
+            kv_cache_dtype: "f16".into(),
+            kv_cache_bytes_per_token: 4096,
         };
         let app = server::app(&default_config(), std::sync::Arc::new(DownBackend), backend)
             .expect("the app builds");

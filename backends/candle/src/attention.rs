@@ -1,5 +1,5 @@
 //! CPU paged attention over the [`KvCache`](crate::kv_cache::KvCache) layout
-//! `[num_blocks, block_size, kv_heads, head_dim]`.
+//! `[num_blocks, kv_heads, block_size, head_dim]`, f16, bf16 or f32 (widened to f32 as read).
 //!
 //! A step first writes every token's K/V at its slot, then each query token attends over its own
 //! sequence's positions `max(0, p + 1 - window) ..= p`, read through the sequence's block table.
@@ -13,7 +13,7 @@
 
 use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
-use wick_kernels::{AttendScratch, HeadGroup, Level, PagedKv};
+use wick_kernels::{AttendScratch, HeadGroup, KvElement, Level, PagedKv};
 
 use crate::step::{SeqSpan, StepInput};
 
@@ -109,33 +109,43 @@ pub fn validate_step(
 
 /// Writes each token's K and V rows (`[tokens, kv_width]`) of a checked `step` (see
 /// [`validate_step`]) at the slot its sequence's block table gives its position, in one layer's
-/// cache.
-pub fn write_kv(
-    cache_k: &mut [f32],
-    cache_v: &mut [f32],
+/// cache (rounded to the cache's type).
+pub fn write_kv<T: KvElement>(
+    cache_k: &mut [T],
+    cache_v: &mut [T],
     k: &[f32],
     v: &[f32],
     step: &StepInput<'_>,
     params: &AttentionParams,
 ) -> Result<()> {
-    let (kv_width, block_size) = (params.kv_width(), params.block_size);
+    let (kv_width, block_size, hd) = (params.kv_width(), params.block_size, params.head_dim);
     let tokens = step.positions.len();
-    if k.len() != tokens * kv_width || v.len() != k.len() {
+    if k.len() != tokens * kv_width || v.len() != k.len() || cache_k.len() != cache_v.len() {
         bail!(
             "write_kv: {} K and {} V floats for {tokens} tokens of width {kv_width}",
             k.len(),
             v.len(),
         );
     }
+    let layout = PagedKv {
+        k: &[] as &[T],
+        v: &[],
+        kv_heads: params.num_kv_heads,
+        block_size,
+    };
     for seq in &step.seqs {
         for t in seq.start..seq.start + seq.len {
-            let at = seq.slot(step.positions[t] as usize, block_size) * kv_width;
-            if at + kv_width > cache_k.len() {
+            let slot = seq.slot(step.positions[t] as usize, block_size);
+            let (block, i) = (slot / block_size, slot % block_size);
+            if layout.at(block, params.num_kv_heads - 1, i + 1, hd) > cache_k.len() {
                 bail!("token {t}'s slot is outside the KV cache");
             }
-            let row = t * kv_width..(t + 1) * kv_width;
-            cache_k[at..at + kv_width].copy_from_slice(&k[row.clone()]);
-            cache_v[at..at + kv_width].copy_from_slice(&v[row]);
+            for g in 0..params.num_kv_heads {
+                let at = layout.at(block, g, i, hd);
+                let row = t * kv_width + g * hd..t * kv_width + (g + 1) * hd;
+                T::from_f32_slice(&mut cache_k[at..at + hd], &k[row.clone()]);
+                T::from_f32_slice(&mut cache_v[at..at + hd], &v[row]);
+            }
         }
     }
     Ok(())
@@ -157,10 +167,10 @@ const MAX_SCORE_TILE: usize = 1 << 22;
 /// [`GEMM_MIN_TOKENS`] or more tokens run as matmuls, one after the other; the other tokens are
 /// split over (token, kv head) pairs so the query heads that share a kv head read each K/V row
 /// once.
-pub fn paged_attention(
+pub fn paged_attention<T: KvElement>(
     q: &[f32],
-    cache_k: &[f32],
-    cache_v: &[f32],
+    cache_k: &[T],
+    cache_v: &[T],
     positions: &[u32],
     seqs: &[SeqSpan<'_>],
     params: &AttentionParams,
@@ -209,10 +219,10 @@ pub fn paged_attention(
 }
 
 /// What every (token, kv head) work item of one [`paged_attention`] call reads.
-struct Job<'a, 's> {
+struct Job<'a, 's, T> {
     q: &'a [f32],
-    cache_k: &'a [f32],
-    cache_v: &'a [f32],
+    cache_k: &'a [T],
+    cache_v: &'a [T],
     positions: &'a [u32],
     seqs: &'a [SeqSpan<'s>],
     params: &'a AttentionParams,
@@ -227,31 +237,41 @@ struct Job<'a, 's> {
 /// `[kv_heads, n, head_dim]`, a copy linear in the context. Queries are grouped per kv head as
 /// `[kv_heads, group * rows, head_dim]` so one batched matmul covers every head, and are tiled
 /// over tokens to bound the scores' memory.
-fn sequence_attention(
-    job: &Job<'_, '_>,
+fn sequence_attention<T: KvElement>(
+    job: &Job<'_, '_, T>,
     seq: &SeqSpan<'_>,
     q: &[f32],
     out: &mut [f32],
 ) -> Result<()> {
     let params = job.params;
     let (hd, bs, group) = (params.head_dim, params.block_size, job.group);
-    let (nkv, kv_width, q_width) = (params.num_kv_heads, params.kv_width(), params.q_width());
+    let (nkv, q_width) = (params.num_kv_heads, params.q_width());
     let p0 = seq.context_len - seq.len;
     let k_lo = (p0 + 1).saturating_sub(job.window);
     let n = seq.context_len - k_lo;
 
-    // [nkv, n, hd] from the slot-major cache.
+    // [nkv, n, hd] from the head-major blocks, as f32: a run of positions inside one block is
+    // contiguous for each head.
+    let layout = PagedKv {
+        k: job.cache_k,
+        v: job.cache_v,
+        kv_heads: nkv,
+        block_size: bs,
+    };
     let mut k = vec![0f32; nkv * n * hd];
     let mut v = vec![0f32; nkv * n * hd];
-    for j in 0..n {
+    let mut j = 0;
+    while j < n {
         let pos = k_lo + j;
-        let slot = seq.block_table[pos / bs] as usize * bs + pos % bs;
-        let k_row = &job.cache_k[slot * kv_width..][..kv_width];
-        let v_row = &job.cache_v[slot * kv_width..][..kv_width];
+        let (block, i) = (seq.block_table[pos / bs] as usize, pos % bs);
+        let run = (bs - i).min(n - j);
         for g in 0..nkv {
-            k[(g * n + j) * hd..][..hd].copy_from_slice(&k_row[g * hd..][..hd]);
-            v[(g * n + j) * hd..][..hd].copy_from_slice(&v_row[g * hd..][..hd]);
+            let src = layout.at(block, g, i, hd)..layout.at(block, g, i + run, hd);
+            let dst = (g * n + j) * hd..(g * n + j + run) * hd;
+            T::to_f32_slice(&mut k[dst.clone()], &job.cache_k[src.clone()]);
+            T::to_f32_slice(&mut v[dst], &job.cache_v[src]);
         }
+        j += run;
     }
     let k = Tensor::from_vec(k, (nkv, n, hd), &Device::Cpu)?;
     let v = Tensor::from_vec(v, (nkv, n, hd), &Device::Cpu)?;
@@ -306,7 +326,12 @@ fn sequence_attention(
 
 /// One work item: the `group` query heads of token `item / kv_heads` that share kv head
 /// `item % kv_heads`, over the token's window of its own sequence.
-fn attend(job: &Job<'_, '_>, item: usize, scratch: &mut AttendScratch, out: &mut [f32]) {
+fn attend<T: KvElement>(
+    job: &Job<'_, '_, T>,
+    item: usize,
+    scratch: &mut AttendScratch,
+    out: &mut [f32],
+) {
     let params = job.params;
     let (hd, group) = (params.head_dim, job.group);
     let t = item / params.num_kv_heads;
@@ -324,13 +349,13 @@ fn attend(job: &Job<'_, '_>, item: usize, scratch: &mut AttendScratch, out: &mut
     let heads = HeadGroup {
         q: &job.q[t * params.q_width() + g * group * hd..][..group * hd],
         head_dim: hd,
-        kv_offset: g * hd,
+        kv_head: g,
         scale: params.scale,
     };
     let kv = PagedKv {
         k: job.cache_k,
         v: job.cache_v,
-        slot_width: params.kv_width(),
+        kv_heads: params.num_kv_heads,
         block_size: params.block_size,
     };
     let window = (p + 1).saturating_sub(job.window)..p + 1;

@@ -31,6 +31,7 @@ fn engine() -> Engine {
         EngineOptions {
             block_size: BLOCK_SIZE,
             num_blocks: NUM_BLOCKS,
+            kv_dtype: Default::default(),
         },
     )
 }

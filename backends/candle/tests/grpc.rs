@@ -32,6 +32,9 @@ async fn shard_serves_the_protocol() {
     assert_eq!(info.device_type, "cpu");
     assert_eq!(info.dtype, "float32");
     assert_eq!(info.quantize, "f32");
+    // The KV cache is f16 by default: 2 layers × 2 KV heads × 16 dims × (K, V) × 2 bytes.
+    assert_eq!(info.kv_cache_dtype, "f16");
+    assert_eq!(info.kv_cache_bytes_per_token, 256);
     assert_eq!(info.architecture, "llama");
     assert_eq!(info.vocab_size as usize, tiny_vocab_size());
     assert_eq!(
@@ -73,8 +76,8 @@ async fn shard_serves_the_protocol() {
         .await
         .unwrap()
         .into_inner();
-    // 1 MiB over 2 layers × 2 KV heads × 16 dims × (K, V) × f32 = 512 bytes per slot.
-    assert_eq!(warmup.max_supported_total_tokens, Some(2048));
+    // 1 MiB over 256 bytes per slot; a request is capped by the model's 2048 positions.
+    assert_eq!(warmup.max_supported_total_tokens, Some(4096));
     assert_eq!(warmup.max_total_tokens, 2048);
     assert_eq!(warmup.max_input_tokens, 2047);
 

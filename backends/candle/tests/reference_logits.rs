@@ -12,6 +12,7 @@ use wick_backend_candle::kv_cache::KvCache;
 use wick_backend_candle::model::LlamaModel;
 use wick_backend_candle::step::{SeqSpan, StepInput};
 use wick_backend_candle::weights::{LoadOptions, WeightStore};
+use wick_kernels::KvDtype;
 use wick_model::config::{Architecture, ModelConfig, RopeScaling};
 
 /// Max abs logit difference allowed against the reference (f32 throughout). Only the order of
@@ -411,9 +412,21 @@ fn prefill_alone(
     block_size: usize,
     seed: u64,
 ) -> Vec<Vec<f32>> {
-    let mut cache = KvCache::new(model.config(), NUM_BLOCKS, block_size);
+    let mut cache = f32_cache(model.config(), NUM_BLOCKS, block_size);
     let mut seq = BlockPool::new(seed).seq(prompt.len(), block_size);
     step(model, &mut cache, &mut [(&mut seq, prompt, Want::All)]).remove(0)
+}
+
+/// A cache of f32 values: these tests hold the model's arithmetic to the f32 reference, which
+/// a 16-bit cache's rounding would blur (that is measured on its own, below).
+fn f32_cache(c: &ModelConfig, num_blocks: usize, block_size: usize) -> KvCache {
+    KvCache::with_dtype(
+        c,
+        c.num_key_value_heads,
+        num_blocks,
+        block_size,
+        KvDtype::F32,
+    )
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -548,7 +561,7 @@ fn packed_sequences_match_each_alone() {
         .map(|(i, p)| prefill_alone(&model, p, 4, 100 + i as u64))
         .collect();
 
-    let mut cache = KvCache::new(&c, NUM_BLOCKS, 4);
+    let mut cache = f32_cache(&c, NUM_BLOCKS, 4);
     let mut pool = BlockPool::new(7);
     let mut seqs: Vec<Seq> = prompts.iter().map(|p| pool.seq(p.len(), 4)).collect();
     let mut parts: Vec<_> = seqs
@@ -582,7 +595,7 @@ fn prefill_then_batched_decode_matches_full_sequence_reference() {
         .collect();
     let prompt_lens = [5, 18];
 
-    let mut cache = KvCache::new(&c, NUM_BLOCKS, 4);
+    let mut cache = f32_cache(&c, NUM_BLOCKS, 4);
     let mut pool = BlockPool::new(9);
     let mut a = pool.seq(full[0].len(), 4);
     let mut b = pool.seq(full[1].len(), 4);
@@ -633,7 +646,7 @@ fn chunked_prefill_matches_single_prefill() {
     let prompt = rng.tokens(33, c.vocab_size);
     let other = rng.tokens(4, c.vocab_size);
 
-    let mut cache = KvCache::new(&c, NUM_BLOCKS, 4);
+    let mut cache = f32_cache(&c, NUM_BLOCKS, 4);
     let mut pool = BlockPool::new(11);
     let mut once = pool.seq(prompt.len(), 4);
     let single = step(&model, &mut cache, &mut [(&mut once, &prompt, Want::Last)]).remove(0);
@@ -667,7 +680,7 @@ fn chunked_prefill_matches_single_prefill() {
 fn inconsistent_steps_are_rejected_without_panicking() {
     let c = config(Architecture::Llama);
     let model = load(&c, &random_weights(&c, 12));
-    let mut cache = KvCache::new(&c, 4, 4);
+    let mut cache = f32_cache(&c, 4, 4);
     let make = |token: u32, position: u32, table: &'static [u32]| StepInput {
         tokens: vec![token],
         positions: vec![position],

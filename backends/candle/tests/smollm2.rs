@@ -17,7 +17,7 @@ use wick_backend_candle::sampling::SamplingParams;
 use wick_backend_candle::source;
 use wick_backend_candle::stopping::StoppingParams;
 use wick_backend_candle::weights::LoadOptions;
-use wick_kernels::Outliers;
+use wick_kernels::{KvDtype, Outliers};
 
 fn model_path() -> Option<PathBuf> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -69,6 +69,7 @@ fn smollm2_knows_the_capital_of_france() {
         loaded.config.num_key_value_heads,
         64 << 20,
         16,
+        Default::default(),
     );
     let mut engine = Engine::new(
         Box::new(model),
@@ -130,7 +131,7 @@ fn smollm2_logits_match_candle_quantized_llama() {
     let ids = question_ids(&loaded);
     let n = ids.len();
     // Blocks out of order, as the router may hand them out.
-    let ours = prefill_logits(&model, &ids, &[3, 1, 0, 2]);
+    let ours = prefill_logits(&model, &ids, &[3, 1, 0, 2], KvDtype::F32);
 
     let mut file = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
@@ -183,11 +184,17 @@ fn question_ids(loaded: &source::LoadedModel) -> Vec<u32> {
         .to_vec()
 }
 
-/// The logits of every position of `ids` prefilled at once into a 4-block cache, the sequence
-/// in `blocks` (16 slots each).
-fn prefill_logits(model: &LlamaModel, ids: &[u32], blocks: &[u32]) -> Vec<Vec<f32>> {
+/// The logits of every position of `ids` prefilled at once into a 4-block cache of `dtype`
+/// values, the sequence in `blocks` (16 slots each).
+fn prefill_logits(
+    model: &LlamaModel,
+    ids: &[u32],
+    blocks: &[u32],
+    dtype: KvDtype,
+) -> Vec<Vec<f32>> {
     let n = ids.len();
-    let mut cache = KvCache::with_kv_heads(model.config(), model.plan().kv_heads.len(), 4, 16);
+    let kv_heads = model.plan().kv_heads.len();
+    let mut cache = KvCache::with_dtype(model.config(), kv_heads, 4, 16, dtype);
     let step = StepInput {
         tokens: ids.to_vec(),
         positions: (0..n as u32).collect(),
@@ -215,6 +222,7 @@ fn smollm2_split_over_three_ranks_matches_the_whole_model() {
         &LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap(),
         &ids,
         &[0, 1, 2, 3],
+        KvDtype::default(),
     );
     drop(loaded);
     let dir = tempfile::tempdir().unwrap();
@@ -234,7 +242,7 @@ fn smollm2_split_over_three_ranks_matches_the_whole_model() {
                 )
                 .unwrap();
                 assert_eq!(model.plan().heads.len(), 3);
-                prefill_logits(&model, &ids, &[0, 1, 2, 3])
+                prefill_logits(&model, &ids, &[0, 1, 2, 3], KvDtype::default())
             })
         })
         .collect::<Vec<_>>()
@@ -300,13 +308,17 @@ fn prompt_logprobs(logits: &[Vec<f32>], ids: &[u32]) -> Vec<f64> {
 /// residual stream sit at 15–30× their row's RMS and set their blocks' scales, coarsening the
 /// other 31 values. Blocks whose largest value exceeds 4.5× their RMS now take a second 8-bit
 /// pass over their rounding error (7–19% of the blocks of this model's inputs), which gives
-/// 0.040 (measured); the bound is 0.05.
+/// 0.040 with an f32 KV cache and 0.0425 with the default f16 one (measured), against the f32
+/// path with an f32 cache; the bound is 0.05.
+///
+/// The KV cache's type alone, on the f32 path: an f16 cache moves the log-probabilities by
+/// 0.0010 nats on average (measured; bound 0.005), a bf16 cache by 0.0057 (bound 0.02).
 #[test]
 fn smollm2_prompt_logprobs_stay_close_to_the_f32_path() {
     let Some(path) = model_path() else { return };
     let text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\
                 Write one sentence about the sea, the wind and the old lighthouse keeper.<|im_end|>";
-    let logprobs = |opts: LoadOptions| {
+    let logprobs = |opts: LoadOptions, dtype: KvDtype| {
         let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
         let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
         let ids = loaded
@@ -318,21 +330,25 @@ fn smollm2_prompt_logprobs_stay_close_to_the_f32_path() {
         assert!(ids.len() >= 24 && ids.len() <= 64, "{} tokens", ids.len());
         let kernels = model.kernels();
         (
-            prompt_logprobs(&prefill_logits(&model, &ids, &[0, 1, 2, 3]), &ids),
+            prompt_logprobs(&prefill_logits(&model, &ids, &[0, 1, 2, 3], dtype), &ids),
             kernels,
         )
     };
-    let (ours, kernels) = logprobs(LoadOptions::default());
+    let (ours, kernels) = logprobs(LoadOptions::default(), KvDtype::default());
     assert!(kernels["q4_1"].starts_with("wick"), "{kernels:?}");
-    let (plain, _) = logprobs(LoadOptions {
+    let plain_opts = LoadOptions {
         activation_outliers: Outliers::Plain,
         ..LoadOptions::default()
-    });
-    let (f32_path, kernels) = logprobs(LoadOptions {
+    };
+    let (plain, _) = logprobs(plain_opts, KvDtype::default());
+    let f32_opts = LoadOptions {
         dequantize: true,
         ..LoadOptions::default()
-    });
+    };
+    let (f32_path, kernels) = logprobs(f32_opts.clone(), KvDtype::F32);
     assert!(!kernels.contains_key("q4_1"), "{kernels:?}");
+    let (f16_kv, _) = logprobs(f32_opts.clone(), KvDtype::F16);
+    let (bf16_kv, _) = logprobs(f32_opts, KvDtype::Bf16);
     let mean_difference = |ours: &[f64]| {
         ours.iter()
             .zip(&f32_path)
@@ -341,9 +357,11 @@ fn smollm2_prompt_logprobs_stay_close_to_the_f32_path() {
             / ours.len() as f64
     };
     let (mean, plain) = (mean_difference(&ours), mean_difference(&plain));
+    let (f16_kv, bf16_kv) = (mean_difference(&f16_kv), mean_difference(&bf16_kv));
     eprintln!(
         "prompt logprobs vs f32, mean |Δ| over {}: wick kernels {mean:.4} nats, \
-         with plain 8-bit blocks {plain:.4}",
+         with plain 8-bit blocks {plain:.4}; f32 path with an f16 KV cache {f16_kv:.4}, \
+         bf16 {bf16_kv:.4}",
         ours.len()
     );
     assert!(mean <= 0.05, "mean |Δlogprob| {mean}");
@@ -352,4 +370,6 @@ fn smollm2_prompt_logprobs_stay_close_to_the_f32_path() {
         plain > mean + 0.01,
         "plain 8-bit blocks: {plain}, refined: {mean}"
     );
+    assert!(f16_kv <= 0.005, "f16 KV cache: mean |Δlogprob| {f16_kv}");
+    assert!(bf16_kv <= 0.02, "bf16 KV cache: mean |Δlogprob| {bf16_kv}");
 }

@@ -19,6 +19,7 @@ use wick_backend_candle::testing::{
     tiny_vocab_size, write_gguf_model, write_hf_model, TinyModelSpec,
 };
 use wick_backend_candle::weights::LoadOptions;
+use wick_kernels::KvDtype;
 use wick_model::config::Architecture;
 
 /// Dense f32 weights: split and whole differ only in the order partial sums are added.
@@ -54,11 +55,14 @@ fn argmax(row: &[f32]) -> u32 {
 /// A packed prefill of `prompts` (logits of every position), then decode steps of all
 /// sequences together, each fed its greedy token or, with `forced`, another run's.
 fn run(model: &LlamaModel, prompts: &[Vec<u32>], forced: Option<&[Vec<u32>]>) -> Run {
-    let mut cache = KvCache::with_kv_heads(
+    // f32 values: the split is held to the whole model's arithmetic, which a 16-bit cache's
+    // rounding would blur.
+    let mut cache = KvCache::with_dtype(
         model.config(),
         model.plan().kv_heads.len(),
         prompts.len() * BLOCKS_PER_SEQ,
         BLOCK_SIZE,
+        KvDtype::F32,
     );
     let tables: Vec<Vec<u32>> = (0..prompts.len())
         .map(|s| ((s * BLOCKS_PER_SEQ) as u32..((s + 1) * BLOCKS_PER_SEQ) as u32).collect())

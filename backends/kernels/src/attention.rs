@@ -1,9 +1,11 @@
-//! Decode attention over a paged f32 KV cache: the query heads of one token that share one KV
-//! head, over a window of their sequence's positions, read in place through the block table.
+//! Decode attention over a paged KV cache (f32, f16 or bf16): the query heads of one token
+//! that share one KV head, over a window of their sequence's positions, read in place through
+//! the block table.
 //!
 //! One call scores every K row of the window for all the group's heads, takes each head's
-//! softmax and sums the V rows. Every level performs the same float operations in the same order, so all levels give
-//! the scalar twin's bits:
+//! softmax and sums the V rows. A 16-bit cache is widened to f32 as it is read (exactly), so
+//! the arithmetic is the same for every cache type. Every level performs the same float
+//! operations in the same order, so all levels give the scalar twin's bits:
 //! - a dot product keeps 64 partial sums (input `d` goes to lane `d % 64`, fused multiply-add,
 //!   inputs in order), combined as `(l + l+16) + (l+32 + l+48)` and then halved in a fixed tree
 //!   (`l + l+8`, `l + l+4`, `l + l+2`, `0 + 1`);
@@ -12,19 +14,170 @@
 //!   halved in the same tree;
 //! - each output element sums `p_j · v_j` with fused multiply-adds, positions in order.
 
+use std::fmt;
 use std::ops::Range;
+use std::str::FromStr;
+
+use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
+use half::{bf16, f16};
 
 use crate::Level;
 
-/// One layer's paged cache: slot `s` holds `slot_width` floats of K (and of V) at
-/// `s * slot_width`; position `p` of a sequence is at slot
-/// `block_table[p / block_size] * block_size + p % block_size`.
+/// The element type of a KV cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    /// Half the memory and read traffic of f32; 10 mantissa bits (K and V rows are small and
+    /// normalised, well inside f16's range).
+    #[default]
+    F16,
+    /// Half the memory of f32, f32's range, 7 mantissa bits.
+    Bf16,
+    F32,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 3] = [KvDtype::F16, KvDtype::Bf16, KvDtype::F32];
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F16 | KvDtype::Bf16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+            KvDtype::F32 => "f32",
+        })
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" | "float16" | "fp16" => Ok(KvDtype::F16),
+            "bf16" | "bfloat16" => Ok(KvDtype::Bf16),
+            "f32" | "float32" | "fp32" => Ok(KvDtype::F32),
+            other => Err(format!(
+                "unknown KV cache dtype {other:?} (expected f16, bf16 or f32)"
+            )),
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element of a KV cache: f32, f16 or bf16, read as f32.
+pub trait KvElement: Copy + Default + Send + Sync + 'static + sealed::Sealed {
+    const DTYPE: KvDtype;
+    fn to_f32(self) -> f32;
+    /// Rounded to nearest, ties to even.
+    fn from_f32(x: f32) -> Self;
+    /// `dst[i] = from_f32(src[i])`, vectorised where the CPU can.
+    fn from_f32_slice(dst: &mut [Self], src: &[f32]);
+    /// `dst[i] = src[i].to_f32()`, vectorised where the CPU can.
+    fn to_f32_slice(dst: &mut [f32], src: &[Self]);
+    /// A zeroed vector of `n` values, from zeroed pages (touched only when written).
+    fn zeroed(n: usize) -> Vec<Self>;
+}
+
+impl KvElement for f32 {
+    const DTYPE: KvDtype = KvDtype::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
+        dst.copy_from_slice(src);
+    }
+    fn zeroed(n: usize) -> Vec<Self> {
+        vec![0.0; n]
+    }
+}
+
+impl KvElement for f16 {
+    const DTYPE: KvDtype = KvDtype::F16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn zeroed(n: usize) -> Vec<Self> {
+        // `vec![0u16; n]` is a zeroed allocation; `vec![f16::ZERO; n]` would write every value.
+        vec![0u16; n].reinterpret_into()
+    }
+}
+
+impl KvElement for bf16 {
+    const DTYPE: KvDtype = KvDtype::Bf16;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
+        dst.convert_from_f32_slice(src);
+    }
+    fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
+        src.convert_to_f32_slice(dst);
+    }
+    fn zeroed(n: usize) -> Vec<Self> {
+        // `vec![0u16; n]` is a zeroed allocation; `vec![bf16::ZERO; n]` would write every value.
+        vec![0u16; n].reinterpret_into()
+    }
+}
+
+/// One layer's paged cache, head-major inside each block: block `b` holds its `block_size`
+/// positions of KV head 0, then of head 1, …, each position `head_dim` values, so position `i`
+/// of head `g` is at `((b · kv_heads + g) · block_size + i) · head_dim`. A head's positions in
+/// a block are contiguous: attention reads them as one run. Position `p` of a sequence is
+/// position `p % block_size` of block `block_table[p / block_size]`.
 #[derive(Debug, Clone, Copy)]
-pub struct PagedKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    pub slot_width: usize,
+pub struct PagedKv<'a, T> {
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub kv_heads: usize,
     pub block_size: usize,
+}
+
+impl<T> PagedKv<'_, T> {
+    /// Where position `i` of block `block`'s KV head `head` starts, for heads of `head_dim`.
+    #[inline(always)]
+    pub fn at(&self, block: usize, head: usize, i: usize, head_dim: usize) -> usize {
+        ((block * self.kv_heads + head) * self.block_size + i) * head_dim
+    }
 }
 
 /// The query heads of one token that share one KV head.
@@ -33,8 +186,8 @@ pub struct HeadGroup<'a> {
     /// `[heads, head_dim]`, one row per query head.
     pub q: &'a [f32],
     pub head_dim: usize,
-    /// Where the KV head's `head_dim` floats start inside a slot.
-    pub kv_offset: usize,
+    /// The KV head they share.
+    pub kv_head: usize,
     /// Scores are `scale · q·k`.
     pub scale: f32,
 }
@@ -59,10 +212,10 @@ pub const ATTEND_PARTITION: usize = 512;
 /// # Panics
 /// If the window is empty, a shape disagrees, or a position of the window falls outside the
 /// block table or the cache.
-pub fn attend(
+pub fn attend<T: KvElement>(
     level: Level,
     heads: &HeadGroup<'_>,
-    kv: &PagedKv<'_>,
+    kv: &PagedKv<'_, T>,
     block_table: &[u32],
     window: Range<usize>,
     scratch: &mut AttendScratch,
@@ -77,10 +230,10 @@ pub fn attend(
     assert_eq!(out.len(), heads.q.len(), "attention output size");
     assert!(!window.is_empty(), "attention over no positions");
     assert!(
-        heads.kv_offset + hd <= kv.slot_width && kv.block_size > 0 && kv.k.len() == kv.v.len(),
-        "KV head at {} (+{hd}) of slots of {}, blocks of {}",
-        heads.kv_offset,
-        kv.slot_width,
+        heads.kv_head < kv.kv_heads && kv.block_size > 0 && kv.k.len() == kv.v.len(),
+        "KV head {} of {}, blocks of {}",
+        heads.kv_head,
+        kv.kv_heads,
         kv.block_size
     );
     let group = heads.q.len() / hd;
@@ -148,10 +301,10 @@ fn merge(outs: &[f32], stats: &[[f32; 2]], group: usize, hd: usize, out: &mut [f
 
 /// [`attend`] over one window in one pass; `stats` gets each head's softmax max and sum.
 #[allow(clippy::too_many_arguments)]
-fn attend_window(
+fn attend_window<T: KvElement>(
     level: Level,
     heads: &HeadGroup<'_>,
-    kv: &PagedKv<'_>,
+    kv: &PagedKv<'_, T>,
     block_table: &[u32],
     window: Range<usize>,
     (offsets, scores): (&mut Vec<usize>, &mut Vec<f32>),
@@ -164,8 +317,7 @@ fn attend_window(
         let block = *block_table
             .get(p / kv.block_size)
             .unwrap_or_else(|| panic!("position {p} is past the block table"));
-        let at =
-            (block as usize * kv.block_size + p % kv.block_size) * kv.slot_width + heads.kv_offset;
+        let at = kv.at(block as usize, heads.kv_head, p % kv.block_size, hd);
         assert!(at + hd <= kv.k.len(), "position {p} is outside the cache");
         offsets.push(at);
     }
@@ -193,12 +345,12 @@ fn attend_window(
 }
 
 /// What one [`attend`] call computes over, with every row's offset checked against `k` and `v`.
-pub(crate) struct Rows<'a> {
+pub(crate) struct Rows<'a, T> {
     pub q: &'a [f32],
     pub head_dim: usize,
     pub scale: f32,
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: &'a [T],
+    pub v: &'a [T],
     /// Where each position's `head_dim` floats start in `k` and `v`.
     pub offsets: &'a [usize],
 }
@@ -249,11 +401,11 @@ fn reduce16(t: &[f32; 16]) -> f32 {
     r2[0] + r2[1]
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: KvElement>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; DOT_LANES];
     for (d, (x, y)) in a.iter().zip(b).enumerate() {
         let lane = &mut acc[d % DOT_LANES];
-        *lane = x.mul_add(*y, *lane);
+        *lane = x.mul_add(y.to_f32(), *lane);
     }
     let t: [f32; 16] =
         std::array::from_fn(|l| (acc[l] + acc[l + 16]) + (acc[l + 32] + acc[l + 48]));
@@ -296,7 +448,12 @@ fn scalar_softmax(s: &mut [f32]) -> [f32; 2] {
 }
 
 /// The portable twin every SIMD level is tested against.
-pub(crate) fn scalar(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32], stats: &mut [[f32; 2]]) {
+pub(crate) fn scalar<T: KvElement>(
+    rows: &Rows<'_, T>,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: &mut [[f32; 2]],
+) {
     let (hd, n) = (rows.head_dim, rows.offsets.len());
     for (((q, s), o), stats) in rows
         .q
@@ -312,7 +469,7 @@ pub(crate) fn scalar(rows: &Rows<'_>, scores: &mut [f32], out: &mut [f32], stats
         o.fill(0.0);
         for (&p, &at) in s.iter().zip(rows.offsets) {
             for (o, &v) in o.iter_mut().zip(&rows.v[at..at + hd]) {
-                *o = p.mul_add(v, *o);
+                *o = p.mul_add(v.to_f32(), *o);
             }
         }
     }
@@ -348,9 +505,10 @@ mod tests {
         q_scale: f32,
     }
 
-    /// Runs `case` through [`attend`] at `level` with the KV head at offset `head_dim` of two
-    /// heads per slot and a shuffled block table; returns the output and an f64 reference.
-    fn run(case: &Case, level: Level, seed: u64) -> (Vec<f32>, Vec<f64>) {
+    /// Runs `case` through [`attend`] at `level` over a `T` cache, with the heads' KV head the
+    /// second of two and a shuffled block table; returns the output and an f64 reference over
+    /// the values the cache holds.
+    fn run<T: KvElement>(case: &Case, level: Level, seed: u64) -> (Vec<f32>, Vec<f64>) {
         let Case {
             group,
             head_dim: hd,
@@ -364,21 +522,25 @@ mod tests {
         let context = n + 3;
         let blocks = context.div_ceil(bs) + 1;
         let table: Vec<u32> = (0..blocks as u32 - 1).rev().map(|b| b + 1).collect();
-        let slot_width = 2 * hd + 1;
-        let k: Vec<f32> = (0..blocks * bs * slot_width).map(|_| r()).collect();
-        let v: Vec<f32> = (0..blocks * bs * slot_width).map(|_| r()).collect();
+        let kv_heads = 2;
+        let k: Vec<T> = (0..blocks * kv_heads * bs * hd)
+            .map(|_| T::from_f32(r()))
+            .collect();
+        let v: Vec<T> = (0..blocks * kv_heads * bs * hd)
+            .map(|_| T::from_f32(r()))
+            .collect();
         let q: Vec<f32> = (0..group * hd).map(|_| r() * q_scale).collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let heads = HeadGroup {
             q: &q,
             head_dim: hd,
-            kv_offset: hd,
+            kv_head: 1,
             scale,
         };
         let kv = PagedKv {
             k: &k,
             v: &v,
-            slot_width,
+            kv_heads,
             block_size: bs,
         };
         let mut out = vec![f32::NAN; group * hd];
@@ -396,7 +558,7 @@ mod tests {
 
         let mut reference = vec![0f64; group * hd];
         for (h, o) in reference.chunks_exact_mut(hd).enumerate() {
-            let at = |p: usize| (table[p / bs] as usize * bs + p % bs) * slot_width + hd;
+            let at = |p: usize| ((table[p / bs] as usize * kv_heads + 1) * bs + p % bs) * hd;
             let s: Vec<f64> = window
                 .clone()
                 .map(|p| {
@@ -404,7 +566,7 @@ mod tests {
                     let qh = &q[h * hd..(h + 1) * hd];
                     qh.iter()
                         .zip(kr)
-                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .map(|(a, b)| *a as f64 * b.to_f32() as f64)
                         .sum::<f64>()
                         * scale as f64
                 })
@@ -414,7 +576,7 @@ mod tests {
             let sum: f64 = e.iter().sum();
             for (p, e) in window.clone().zip(&e) {
                 for (o, vv) in o.iter_mut().zip(&v[at(p)..at(p) + hd]) {
-                    *o += e / sum * *vv as f64;
+                    *o += e / sum * vv.to_f32() as f64;
                 }
             }
         }
@@ -463,31 +625,61 @@ mod tests {
         cases
     }
 
+    /// [`run`] for the cache type `dtype` names.
+    fn run_as(dtype: KvDtype, case: &Case, level: Level, seed: u64) -> (Vec<f32>, Vec<f64>) {
+        match dtype {
+            KvDtype::F32 => run::<f32>(case, level, seed),
+            KvDtype::F16 => run::<f16>(case, level, seed),
+            KvDtype::Bf16 => run::<bf16>(case, level, seed),
+        }
+    }
+
     #[test]
     fn scalar_matches_an_f64_reference() {
-        for (i, case) in cases().iter().enumerate() {
-            let (out, reference) = run(case, Level::Scalar, i as u64 + 7);
-            for (a, b) in out.iter().zip(&reference) {
-                assert!(
-                    (*a as f64 - b).abs() < 2e-5,
-                    "case {i}: {a} vs {b} (hd {}, n {})",
-                    case.head_dim,
-                    case.n
-                );
+        for dtype in KvDtype::ALL {
+            for (i, case) in cases().iter().enumerate() {
+                let (out, reference) = run_as(dtype, case, Level::Scalar, i as u64 + 7);
+                for (a, b) in out.iter().zip(&reference) {
+                    assert!(
+                        (*a as f64 - b).abs() < 2e-5,
+                        "{dtype}, case {i}: {a} vs {b} (hd {}, n {})",
+                        case.head_dim,
+                        case.n
+                    );
+                }
             }
         }
     }
 
     #[test]
     fn every_level_gives_the_scalar_bits() {
-        for level in Level::supported() {
-            for (i, case) in cases().iter().enumerate() {
-                let (want, _) = run(case, Level::Scalar, i as u64 + 7);
-                let (got, _) = run(case, level, i as u64 + 7);
-                let same = same_bits(&got, &want);
-                assert!(same, "{level}, case {i}: {got:?} vs {want:?}");
+        for dtype in KvDtype::ALL {
+            for level in Level::supported() {
+                for (i, case) in cases().iter().enumerate() {
+                    let (want, _) = run_as(dtype, case, Level::Scalar, i as u64 + 7);
+                    let (got, _) = run_as(dtype, case, level, i as u64 + 7);
+                    let same = same_bits(&got, &want);
+                    assert!(same, "{dtype} at {level}, case {i}: {got:?} vs {want:?}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn dtypes_parse_and_round_values_to_nearest() {
+        for dtype in KvDtype::ALL {
+            assert_eq!(dtype.to_string().parse::<KvDtype>(), Ok(dtype));
+        }
+        assert_eq!("FP16".parse::<KvDtype>(), Ok(KvDtype::F16));
+        assert!("q8_0"
+            .parse::<KvDtype>()
+            .unwrap_err()
+            .contains("f16, bf16 or f32"));
+        assert_eq!(KvDtype::default(), KvDtype::F16);
+        // 1 + 2^-11 is halfway between two f16 values: ties to even.
+        let x = 1.0 + 2f32.powi(-11);
+        assert_eq!(<f16 as KvElement>::from_f32(x).to_f32(), 1.0);
+        assert_eq!(<bf16 as KvElement>::from_f32(3.0).to_f32(), 3.0);
     }
 
     #[test]
@@ -522,14 +714,14 @@ mod tests {
         let kv = PagedKv {
             k: &k,
             v: &v,
-            slot_width: 2,
+            kv_heads: 1,
             block_size: 2,
         };
         let q = [1f32, 1.0];
         let heads = HeadGroup {
             q: &q,
             head_dim: 2,
-            kv_offset: 0,
+            kv_head: 0,
             scale: 1.0,
         };
         let mut out = [0f32; 2];

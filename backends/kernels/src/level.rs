@@ -14,7 +14,7 @@ pub enum Level {
     Scalar,
     /// AVX2 with FMA and F16C (`vpmaddubsw` for the 8-bit dot products).
     Avx2,
-    /// AVX-512 F/BW with VNNI (`vpdpbusd`).
+    /// AVX-512 F/BW/VL with VNNI (`vpdpbusd`).
     Avx512,
 }
 
@@ -73,7 +73,14 @@ impl FromStr for Level {
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Level {
     use std::arch::is_x86_feature_detected as has;
-    if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c") && has!("fma") {
+    // Every CPU with AVX-512 BW has VL; the attention's 16-bit loads use it.
+    if has!("avx512f")
+        && has!("avx512bw")
+        && has!("avx512vl")
+        && has!("avx512vnni")
+        && has!("f16c")
+        && has!("fma")
+    {
         Level::Avx512
     } else if has!("avx2") && has!("fma") && has!("f16c") {
         Level::Avx2
@@ -100,6 +107,7 @@ pub fn cpu_features() -> Vec<(&'static str, bool)> {
             ("avxvnni", has!("avxvnni")),
             ("avx512f", has!("avx512f")),
             ("avx512bw", has!("avx512bw")),
+            ("avx512vl", has!("avx512vl")),
             ("avx512vnni", has!("avx512vnni")),
             ("avx512bf16", has!("avx512bf16")),
         ]

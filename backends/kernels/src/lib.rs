@@ -11,8 +11,8 @@
 //! - [`PackedMatrix::matmul`]: one code path for one row (decode) and many (batches, prefill):
 //!   each panel stays in cache while all rows sweep over it, so a weight byte is read from
 //!   memory once per step whatever the batch.
-//! - [`attend`]: decode attention of the query heads that share a KV head, over a paged f32
-//!   KV cache read in place through the block table.
+//! - [`attend`]: decode attention of the query heads that share a KV head, over a paged KV
+//!   cache (f16, bf16 or f32; head-major blocks) read in place through the block table.
 //! - [`silu_mul`]: the MLP's `SiLU(gate) · up`, on the attention's `exp`.
 //! - [`Level`]: AVX-512 VNNI, AVX2 or scalar, detected at run time and capped by the caller;
 //!   every level returns the same bits, checked by the tests on every level the host runs.
@@ -28,7 +28,9 @@ mod packed;
 mod x86;
 
 pub use activation::{Outliers, QuantizedRows, OUTLIER_RATIO};
-pub use attention::{attend, softmax, AttendScratch, HeadGroup, PagedKv, ATTEND_PARTITION};
+pub use attention::{
+    attend, softmax, AttendScratch, HeadGroup, KvDtype, KvElement, PagedKv, ATTEND_PARTITION,
+};
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
 pub use elementwise::silu_mul;
 pub use format::{Format, BLOCK};

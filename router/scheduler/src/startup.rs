@@ -52,6 +52,9 @@ pub struct BackendInfo {
     pub cpu_model: String,
     pub cpu_features: Vec<String>,
     pub kernels: std::collections::BTreeMap<String, String>,
+    /// The KV cache's element type, and the bytes one token takes in it on each rank.
+    pub kv_cache_dtype: String,
+    pub kv_cache_bytes_per_token: u64,
 }
 
 /// ServiceDiscovery from rank 0, connect to every rank, ClearCache → Info → Warmup (TGI's rules
@@ -144,6 +147,8 @@ pub async fn connect(setup: &ShardSetup) -> anyhow::Result<(Infer, BackendInfo)>
         cpu_model: info.cpu_model,
         cpu_features: info.cpu_features,
         kernels: info.kernels.into_iter().collect(),
+        kv_cache_dtype: info.kv_cache_dtype,
+        kv_cache_bytes_per_token: info.kv_cache_bytes_per_token,
     };
     Ok((infer, backend))
 }

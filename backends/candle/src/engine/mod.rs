@@ -16,6 +16,7 @@ use crate::model::{LlamaModel, StepProfile};
 use crate::sampling::Sampler;
 use crate::step::StepInput;
 use crate::stopping::{Detokenizer, StopCriteria};
+use wick_kernels::KvDtype;
 use wick_model::config::ModelConfig;
 
 mod running;
@@ -83,26 +84,29 @@ pub enum EngineError {
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
-/// KV cache geometry.
+/// KV cache geometry and element type.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineOptions {
     pub block_size: usize,
     pub num_blocks: usize,
+    pub kv_dtype: KvDtype,
 }
 
 impl EngineOptions {
-    /// As many blocks of a cache holding `kv_heads` KV heads as fit in `kv_cache_bytes` (at
-    /// least one).
+    /// As many blocks of a cache of `kv_dtype` holding `kv_heads` KV heads as fit in
+    /// `kv_cache_bytes` (at least one).
     pub fn from_budget(
         config: &ModelConfig,
         kv_heads: usize,
         kv_cache_bytes: usize,
         block_size: usize,
+        kv_dtype: KvDtype,
     ) -> Self {
-        let block_bytes = KvCache::bytes_per_slot(config, kv_heads) * block_size;
+        let block_bytes = KvCache::bytes_per_slot(config, kv_heads, kv_dtype) * block_size;
         Self {
             block_size,
             num_blocks: (kv_cache_bytes / block_bytes.max(1)).max(1),
+            kv_dtype,
         }
     }
 }
@@ -131,11 +135,12 @@ impl Engine {
             .filter(|(_, t)| t.special)
             .map(|(id, _)| id)
             .collect();
-        let kv = KvCache::with_kv_heads(
+        let kv = KvCache::with_dtype(
             &config,
             model.kv_heads(),
             options.num_blocks,
             options.block_size,
+            options.kv_dtype,
         );
         Self {
             model,

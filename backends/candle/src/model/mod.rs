@@ -5,10 +5,11 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::attention::{self, AttentionParams};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, LayerKv, Layers};
 use crate::linear::{host_f32, Linear};
 use crate::parallel::{Collective, ShardPlan};
 use crate::step::StepInput;
+use wick_kernels::KvElement;
 use wick_model::config::ModelConfig;
 
 mod layers;
@@ -125,7 +126,7 @@ impl LlamaModel {
         let sin = self.rope_sin.index_select(&positions, 0)?;
         let mut x = self.embed(&step.tokens)?;
 
-        for (layer, (cache_k, cache_v)) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
             let [q, k, v]: [Tensor; 3] = timed(&mut profile.linear_ns, || layer.qkv.forward(&h))?
                 .try_into()
@@ -142,7 +143,7 @@ impl LlamaModel {
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?;
             let attn = timed(&mut profile.attention_ns, || {
-                self.attention(&q, &k, &v, step, &params, cache_k, cache_v)
+                self.attention(&q, &k, &v, step, &params, &mut cache.layers, l)
             })?;
             let o = timed(&mut profile.linear_ns, || layer.o_proj.forward(&attn))?;
             let mut o = self.sum_over_ranks(o)?;
@@ -223,7 +224,7 @@ impl LlamaModel {
         }
     }
 
-    /// Writes the step's K/V into one layer's cache and attends; returns `[tokens, heads * hd]`.
+    /// Writes the step's K/V into layer `l`'s cache and attends; returns `[tokens, heads * hd]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -232,8 +233,8 @@ impl LlamaModel {
         v: &Tensor,
         step: &StepInput,
         params: &AttentionParams,
-        cache_k: &mut [f32],
-        cache_v: &mut [f32],
+        cache: &mut Layers,
+        l: usize,
     ) -> Result<Tensor> {
         let n_tokens = step.tokens.len();
         // The cache lives in host memory: tensors on another device make one copy each way.
@@ -253,16 +254,12 @@ impl LlamaModel {
             let q = host_f32(&q_storage, q_layout)?;
             let k = host_f32(&k_storage, k_layout)?;
             let v = host_f32(&v_storage, v_layout)?;
-            attention::write_kv(cache_k, cache_v, k, v, step, params)?;
-            attention::paged_attention(
-                q,
-                cache_k,
-                cache_v,
-                &step.positions,
-                &step.seqs,
-                params,
-                &mut out,
-            )?;
+            let o = &mut out;
+            match cache {
+                Layers::F16(layers) => attend_layer(&mut layers[l], q, k, v, step, params, o)?,
+                Layers::Bf16(layers) => attend_layer(&mut layers[l], q, k, v, step, params, o)?,
+                Layers::F32(layers) => attend_layer(&mut layers[l], q, k, v, step, params, o)?,
+            }
         }
         Tensor::from_vec(out, (n_tokens, params.q_width()), &Device::Cpu)?.to_device(&self.device)
     }
@@ -289,12 +286,8 @@ impl LlamaModel {
                 c.head_dim
             );
         }
-        let cache_floats = cache.num_slots() * cache.kv_heads * cache.head_dim;
-        if cache
-            .layers
-            .iter()
-            .any(|(k, v)| k.len() != cache_floats || v.len() != cache_floats)
-        {
+        let cache_values = cache.num_slots() * cache.kv_heads * cache.head_dim;
+        if !cache.layers.all_hold(cache_values) {
             bail!(
                 "KV cache buffers do not match its {} slots",
                 cache.num_slots()
@@ -317,6 +310,28 @@ impl LlamaModel {
             cache.block_size,
         )
     }
+}
+
+/// Writes a step's K/V into one layer of the cache and attends over it.
+fn attend_layer<T: KvElement>(
+    layer: &mut LayerKv<T>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    step: &StepInput,
+    params: &AttentionParams,
+    out: &mut [f32],
+) -> Result<()> {
+    attention::write_kv(&mut layer.k, &mut layer.v, k, v, step, params)?;
+    attention::paged_attention(
+        q,
+        &layer.k,
+        &layer.v,
+        &step.positions,
+        &step.seqs,
+        params,
+        out,
+    )
 }
 
 #[cfg(test)]

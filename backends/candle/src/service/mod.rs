@@ -17,8 +17,10 @@ use wick_proto::v1::text_generation_service_server::{
 };
 
 use candle_core::DType;
+use wick_kernels::KvDtype;
 
 use crate::engine::{Engine, EngineOptions, WarmupLimits};
+use crate::kv_cache::KvCache;
 use crate::model::LlamaModel;
 use crate::parallel::{self, Collective};
 use crate::source;
@@ -57,6 +59,8 @@ pub struct ShardConfig {
     pub load: LoadOptions,
     /// Bytes of KV cache to allocate.
     pub kv_cache_bytes: usize,
+    /// The KV cache's element type.
+    pub kv_cache_dtype: KvDtype,
     /// Token slots per KV block.
     pub block_size: usize,
 }
@@ -76,6 +80,9 @@ pub struct ShardInfo {
     pub block_size: u32,
     /// KV blocks of `block_size` slots this shard holds (the router allocates them).
     pub num_blocks: u32,
+    /// The KV cache's element type, and the bytes one token takes in it over all layers.
+    pub kv_cache_dtype: KvDtype,
+    pub kv_cache_bytes_per_token: u64,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
     /// The tokenizer in `tokenizer.json` form.
@@ -128,6 +135,8 @@ impl TextGenerationService for ShardService {
             attention_impl: "paged".into(),
             block_size: i.block_size,
             num_blocks: i.num_blocks,
+            kv_cache_dtype: i.kv_cache_dtype.to_string(),
+            kv_cache_bytes_per_token: i.kv_cache_bytes_per_token,
             model_id: i.model_id.clone(),
             architecture: i.architecture.clone(),
             vocab_size: i.vocab_size,
@@ -317,7 +326,9 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         plan.kv_heads.len(),
         config.kv_cache_bytes,
         config.block_size,
+        config.kv_cache_dtype,
     );
+    let kv_bytes_per_token = KvCache::bytes_per_slot(c, plan.kv_heads.len(), options.kv_dtype);
     let info = ShardInfo {
         model_id: loaded.model_id.clone(),
         architecture: format!("{:?}", c.architecture).to_lowercase(),
@@ -334,6 +345,8 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         window_size: c.sliding_window.map(|w| w as u32),
         block_size: config.block_size as u32,
         num_blocks: u32::try_from(options.num_blocks).unwrap_or(u32::MAX),
+        kv_cache_dtype: options.kv_dtype,
+        kv_cache_bytes_per_token: kv_bytes_per_token as u64,
         eos_token_ids: c.eos_token_ids.clone(),
         bos_token_id: c.bos_token_id,
         tokenizer_json: loaded
@@ -354,6 +367,8 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         quantize = %info.quantize,
         kv_blocks = options.num_blocks,
         block_size = options.block_size,
+        kv_cache_dtype = %options.kv_dtype,
+        kv_bytes_per_token,
         rank = plan.rank,
         world_size = plan.world_size,
         heads = ?plan.heads,

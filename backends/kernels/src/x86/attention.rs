@@ -1,10 +1,46 @@
 //! [`crate::attention`] with AVX-512 (16 lanes) and AVX2 (8 lanes): the scalar twin's
 //! operations in its order, so the same bits. A head's 64 dot-product lanes are 4 zmm or 8 ymm
 //! accumulators; a `head_dim` that is not a multiple of the vector is loaded under masks.
+//! A 16-bit cache's values are widened to f32 as they are loaded (`vcvtph2ps`, or a shift for
+//! bf16): exact, so the arithmetic is the f32 cache's.
 
 use std::arch::x86_64::*;
 
-use crate::attention::{Rows, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+use crate::attention::{KvDtype, KvElement, Rows, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+
+/// The 16 cache values at `p` under mask `m` (zeros elsewhere), as f32.
+#[inline(always)]
+unsafe fn load16<T: KvElement>(p: *const T, m: __mmask16) -> __m512 {
+    match T::DTYPE {
+        KvDtype::F32 => _mm512_maskz_loadu_ps(m, p as *const f32),
+        KvDtype::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
+        KvDtype::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(m, p as *const i16),
+        ))),
+    }
+}
+
+/// The 8 cache values of `[0, len)` at `base + at` as f32, zeros past `len`.
+#[inline(always)]
+unsafe fn load8_kv<T: KvElement>(base: *const T, at: usize, len: usize) -> __m256 {
+    if T::DTYPE == KvDtype::F32 {
+        return load8(base as *const f32, at, len);
+    }
+    let bits = if at + 8 <= len {
+        _mm_loadu_si128(base.add(at) as *const __m128i)
+    } else {
+        // A tail (a head_dim that is not a multiple of 8): AVX2 has no 16-bit masked load.
+        let mut tail = [0u16; 8];
+        let valid = len.saturating_sub(at).min(8);
+        std::ptr::copy_nonoverlapping(base.add(at) as *const u16, tail.as_mut_ptr(), valid);
+        _mm_loadu_si128(tail.as_ptr() as *const __m128i)
+    };
+    if T::DTYPE == KvDtype::F16 {
+        _mm256_cvtph_ps(bits)
+    } else {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+    }
+}
 
 /// Lanes of `[0, len)` that exist past `at`, as AVX-512's mask.
 #[inline(always)]
@@ -53,9 +89,9 @@ pub(crate) unsafe fn exp16(x_in: __m512) -> __m512 {
 
 /// Asks for position `j`'s row of `base` (`rows.k` or `rows.v`) ahead of its use.
 #[inline(always)]
-unsafe fn prefetch_row<const HINT: i32>(rows: &Rows<'_>, base: *const f32, j: usize) {
+unsafe fn prefetch_row<const HINT: i32, T>(rows: &Rows<'_, T>, base: *const T, j: usize) {
     let row = base.add(*rows.offsets.get_unchecked(j)) as *const i8;
-    for line in 0..(rows.head_dim * 4).div_ceil(64) {
+    for line in 0..(rows.head_dim * std::mem::size_of::<T>()).div_ceil(64) {
         _mm_prefetch::<HINT>(row.add(64 * line));
     }
 }
@@ -70,10 +106,10 @@ fn group_masks(g: usize, hd: usize) -> [__mmask16; 4] {
 /// A dot product's 64 lanes folded to 16: `(l + l+16) + (l+32 + l+48)`; `last` masks the
 /// final group.
 #[inline]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn partial_dot(
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn partial_dot<T: KvElement>(
     q: *const f32,
-    row: *const f32,
+    row: *const T,
     groups: usize,
     last: [__mmask16; 4],
 ) -> __m512 {
@@ -84,7 +120,7 @@ unsafe fn partial_dot(
             let at = g * 64 + c * 16;
             let m = if full { 0xffff } else { last[c] };
             let a = _mm512_maskz_loadu_ps(m, q.add(at));
-            let b = _mm512_maskz_loadu_ps(m, row.add(at));
+            let b = load16(row.add(at), m);
             *acc = _mm512_fmadd_ps(a, b, *acc);
         }
     }
@@ -94,8 +130,13 @@ unsafe fn partial_dot(
 /// `out[h] = Σ_j p[h][j] · v_j` over one 64-float group `g` for `H` heads at once, so each V
 /// row is loaded once for all of them.
 #[inline]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn weighted_sum<const H: usize>(rows: &Rows<'_>, p: *const f32, o: *mut f32, g: usize) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn weighted_sum<const H: usize, T: KvElement>(
+    rows: &Rows<'_, T>,
+    p: *const f32,
+    o: *mut f32,
+    g: usize,
+) {
     let (hd, n) = (rows.head_dim, rows.offsets.len());
     let masks = group_masks(g, hd);
     let v = rows.v.as_ptr();
@@ -104,7 +145,7 @@ unsafe fn weighted_sum<const H: usize>(rows: &Rows<'_>, p: *const f32, o: *mut f
         let row = v.add(*rows.offsets.get_unchecked(j) + g * 64);
         let mut x = [_mm512_setzero_ps(); 4];
         for (c, x) in x.iter_mut().enumerate() {
-            *x = _mm512_maskz_loadu_ps(masks[c], row.add(c * 16));
+            *x = load16(row.add(c * 16), masks[c]);
         }
         for (h, acc) in acc.iter_mut().enumerate() {
             let pj = _mm512_set1_ps(*p.add(h * n + j));
@@ -164,11 +205,12 @@ unsafe fn transposed(t: [__m512; 16]) -> __m512 {
 }
 
 /// # Safety
-/// The CPU must have AVX-512F, AVX2 and FMA; `rows.offsets` must be inside `rows.k` and
-/// `rows.v` (with `head_dim` floats each), `scores` `heads × positions` and `out` `q`'s size.
-#[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn attend_avx512(
-    rows: &Rows<'_>,
+/// The CPU must have AVX-512 F/BW/VL, AVX2, F16C and FMA; `rows.offsets` must be inside
+/// `rows.k` and `rows.v` (with `head_dim` values each), `scores` `heads × positions` and `out`
+/// `q`'s size.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+pub(crate) unsafe fn attend_avx512<T: KvElement>(
+    rows: &Rows<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],
     stats: &mut [[f32; 2]],
@@ -188,10 +230,10 @@ pub(crate) unsafe fn attend_avx512(
     let mut j = 0;
     while j + 16 <= n {
         for i in j + 16..(j + 32).min(n) {
-            prefetch_row::<_MM_HINT_T0>(rows, k, i);
+            prefetch_row::<_MM_HINT_T0, T>(rows, k, i);
         }
         for i in j..j + 16 {
-            prefetch_row::<_MM_HINT_T1>(rows, rows.v.as_ptr(), i);
+            prefetch_row::<_MM_HINT_T1, T>(rows, rows.v.as_ptr(), i);
         }
         for h in 0..heads {
             let mut t = [_mm512_setzero_ps(); 16];
@@ -223,10 +265,10 @@ pub(crate) unsafe fn attend_avx512(
         while h < heads {
             let (p, oh) = (s.add(h * n) as *const f32, o.add(h * hd));
             match heads - h {
-                1 => weighted_sum::<1>(rows, p, oh, g),
-                2 => weighted_sum::<2>(rows, p, oh, g),
-                3 => weighted_sum::<3>(rows, p, oh, g),
-                _ => weighted_sum::<4>(rows, p, oh, g),
+                1 => weighted_sum::<1, T>(rows, p, oh, g),
+                2 => weighted_sum::<2, T>(rows, p, oh, g),
+                3 => weighted_sum::<3, T>(rows, p, oh, g),
+                _ => weighted_sum::<4, T>(rows, p, oh, g),
             }
             h += 4;
         }
@@ -353,10 +395,10 @@ pub(crate) unsafe fn softmax_avx2(p: *mut f32, n: usize) -> [f32; 2] {
 }
 
 /// # Safety
-/// As [`attend_avx512`], with AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn attend_avx2(
-    rows: &Rows<'_>,
+/// As [`attend_avx512`], with AVX2, F16C and FMA.
+#[target_feature(enable = "avx2,f16c,fma")]
+pub(crate) unsafe fn attend_avx2<T: KvElement>(
+    rows: &Rows<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],
     stats: &mut [[f32; 2]],
@@ -368,9 +410,9 @@ pub(crate) unsafe fn attend_avx2(
     // asked for as in `attend_avx512`.
     for j in 0..n {
         if j + 16 < n {
-            prefetch_row::<_MM_HINT_T0>(rows, k, j + 16);
+            prefetch_row::<_MM_HINT_T0, T>(rows, k, j + 16);
         }
-        prefetch_row::<_MM_HINT_T1>(rows, v, j);
+        prefetch_row::<_MM_HINT_T1, T>(rows, v, j);
         let row = k.add(*rows.offsets.get_unchecked(j));
         for (h, q) in rows.q.chunks_exact(hd).enumerate() {
             let q = q.as_ptr();
@@ -378,7 +420,7 @@ pub(crate) unsafe fn attend_avx2(
             for g in 0..groups {
                 for (c, acc) in acc.iter_mut().enumerate() {
                     let at = g * 64 + c * 8;
-                    *acc = _mm256_fmadd_ps(load8(q, at, hd), load8(row, at, hd), *acc);
+                    *acc = _mm256_fmadd_ps(load8(q, at, hd), load8_kv(row, at, hd), *acc);
                 }
             }
             // Lanes 0..8 of the 16 are accumulators 0, 2, 4, 6; lanes 8..16 are 1, 3, 5, 7.
@@ -403,7 +445,7 @@ pub(crate) unsafe fn attend_avx2(
                 let row = v.add(rows.offsets[j]);
                 for (c, acc) in acc.iter_mut().enumerate() {
                     let at = g * 64 + c * 8;
-                    *acc = _mm256_fmadd_ps(pj, load8(row, at, hd), *acc);
+                    *acc = _mm256_fmadd_ps(pj, load8_kv(row, at, hd), *acc);
                 }
             }
             for (c, acc) in acc.iter().enumerate() {
