@@ -133,7 +133,7 @@ fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
 }
 
 /// Median time of `f` over about `seconds`.
-fn time(seconds: f64, mut f: impl FnMut()) -> Duration {
+pub(crate) fn time(seconds: f64, mut f: impl FnMut()) -> Duration {
     f();
     let start = Instant::now();
     let mut samples = Vec::new();
@@ -149,7 +149,7 @@ fn time(seconds: f64, mut f: impl FnMut()) -> Duration {
     samples[samples.len() / 2]
 }
 
-fn read_bandwidth(seconds: f64) -> f64 {
+pub(crate) fn read_bandwidth(seconds: f64) -> f64 {
     use rayon::prelude::*;
     let buf = vec![1u64; 64 << 20];
     let t = time(seconds, || {

@@ -1,6 +1,7 @@
 //! `wick-bench`: how fast wick is, measured.
 
 mod arrivals;
+mod attention;
 mod compare;
 mod kernels;
 mod model_gen;
@@ -42,6 +43,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// The linear-layer kernels alone: GEMV GB/s and GEMM GOP/s by format, shape and rows.
     Kernels(kernels::KernelArgs),
+    /// The decode attention kernel alone: µs per layer and KV GB/s by batch, context and KV
+    /// cache type.
+    Attention(attention::AttentionArgs),
     /// Write a random-weight GGUF of a real model's shape (e.g. Llama-3.2-1B) with another
     /// GGUF's tokenizer, loadable by wick and llama.cpp alike.
     MakeModel(model_gen::MakeModelArgs),
@@ -85,6 +89,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Kernels(args) => {
             let report = kernels::run(args)?;
             println!("{}", kernels::markdown(&report));
+            if let Some(path) = cli.json {
+                write_json(&path, &report)?;
+            }
+        }
+        Command::Attention(args) => {
+            let report = attention::run(args)?;
+            println!("{}", attention::markdown(&report));
             if let Some(path) = cli.json {
                 write_json(&path, &report)?;
             }

@@ -127,6 +127,53 @@ unsafe fn partial_dot<T: KvElement>(
     _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
 }
 
+/// The scores of positions `j..j + 16` for `H` heads (queries at `q`, one row of `hd` after
+/// another; scores stored at `s + h·n`), scaled by `scale` after the trees: each
+/// K row is loaded (and widened) once for all `H` heads. The same operations per (head,
+/// position) as [`partial_dot`], then the sixteen trees reduced together (`transposed`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+unsafe fn scores16<const H: usize, T: KvElement>(
+    rows: &Rows<'_, T>,
+    q: *const f32,
+    s: *mut f32,
+    n: usize,
+    j: usize,
+    groups: usize,
+    last: [__mmask16; 4],
+) {
+    let hd = rows.head_dim;
+    let k = rows.k.as_ptr();
+    let mut t = [[_mm512_setzero_ps(); 16]; H];
+    for i in 0..16 {
+        let row = k.add(*rows.offsets.get_unchecked(j + i));
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for g in 0..groups {
+            let full = g + 1 < groups;
+            let mut kv = [_mm512_setzero_ps(); 4];
+            for (c, kv) in kv.iter_mut().enumerate() {
+                let m = if full { 0xffff } else { last[c] };
+                *kv = load16(row.add(g * 64 + c * 16), m);
+            }
+            for (h, acc) in acc.iter_mut().enumerate() {
+                for (c, acc) in acc.iter_mut().enumerate() {
+                    let at = g * 64 + c * 16;
+                    let m = if full { 0xffff } else { last[c] };
+                    let a = _mm512_maskz_loadu_ps(m, q.add(h * hd + at));
+                    *acc = _mm512_fmadd_ps(a, kv[c], *acc);
+                }
+            }
+        }
+        for (t, acc) in t.iter_mut().zip(acc) {
+            t[i] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        }
+    }
+    let scale = _mm512_set1_ps(rows.scale);
+    for (h, t) in t.into_iter().enumerate() {
+        _mm512_storeu_ps(s.add(h * n), _mm512_mul_ps(transposed(t), scale));
+    }
+}
+
 /// `out[h] = Σ_j p[h][j] · v_j` over one 64-float group `g` for `H` heads at once, so each V
 /// row is loaded once for all of them.
 #[inline]
@@ -142,6 +189,11 @@ unsafe fn weighted_sum<const H: usize, T: KvElement>(
     let v = rows.v.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); 4]; H];
     for j in 0..n {
+        if j + 8 < n {
+            let ahead = v.add(*rows.offsets.get_unchecked(j + 8) + g * 64) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
+        }
         let row = v.add(*rows.offsets.get_unchecked(j) + g * 64);
         let mut x = [_mm512_setzero_ps(); 4];
         for (c, x) in x.iter_mut().enumerate() {
@@ -232,17 +284,22 @@ pub(crate) unsafe fn attend_avx512<T: KvElement>(
         for i in j + 16..(j + 32).min(n) {
             prefetch_row::<_MM_HINT_T0, T>(rows, k, i);
         }
+        for i in j + 32..(j + 64).min(n) {
+            prefetch_row::<_MM_HINT_T2, T>(rows, k, i);
+        }
         for i in j..j + 16 {
             prefetch_row::<_MM_HINT_T1, T>(rows, rows.v.as_ptr(), i);
         }
-        for h in 0..heads {
-            let mut t = [_mm512_setzero_ps(); 16];
-            for (i, t) in t.iter_mut().enumerate() {
-                let row = k.add(*rows.offsets.get_unchecked(j + i));
-                *t = partial_dot(q.add(h * hd), row, groups, last);
+        let mut h = 0;
+        while h < heads {
+            let (qh, sh) = (q.add(h * hd), s.add(h * n + j));
+            match heads - h {
+                1 => scores16::<1, T>(rows, qh, sh, n, j, groups, last),
+                2 => scores16::<2, T>(rows, qh, sh, n, j, groups, last),
+                3 => scores16::<3, T>(rows, qh, sh, n, j, groups, last),
+                _ => scores16::<4, T>(rows, qh, sh, n, j, groups, last),
             }
-            let scores = _mm512_mul_ps(transposed(t), _mm512_set1_ps(scale));
-            _mm512_storeu_ps(s.add(h * n + j), scores);
+            h += 4;
         }
         j += 16;
     }

@@ -1,0 +1,183 @@
+//! `wick-bench attention`: the decode attention kernel alone, as a decode step runs it: every
+//! (sequence, KV head) of a batch attends over its whole context in a paged cache, in parallel.
+
+use clap::Args;
+use rayon::prelude::*;
+use serde::Serialize;
+use wick_kernels::{attend, AttendScratch, HeadGroup, KvDtype, KvElement, Level, PagedKv};
+
+use crate::kernels::{read_bandwidth, time};
+use crate::run_info::RunInfo;
+
+#[derive(Args, Debug)]
+pub struct AttentionArgs {
+    /// Positions each sequence attends over.
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,4096")]
+    pub context: Vec<usize>,
+    /// Sequences decoding together (the batch).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub sequences: Vec<usize>,
+    /// KV cache element types (f16, bf16, f32).
+    #[arg(long, value_delimiter = ',', default_value = "f16,f32")]
+    pub dtypes: Vec<KvDtype>,
+    /// KV heads per layer (Llama-3.2-1B: 8).
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
+    /// Query heads per KV head (Llama-3.2-1B: 4).
+    #[arg(long, default_value_t = 4)]
+    pub group: usize,
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Kernel level (avx512, avx2, scalar); default: the best this CPU runs.
+    #[arg(long)]
+    pub level: Option<Level>,
+    /// Time spent on each measurement.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AttentionReport {
+    pub run: RunInfo,
+    pub level: String,
+    pub threads: usize,
+    pub kv_heads: usize,
+    pub group: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Reading a 512 MiB buffer with every thread, GB/s.
+    pub read_bandwidth_gbs: f64,
+    pub results: Vec<AttentionResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AttentionResult {
+    pub dtype: String,
+    pub sequences: usize,
+    pub context: usize,
+    /// One layer of one decode step: every sequence's every KV head.
+    pub micros: f64,
+    /// K and V bytes read over the time.
+    pub kv_gbs: f64,
+}
+
+pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let level = args.level.unwrap_or_else(Level::detected).capped();
+    anyhow::ensure!(
+        args.kv_heads > 0 && args.group > 0 && args.head_dim > 0 && args.block_size > 0,
+        "heads, head_dim and block_size must be positive"
+    );
+    pool.install(|| {
+        let read_bandwidth_gbs = read_bandwidth(args.seconds);
+        let mut results = Vec::new();
+        for &dtype in &args.dtypes {
+            for &sequences in &args.sequences {
+                for &context in &args.context {
+                    anyhow::ensure!(sequences > 0 && context > 0, "empty batch or context");
+                    let micros = match dtype {
+                        KvDtype::F16 => step::<half::f16>(&args, level, sequences, context),
+                        KvDtype::Bf16 => step::<half::bf16>(&args, level, sequences, context),
+                        KvDtype::F32 => step::<f32>(&args, level, sequences, context),
+                    };
+                    let bytes = 2 * sequences * args.kv_heads * context * args.head_dim;
+                    results.push(AttentionResult {
+                        dtype: dtype.to_string(),
+                        sequences,
+                        context,
+                        micros,
+                        kv_gbs: (bytes * dtype.size()) as f64 / micros / 1e3,
+                    });
+                }
+            }
+        }
+        Ok(AttentionReport {
+            run: RunInfo::collect(),
+            level: level.to_string(),
+            threads,
+            kv_heads: args.kv_heads,
+            group: args.group,
+            head_dim: args.head_dim,
+            block_size: args.block_size,
+            read_bandwidth_gbs,
+            results,
+        })
+    })
+}
+
+/// The median µs of one layer's decode attention for `sequences` sequences of `context`
+/// positions, their blocks interleaved in the cache (as the router hands them out to requests
+/// that grow together).
+fn step<T: KvElement>(args: &AttentionArgs, level: Level, sequences: usize, context: usize) -> f64 {
+    let (hd, bs, kv_heads) = (args.head_dim, args.block_size, args.kv_heads);
+    let per_seq = context.div_ceil(bs);
+    let blocks = per_seq * sequences;
+    let values = blocks * kv_heads * bs * hd;
+    let value = |i: usize| T::from_f32(((i * 7919 % 1013) as f32 - 506.0) / 506.0);
+    let k: Vec<T> = (0..values).map(value).collect();
+    let v: Vec<T> = (0..values).map(|i| value(i + 17)).collect();
+    let tables: Vec<Vec<u32>> = (0..sequences)
+        .map(|s| (0..per_seq).map(|b| (b * sequences + s) as u32).collect())
+        .collect();
+    let q: Vec<f32> = (0..sequences * kv_heads * args.group * hd)
+        .map(|i| ((i * 31 % 257) as f32 - 128.0) / 128.0)
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    let kv = PagedKv {
+        k: &k,
+        v: &v,
+        kv_heads,
+        block_size: bs,
+    };
+    let width = args.group * hd;
+    let t = time(args.seconds, || {
+        out.par_chunks_mut(width)
+            .zip(q.par_chunks(width))
+            .enumerate()
+            .for_each_init(AttendScratch::default, |scratch, (item, (out, q))| {
+                let (s, g) = (item / kv_heads, item % kv_heads);
+                let heads = HeadGroup {
+                    q,
+                    head_dim: hd,
+                    kv_head: g,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                };
+                attend(level, &heads, &kv, &tables[s], 0..context, scratch, out);
+            });
+    });
+    t.as_secs_f64() * 1e6
+}
+
+pub fn markdown(r: &AttentionReport) -> String {
+    let mut s = format!(
+        "decode attention at {} on {} thread(s), {}; {} KV heads x {} query heads of {}, \
+         blocks of {}; memory read {:.1} GB/s\n\n",
+        r.level,
+        r.threads,
+        r.run.cpu_model,
+        r.kv_heads,
+        r.group,
+        r.head_dim,
+        r.block_size,
+        r.read_bandwidth_gbs
+    );
+    s += "| KV dtype | sequences | context | µs per layer | KV GB/s |\n|---|---:|---:|---:|---:|\n";
+    for x in &r.results {
+        s += &format!(
+            "| {} | {} | {} | {:.1} | {:.1} |\n",
+            x.dtype, x.sequences, x.context, x.micros, x.kv_gbs
+        );
+    }
+    s
+}
