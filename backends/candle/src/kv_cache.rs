@@ -4,9 +4,41 @@
 //! `block_table[p / block_size]`. Values are f16 by default (half f32's memory and read
 //! traffic), or bf16 or f32 (`--kv-cache-dtype`).
 
+use candle_core::{bail, Result};
 use half::{bf16, f16};
 use wick_kernels::{KvDtype, KvElement};
 use wick_model::config::ModelConfig;
+
+use crate::attention::{self, AttentionParams};
+use crate::step::StepInput;
+
+/// Where a model keeps its K/V between steps and how it attends over them: the seam between
+/// the model code and the memory that holds the cache. The engine, the batching and the
+/// protocol see only blocks; a device-resident store (CUDA) implements this trait in place of
+/// the CPU cache ([`KvCache`]) without touching them.
+pub trait KvStore: Send {
+    /// Blocks of [`KvStore::block_size`] token slots; the router allocates them.
+    fn num_blocks(&self) -> usize;
+    fn block_size(&self) -> usize;
+    fn dtype(&self) -> KvDtype;
+    /// Why this store cannot hold a model of `layers` layers of `kv_heads` KV heads of
+    /// `head_dim`, if it cannot.
+    fn check_fits(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<()>;
+    /// Writes the K and V rows (`[tokens, kv_heads · head_dim]`) of a checked `step` (see
+    /// [`attention::validate_step`]) into layer `layer`, then attends every query token
+    /// (`q`: `[tokens, heads · head_dim]`) over its own sequence into `out` (`q`'s shape).
+    #[allow(clippy::too_many_arguments)]
+    fn write_and_attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        step: &StepInput<'_>,
+        params: &AttentionParams,
+        out: &mut [f32],
+    ) -> Result<()>;
+}
 
 /// One layer's K and V, each `num_blocks * kv_heads * block_size * head_dim` values.
 pub struct LayerKv<T> {
@@ -129,5 +161,156 @@ impl KvCache {
     /// Token slots per layer: `num_blocks * block_size`.
     pub fn num_slots(&self) -> usize {
         self.num_blocks * self.block_size
+    }
+}
+
+impl KvStore for KvCache {
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn dtype(&self) -> KvDtype {
+        KvCache::dtype(self)
+    }
+
+    fn check_fits(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<()> {
+        if self.layers.len() != layers || self.kv_heads != kv_heads || self.head_dim != head_dim {
+            bail!(
+                "KV cache ({} layers, {} kv heads of {}) does not fit the model ({layers} \
+                 layers, {kv_heads} kv heads of {head_dim})",
+                self.layers.len(),
+                self.kv_heads,
+                self.head_dim,
+            );
+        }
+        if !self.layers.all_hold(self.num_slots() * kv_heads * head_dim) {
+            bail!(
+                "KV cache buffers do not match its {} slots",
+                self.num_slots()
+            );
+        }
+        Ok(())
+    }
+
+    fn write_and_attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        step: &StepInput<'_>,
+        params: &AttentionParams,
+        out: &mut [f32],
+    ) -> Result<()> {
+        fn run<T: KvElement>(
+            layers: &mut [LayerKv<T>],
+            layer: usize,
+            (q, k, v): (&[f32], &[f32], &[f32]),
+            step: &StepInput<'_>,
+            params: &AttentionParams,
+            out: &mut [f32],
+        ) -> Result<()> {
+            let Some(l) = layers.get_mut(layer) else {
+                bail!("layer {layer} is outside the KV cache's {}", layers.len());
+            };
+            attention::write_kv(&mut l.k, &mut l.v, k, v, step, params)?;
+            attention::paged_attention(q, &l.k, &l.v, &step.positions, &step.seqs, params, out)
+        }
+        match &mut self.layers {
+            Layers::F16(l) => run(l, layer, (q, k, v), step, params, out),
+            Layers::Bf16(l) => run(l, layer, (q, k, v), step, params, out),
+            Layers::F32(l) => run(l, layer, (q, k, v), step, params, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::step::SeqSpan;
+    use crate::testing::TinyModelSpec;
+
+    fn params(c: &ModelConfig, block_size: usize) -> AttentionParams {
+        AttentionParams {
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            block_size,
+            sliding_window: None,
+            scale: 1.0,
+            level: wick_kernels::Level::detected(),
+        }
+    }
+
+    #[test]
+    fn every_dtype_stores_and_reads_back_through_the_store() {
+        let c = TinyModelSpec::default().config(64);
+        let p = params(&c, 4);
+        let (kv_width, q_width) = (p.kv_width(), p.q_width());
+        // One token at position 0 of block 2: attention over one position returns its V.
+        let table = [2u32];
+        let step = StepInput {
+            tokens: vec![0],
+            positions: vec![0],
+            seqs: vec![SeqSpan {
+                start: 0,
+                len: 1,
+                context_len: 1,
+                block_table: &table,
+            }],
+            logit_rows: vec![0],
+        };
+        let k: Vec<f32> = (0..kv_width).map(|i| i as f32 * 0.25).collect();
+        let v: Vec<f32> = (0..kv_width).map(|i| 1.0 - i as f32 * 0.125).collect();
+        let q = vec![0.5f32; q_width];
+        for dtype in KvDtype::ALL {
+            let mut cache = KvCache::with_dtype(&c, c.num_key_value_heads, 3, 4, dtype);
+            let store: &mut dyn KvStore = &mut cache;
+            assert_eq!(store.dtype(), dtype);
+            assert_eq!((store.num_blocks(), store.block_size()), (3, 4));
+            store
+                .check_fits(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+                .unwrap();
+            let mut out = vec![f32::NAN; q_width];
+            store
+                .write_and_attend(1, &q, &k, &v, &step, &p, &mut out)
+                .unwrap();
+            // Each query head reads its KV head's V row (exact in every dtype: the values are
+            // multiples of 1/8 below 2^8).
+            let group = c.num_attention_heads / c.num_key_value_heads;
+            for (h, o) in out.chunks_exact(c.head_dim).enumerate() {
+                let g = h / group;
+                assert_eq!(
+                    o,
+                    &v[g * c.head_dim..(g + 1) * c.head_dim],
+                    "{dtype}, head {h}"
+                );
+            }
+            // A layer the store does not have is an error, not a panic.
+            let past = c.num_hidden_layers;
+            let err = store
+                .write_and_attend(past, &q, &k, &v, &step, &p, &mut out)
+                .unwrap_err();
+            assert!(err.to_string().contains("outside the KV cache"), "{err}");
+            assert_eq!(
+                KvCache::bytes_per_slot(&c, c.num_key_value_heads, dtype),
+                c.num_hidden_layers * 2 * kv_width * dtype.size()
+            );
+        }
+    }
+
+    #[test]
+    fn a_store_of_another_shape_does_not_fit() {
+        let c = TinyModelSpec::default().config(64);
+        let cache = KvCache::new(&c, 2, 4);
+        let (layers, heads, hd) = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
+        assert!(cache.check_fits(layers, heads, hd).is_ok());
+        let err = cache.check_fits(layers + 1, heads, hd).unwrap_err();
+        assert!(err.to_string().contains("does not fit the model"), "{err}");
+        assert!(cache.check_fits(layers, heads, hd * 2).is_err());
     }
 }

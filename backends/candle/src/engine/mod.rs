@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvStore};
 use crate::model::{LlamaModel, StepProfile};
 use crate::sampling::Sampler;
 use crate::step::StepInput;
@@ -38,12 +38,15 @@ pub trait StepModel: Send {
     fn forward(
         &self,
         step: &StepInput<'_>,
-        kv: &mut KvCache,
+        kv: &mut dyn KvStore,
         profile: &mut StepProfile,
     ) -> candle_core::Result<Tensor>;
 
     /// KV heads this model's cache holds (a tensor-parallel rank's share).
     fn kv_heads(&self) -> usize;
+
+    /// The store this model keeps its K/V in, of the geometry `options` gives.
+    fn new_kv_store(&self, options: &EngineOptions) -> Box<dyn KvStore>;
 
     /// Why the model can no longer run (its tensor-parallel ranks fell apart), once it can't.
     fn failure(&self) -> Option<String> {
@@ -55,7 +58,7 @@ impl StepModel for LlamaModel {
     fn forward(
         &self,
         step: &StepInput<'_>,
-        kv: &mut KvCache,
+        kv: &mut dyn KvStore,
         profile: &mut StepProfile,
     ) -> candle_core::Result<Tensor> {
         LlamaModel::forward_profiled(self, step, kv, profile)
@@ -63,6 +66,17 @@ impl StepModel for LlamaModel {
 
     fn kv_heads(&self) -> usize {
         self.plan().kv_heads.len()
+    }
+
+    /// The CPU cache: host memory, read in place by wick's attention kernels.
+    fn new_kv_store(&self, options: &EngineOptions) -> Box<dyn KvStore> {
+        Box::new(KvCache::with_dtype(
+            self.config(),
+            self.kv_heads(),
+            options.num_blocks,
+            options.block_size,
+            options.kv_dtype,
+        ))
     }
 
     fn failure(&self) -> Option<String> {
@@ -117,7 +131,7 @@ pub struct Engine {
     config: ModelConfig,
     tokenizer: Tokenizer,
     special_ids: HashSet<u32>,
-    kv: KvCache,
+    kv: Box<dyn KvStore>,
     block_size: usize,
     batches: HashMap<u64, BatchState>,
 }
@@ -135,13 +149,7 @@ impl Engine {
             .filter(|(_, t)| t.special)
             .map(|(id, _)| id)
             .collect();
-        let kv = KvCache::with_dtype(
-            &config,
-            model.kv_heads(),
-            options.num_blocks,
-            options.block_size,
-            options.kv_dtype,
-        );
+        let kv = model.new_kv_store(&options);
         Self {
             model,
             config,
@@ -298,7 +306,7 @@ impl Engine {
         requests: Vec<NewRequest>,
         limits: WarmupLimits,
     ) -> Result<WarmupInfo> {
-        let slots = self.kv.num_slots();
+        let slots = self.kv.num_blocks() * self.kv.block_size();
         let requests = requests
             .into_iter()
             .map(|mut r| {
@@ -376,10 +384,14 @@ impl Engine {
         if r.blocks.is_empty() {
             return invalid("no KV blocks (the router allocates them)".into());
         }
-        if let Some(&bad) = r.blocks.iter().find(|&&b| b as usize >= self.kv.num_blocks) {
+        if let Some(&bad) = r
+            .blocks
+            .iter()
+            .find(|&&b| b as usize >= self.kv.num_blocks())
+        {
             return invalid(format!(
                 "block {bad} is outside the KV cache ({} blocks)",
-                self.kv.num_blocks
+                self.kv.num_blocks()
             ));
         }
         if r.blocks.len() * self.block_size < positions {

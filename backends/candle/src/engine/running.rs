@@ -146,7 +146,7 @@ impl Engine {
             logit_rows,
         };
         let mut profile = StepProfile::default();
-        let logits = self.model.forward(&input, &mut self.kv, &mut profile)?;
+        let logits = self.model.forward(&input, self.kv.as_mut(), &mut profile)?;
         let vocab = logits.dim(1)?;
         let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
         drop(input);

@@ -5,11 +5,10 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
 use crate::attention::{self, AttentionParams};
-use crate::kv_cache::{KvCache, LayerKv, Layers};
+use crate::kv_cache::KvStore;
 use crate::linear::{host_f32, Linear};
 use crate::parallel::{Collective, ShardPlan};
 use crate::step::StepInput;
-use wick_kernels::KvElement;
 use wick_model::config::ModelConfig;
 
 mod layers;
@@ -91,7 +90,7 @@ impl LlamaModel {
 
     /// Runs one packed step: writes every token's K/V into `cache` and returns the f32 logits of
     /// `step.logit_rows`, `[logit_rows.len(), vocab]`.
-    pub fn forward(&self, step: &StepInput, cache: &mut KvCache) -> Result<Tensor> {
+    pub fn forward(&self, step: &StepInput, cache: &mut dyn KvStore) -> Result<Tensor> {
         self.forward_profiled(step, cache, &mut StepProfile::default())
     }
 
@@ -100,7 +99,7 @@ impl LlamaModel {
     pub fn forward_profiled(
         &self,
         step: &StepInput,
-        cache: &mut KvCache,
+        cache: &mut dyn KvStore,
         profile: &mut StepProfile,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -115,7 +114,7 @@ impl LlamaModel {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
-            block_size: cache.block_size,
+            block_size: cache.block_size(),
             sliding_window: c.sliding_window,
             scale: 1.0 / (hd as f32).sqrt(),
             level: self.kernel_level,
@@ -143,7 +142,7 @@ impl LlamaModel {
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?;
             let attn = timed(&mut profile.attention_ns, || {
-                self.attention(&q, &k, &v, step, &params, &mut cache.layers, l)
+                self.attention(&q, &k, &v, step, &params, cache, l)
             })?;
             let o = timed(&mut profile.linear_ns, || layer.o_proj.forward(&attn))?;
             let mut o = self.sum_over_ranks(o)?;
@@ -233,7 +232,7 @@ impl LlamaModel {
         v: &Tensor,
         step: &StepInput,
         params: &AttentionParams,
-        cache: &mut Layers,
+        cache: &mut dyn KvStore,
         l: usize,
     ) -> Result<Tensor> {
         let n_tokens = step.tokens.len();
@@ -254,45 +253,19 @@ impl LlamaModel {
             let q = host_f32(&q_storage, q_layout)?;
             let k = host_f32(&k_storage, k_layout)?;
             let v = host_f32(&v_storage, v_layout)?;
-            let o = &mut out;
-            match cache {
-                Layers::F16(layers) => attend_layer(&mut layers[l], q, k, v, step, params, o)?,
-                Layers::Bf16(layers) => attend_layer(&mut layers[l], q, k, v, step, params, o)?,
-                Layers::F32(layers) => attend_layer(&mut layers[l], q, k, v, step, params, o)?,
-            }
+            cache.write_and_attend(l, q, k, v, step, params, &mut out)?;
         }
         Tensor::from_vec(out, (n_tokens, params.q_width()), &Device::Cpu)?.to_device(&self.device)
     }
 
     /// Rejects a step that does not fit this model or cache before anything is written.
-    fn validate(&self, step: &StepInput, cache: &KvCache) -> Result<()> {
+    fn validate(&self, step: &StepInput, cache: &dyn KvStore) -> Result<()> {
         let c = &self.config;
         let n = step.tokens.len();
         if step.positions.len() != n {
             bail!("step has {n} tokens and {} positions", step.positions.len());
         }
-        if cache.layers.len() != c.num_hidden_layers
-            || cache.kv_heads != self.plan.kv_heads.len()
-            || cache.head_dim != c.head_dim
-        {
-            bail!(
-                "KV cache ({} layers, {} kv heads of {}) does not fit the model ({} layers, {} kv \
-                 heads of {})",
-                cache.layers.len(),
-                cache.kv_heads,
-                cache.head_dim,
-                c.num_hidden_layers,
-                self.plan.kv_heads.len(),
-                c.head_dim
-            );
-        }
-        let cache_values = cache.num_slots() * cache.kv_heads * cache.head_dim;
-        if !cache.layers.all_hold(cache_values) {
-            bail!(
-                "KV cache buffers do not match its {} slots",
-                cache.num_slots()
-            );
-        }
+        cache.check_fits(c.num_hidden_layers, self.plan.kv_heads.len(), c.head_dim)?;
         if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             bail!("token id {t} is outside the vocabulary of {}", c.vocab_size);
         }
@@ -306,32 +279,10 @@ impl LlamaModel {
         attention::validate_step(
             &step.positions,
             &step.seqs,
-            cache.num_blocks,
-            cache.block_size,
+            cache.num_blocks(),
+            cache.block_size(),
         )
     }
-}
-
-/// Writes a step's K/V into one layer of the cache and attends over it.
-fn attend_layer<T: KvElement>(
-    layer: &mut LayerKv<T>,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    step: &StepInput,
-    params: &AttentionParams,
-    out: &mut [f32],
-) -> Result<()> {
-    attention::write_kv(&mut layer.k, &mut layer.v, k, v, step, params)?;
-    attention::paged_attention(
-        q,
-        &layer.k,
-        &layer.v,
-        &step.positions,
-        &step.seqs,
-        params,
-        out,
-    )
 }
 
 #[cfg(test)]
