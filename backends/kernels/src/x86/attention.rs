@@ -471,13 +471,28 @@ pub(crate) unsafe fn attend_avx2<T: KvElement>(
         }
         prefetch_row::<_MM_HINT_T1, T>(rows, v, j);
         let row = k.add(*rows.offsets.get_unchecked(j));
+        // A row of at most 64 values is loaded (and widened) once for every head; a longer
+        // one, group by group for each head (the accumulators and the row would not both fit
+        // AVX2's sixteen registers).
+        let mut kr = [_mm256_setzero_ps(); 8];
+        if groups == 1 {
+            for (c, kr) in kr.iter_mut().enumerate() {
+                *kr = load8_kv(row, c * 8, hd);
+            }
+        }
         for (h, q) in rows.q.chunks_exact(hd).enumerate() {
             let q = q.as_ptr();
             let mut acc = [_mm256_setzero_ps(); 8];
-            for g in 0..groups {
+            if groups == 1 {
                 for (c, acc) in acc.iter_mut().enumerate() {
-                    let at = g * 64 + c * 8;
-                    *acc = _mm256_fmadd_ps(load8(q, at, hd), load8_kv(row, at, hd), *acc);
+                    *acc = _mm256_fmadd_ps(load8(q, c * 8, hd), kr[c], *acc);
+                }
+            } else {
+                for g in 0..groups {
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        let at = g * 64 + c * 8;
+                        *acc = _mm256_fmadd_ps(load8(q, at, hd), load8_kv(row, at, hd), *acc);
+                    }
                 }
             }
             // Lanes 0..8 of the 16 are accumulators 0, 2, 4, 6; lanes 8..16 are 1, 3, 5, 7.
