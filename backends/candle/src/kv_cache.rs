@@ -41,9 +41,9 @@ pub trait KvStore: Send {
 }
 
 /// One layer's K and V, each `num_blocks * kv_heads * block_size * head_dim` values.
-pub struct LayerKv<T> {
-    pub k: Vec<T>,
-    pub v: Vec<T>,
+struct LayerKv<T> {
+    k: Vec<T>,
+    v: Vec<T>,
 }
 
 impl<T: KvElement> LayerKv<T> {
@@ -56,47 +56,23 @@ impl<T: KvElement> LayerKv<T> {
 }
 
 /// Every layer's K and V in one element type.
-pub enum Layers {
+enum Layers {
     F16(Vec<LayerKv<f16>>),
     Bf16(Vec<LayerKv<bf16>>),
     F32(Vec<LayerKv<f32>>),
-}
-
-impl Layers {
-    pub fn len(&self) -> usize {
-        match self {
-            Layers::F16(l) => l.len(),
-            Layers::Bf16(l) => l.len(),
-            Layers::F32(l) => l.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether every layer's K and V hold `n` values.
-    pub fn all_hold(&self, n: usize) -> bool {
-        fn check<T>(layers: &[LayerKv<T>], n: usize) -> bool {
-            layers.iter().all(|l| l.k.len() == n && l.v.len() == n)
-        }
-        match self {
-            Layers::F16(l) => check(l, n),
-            Layers::Bf16(l) => check(l, n),
-            Layers::F32(l) => check(l, n),
-        }
-    }
 }
 
 /// K and V of every layer, in blocks of `block_size` token slots. The attention
 /// ([`crate::attention`]) writes a step's K/V through each sequence's block table (the router's
 /// choice) and reads it back the same way.
 pub struct KvCache {
-    pub num_blocks: usize,
-    pub block_size: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub layers: Layers,
+    num_blocks: usize,
+    block_size: usize,
+    /// Layers, KV heads and head size: every layer's buffers were sized from them.
+    num_layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    layers: Layers,
 }
 
 impl KvCache {
@@ -140,6 +116,7 @@ impl KvCache {
         Self {
             num_blocks,
             block_size,
+            num_layers: count,
             kv_heads,
             head_dim: config.head_dim,
             layers: match dtype {
@@ -148,19 +125,6 @@ impl KvCache {
                 KvDtype::F32 => Layers::F32(layers(count, n)),
             },
         }
-    }
-
-    pub fn dtype(&self) -> KvDtype {
-        match self.layers {
-            Layers::F16(_) => KvDtype::F16,
-            Layers::Bf16(_) => KvDtype::Bf16,
-            Layers::F32(_) => KvDtype::F32,
-        }
-    }
-
-    /// Token slots per layer: `num_blocks * block_size`.
-    pub fn num_slots(&self) -> usize {
-        self.num_blocks * self.block_size
     }
 }
 
@@ -174,23 +138,21 @@ impl KvStore for KvCache {
     }
 
     fn dtype(&self) -> KvDtype {
-        KvCache::dtype(self)
+        match self.layers {
+            Layers::F16(_) => KvDtype::F16,
+            Layers::Bf16(_) => KvDtype::Bf16,
+            Layers::F32(_) => KvDtype::F32,
+        }
     }
 
     fn check_fits(&self, layers: usize, kv_heads: usize, head_dim: usize) -> Result<()> {
-        if self.layers.len() != layers || self.kv_heads != kv_heads || self.head_dim != head_dim {
+        if (self.num_layers, self.kv_heads, self.head_dim) != (layers, kv_heads, head_dim) {
             bail!(
                 "KV cache ({} layers, {} kv heads of {}) does not fit the model ({layers} \
                  layers, {kv_heads} kv heads of {head_dim})",
-                self.layers.len(),
+                self.num_layers,
                 self.kv_heads,
                 self.head_dim,
-            );
-        }
-        if !self.layers.all_hold(self.num_slots() * kv_heads * head_dim) {
-            bail!(
-                "KV cache buffers do not match its {} slots",
-                self.num_slots()
             );
         }
         Ok(())
