@@ -13,7 +13,7 @@
 
 use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
-use wick_kernels::{AttendScratch, HeadGroup, KvElement, Level, PagedKv};
+use wick_kernels::{AttendScratch, HeadGroup, KvElement, KvLayout, Level, PagedKv};
 
 use crate::step::{SeqSpan, StepInput};
 
@@ -34,6 +34,15 @@ pub struct AttentionParams {
 }
 
 impl AttentionParams {
+    /// Where the cache keeps each K/V value.
+    pub fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            kv_heads: self.num_kv_heads,
+            block_size: self.block_size,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// Floats in one token's K (or V) row: `kv_heads * head_dim`.
     pub fn kv_width(&self) -> usize {
         self.num_kv_heads * self.head_dim
@@ -127,21 +136,15 @@ pub fn write_kv<T: KvElement>(
             v.len(),
         );
     }
-    let layout = PagedKv {
-        k: &[] as &[T],
-        v: &[],
-        kv_heads: params.num_kv_heads,
-        block_size,
-    };
+    let layout = params.kv_layout();
     for seq in &step.seqs {
         for t in seq.start..seq.start + seq.len {
-            let slot = seq.slot(step.positions[t] as usize, block_size);
-            let (block, i) = (slot / block_size, slot % block_size);
-            if layout.at(block, params.num_kv_heads - 1, i + 1, hd) > cache_k.len() {
+            let (block, i) = seq.kv_place(step.positions[t] as usize, block_size);
+            if layout.at(block, params.num_kv_heads - 1, i + 1) > cache_k.len() {
                 bail!("token {t}'s slot is outside the KV cache");
             }
             for g in 0..params.num_kv_heads {
-                let at = layout.at(block, g, i, hd);
+                let at = layout.at(block, g, i);
                 let row = t * kv_width + g * hd..t * kv_width + (g + 1) * hd;
                 T::from_f32_slice(&mut cache_k[at..at + hd], &k[row.clone()]);
                 T::from_f32_slice(&mut cache_v[at..at + hd], &v[row]);
@@ -252,21 +255,15 @@ fn sequence_attention<T: KvElement>(
 
     // [nkv, n, hd] from the head-major blocks, as f32: a run of positions inside one block is
     // contiguous for each head.
-    let layout = PagedKv {
-        k: job.cache_k,
-        v: job.cache_v,
-        kv_heads: nkv,
-        block_size: bs,
-    };
+    let layout = params.kv_layout();
     let mut k = vec![0f32; nkv * n * hd];
     let mut v = vec![0f32; nkv * n * hd];
     let mut j = 0;
     while j < n {
-        let pos = k_lo + j;
-        let (block, i) = (seq.block_table[pos / bs] as usize, pos % bs);
+        let (block, i) = seq.kv_place(k_lo + j, bs);
         let run = (bs - i).min(n - j);
         for g in 0..nkv {
-            let src = layout.at(block, g, i, hd)..layout.at(block, g, i + run, hd);
+            let src = layout.at(block, g, i)..layout.at(block, g, i + run);
             let dst = (g * n + j) * hd..(g * n + j + run) * hd;
             T::to_f32_slice(&mut k[dst.clone()], &job.cache_k[src.clone()]);
             T::to_f32_slice(&mut v[dst], &job.cache_v[src]);

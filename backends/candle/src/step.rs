@@ -26,8 +26,12 @@ pub struct SeqSpan<'a> {
 }
 
 impl SeqSpan<'_> {
-    /// The KV slot of `position`: `block_table[p / block_size] · block_size + p % block_size`.
-    pub fn slot(&self, position: usize, block_size: usize) -> usize {
-        self.block_table[position / block_size] as usize * block_size + position % block_size
+    /// Where `position` sits in the KV cache: its block (`block_table[p / block_size]`) and
+    /// its index in that block (`p % block_size`).
+    pub fn kv_place(&self, position: usize, block_size: usize) -> (usize, usize) {
+        (
+            self.block_table[position / block_size] as usize,
+            position % block_size,
+        )
     }
 }

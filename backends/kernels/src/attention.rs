@@ -115,49 +115,35 @@ impl KvElement for f32 {
     }
 }
 
-impl KvElement for f16 {
-    const DTYPE: KvDtype = KvDtype::F16;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
-        dst.convert_from_f32_slice(src);
-    }
-    fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn zeroed(n: usize) -> Vec<Self> {
-        // `vec![0u16; n]` is a zeroed allocation; `vec![f16::ZERO; n]` would write every value.
-        vec![0u16; n].reinterpret_into()
-    }
+/// The 16-bit elements: `half`'s conversions; zeroed from a `u16` allocation, since
+/// `vec![f16::ZERO; n]` would write every value where `vec![0u16; n]` gets zeroed pages.
+macro_rules! half_element {
+    ($t:ty, $dtype:expr) => {
+        impl KvElement for $t {
+            const DTYPE: KvDtype = $dtype;
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
+                dst.convert_from_f32_slice(src);
+            }
+            fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
+                src.convert_to_f32_slice(dst);
+            }
+            fn zeroed(n: usize) -> Vec<Self> {
+                vec![0u16; n].reinterpret_into()
+            }
+        }
+    };
 }
 
-impl KvElement for bf16 {
-    const DTYPE: KvDtype = KvDtype::Bf16;
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
-        dst.convert_from_f32_slice(src);
-    }
-    fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
-        src.convert_to_f32_slice(dst);
-    }
-    fn zeroed(n: usize) -> Vec<Self> {
-        // `vec![0u16; n]` is a zeroed allocation; `vec![bf16::ZERO; n]` would write every value.
-        vec![0u16; n].reinterpret_into()
-    }
-}
+half_element!(f16, KvDtype::F16);
+half_element!(bf16, KvDtype::Bf16);
 
 /// One layer's paged cache, head-major inside each block: block `b` holds its `block_size`
 /// positions of KV head 0, then of head 1, …, each position `head_dim` values, so position `i`
@@ -176,7 +162,29 @@ impl<T> PagedKv<'_, T> {
     /// Where position `i` of block `block`'s KV head `head` starts, for heads of `head_dim`.
     #[inline(always)]
     pub fn at(&self, block: usize, head: usize, i: usize, head_dim: usize) -> usize {
-        ((block * self.kv_heads + head) * self.block_size + i) * head_dim
+        let (kv_heads, block_size) = (self.kv_heads, self.block_size);
+        KvLayout {
+            kv_heads,
+            block_size,
+            head_dim,
+        }
+        .at(block, head, i)
+    }
+}
+
+/// The geometry of [`PagedKv`]'s blocks, for code that writes or copies the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct KvLayout {
+    pub kv_heads: usize,
+    pub block_size: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Where position `i` of block `block`'s KV head `head` starts.
+    #[inline(always)]
+    pub fn at(&self, block: usize, head: usize, i: usize) -> usize {
+        ((block * self.kv_heads + head) * self.block_size + i) * self.head_dim
     }
 }
 

@@ -29,7 +29,8 @@ mod x86;
 
 pub use activation::{Outliers, QuantizedRows, OUTLIER_RATIO};
 pub use attention::{
-    attend, softmax, AttendScratch, HeadGroup, KvDtype, KvElement, PagedKv, ATTEND_PARTITION,
+    attend, softmax, AttendScratch, HeadGroup, KvDtype, KvElement, KvLayout, PagedKv,
+    ATTEND_PARTITION,
 };
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
 pub use elementwise::silu_mul;
