@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use wick_kernels::{attend, AttendScratch, HeadGroup, KvDtype, KvElement, Level, PagedKv};
 
-use crate::kernels::{read_bandwidth, time};
+use crate::kernels::{read_bandwidth, time, Setup};
 use crate::run_info::RunInfo;
 
 #[derive(Args, Debug)]
@@ -31,15 +31,8 @@ pub struct AttentionArgs {
     /// Positions per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// Kernel level (avx512, avx2, scalar); default: the best this CPU runs.
-    #[arg(long)]
-    pub level: Option<Level>,
-    /// Time spent on each measurement.
-    #[arg(long, default_value_t = 1.0)]
-    pub seconds: f64,
-    /// Compute threads (default: every core).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub setup: Setup,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,19 +61,13 @@ pub struct AttentionResult {
 }
 
 pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
-    let level = args.level.unwrap_or_else(Level::detected).capped();
+    let (pool, threads, level) = args.setup.start()?;
     anyhow::ensure!(
         args.kv_heads > 0 && args.group > 0 && args.head_dim > 0 && args.block_size > 0,
         "heads, head_dim and block_size must be positive"
     );
     pool.install(|| {
-        let read_bandwidth_gbs = read_bandwidth(args.seconds);
+        let read_bandwidth_gbs = read_bandwidth(args.setup.seconds);
         let mut results = Vec::new();
         for &dtype in &args.dtypes {
             for &sequences in &args.sequences {
@@ -141,7 +128,7 @@ fn step<T: KvElement>(args: &AttentionArgs, level: Level, sequences: usize, cont
         block_size: bs,
     };
     let width = args.group * hd;
-    let t = time(args.seconds, || {
+    let t = time(args.setup.seconds, || {
         out.par_chunks_mut(width)
             .zip(q.par_chunks(width))
             .enumerate()

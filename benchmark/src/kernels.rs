@@ -29,6 +29,18 @@ pub struct KernelArgs {
     /// Activation rows per product.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,128")]
     pub rows: Vec<usize>,
+    #[command(flatten)]
+    pub setup: Setup,
+    /// Activation values: `ramp` (even, no block holds an outlier) or `ffn` (products of three
+    /// normal values, as a down projection's input SiLU(gate)·up: heavy tails, about one block
+    /// in seven takes the outlier pass).
+    #[arg(long, value_enum, default_value_t = Activations::Ramp)]
+    pub activations: Activations,
+}
+
+/// How a kernel benchmark runs, shared by `kernels` and `attention`.
+#[derive(Args, Debug)]
+pub struct Setup {
     /// Kernel level (avx512, avx2, scalar); default: the best this CPU runs.
     #[arg(long)]
     pub level: Option<Level>,
@@ -38,11 +50,20 @@ pub struct KernelArgs {
     /// Compute threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Activation values: `ramp` (even, no block holds an outlier) or `ffn` (products of two
-    /// normal values, as a down projection's input SiLU(gate)·up: heavy tails, about one block
-    /// in seven takes the outlier pass).
-    #[arg(long, value_enum, default_value_t = Activations::Ramp)]
-    pub activations: Activations,
+}
+
+impl Setup {
+    /// The pool to measure on, its size, and the level (lowered to what the CPU has).
+    pub(crate) fn start(&self) -> anyhow::Result<(rayon::ThreadPool, usize, Level)> {
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        let level = self.level.unwrap_or_else(Level::detected).capped();
+        Ok((pool, threads, level))
+    }
 }
 
 /// What the benchmark's activation rows hold (see [`KernelArgs::activations`]).
@@ -163,15 +184,9 @@ pub(crate) fn read_bandwidth(seconds: f64) -> f64 {
 }
 
 pub fn run(args: KernelArgs) -> anyhow::Result<KernelReport> {
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()?;
-    let level = args.level.unwrap_or_else(Level::detected).capped();
+    let (pool, threads, level) = args.setup.start()?;
     pool.install(|| {
-        let read_bandwidth_gbs = read_bandwidth(args.seconds);
+        let read_bandwidth_gbs = read_bandwidth(args.setup.seconds);
         let mut results = Vec::new();
         for f in &args.formats {
             let format = parse_format(f)?;
@@ -200,7 +215,7 @@ pub fn run(args: KernelArgs) -> anyhow::Result<KernelReport> {
                     let x = args.activations.values(rows, k);
                     let mut out = vec![0f32; rows * n];
                     let mut xq = QuantizedRows::default();
-                    let t = time(args.seconds, || match &weight {
+                    let t = time(args.setup.seconds, || match &weight {
                         Weight::Quantized(packed) => {
                             xq.requantize(level, Outliers::Refine, &x, rows, k);
                             packed.matmul(&xq, level, &mut out);
