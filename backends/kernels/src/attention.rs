@@ -115,10 +115,11 @@ impl KvElement for f32 {
     }
 }
 
-/// The 16-bit elements: `half`'s conversions; zeroed from a `u16` allocation, since
-/// `vec![f16::ZERO; n]` would write every value where `vec![0u16; n]` gets zeroed pages.
+/// The 16-bit elements: slices converted by [`crate::convert`] (vectorised; bf16 narrowed by
+/// `half`); zeroed from a `u16` allocation, since `vec![f16::ZERO; n]` would write every value
+/// where `vec![0u16; n]` gets zeroed pages.
 macro_rules! half_element {
-    ($t:ty, $dtype:expr) => {
+    ($t:ty, $dtype:expr, $narrow:expr, $widen:expr) => {
         impl KvElement for $t {
             const DTYPE: KvDtype = $dtype;
             #[inline(always)]
@@ -130,10 +131,10 @@ macro_rules! half_element {
                 <$t>::from_f32(x)
             }
             fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
-                dst.convert_from_f32_slice(src);
+                $narrow(src, dst);
             }
             fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
-                src.convert_to_f32_slice(dst);
+                $widen(src, dst);
             }
             fn zeroed(n: usize) -> Vec<Self> {
                 vec![0u16; n].reinterpret_into()
@@ -142,8 +143,18 @@ macro_rules! half_element {
     };
 }
 
-half_element!(f16, KvDtype::F16);
-half_element!(bf16, KvDtype::Bf16);
+half_element!(
+    f16,
+    KvDtype::F16,
+    crate::convert::f32_to_f16,
+    crate::convert::f16_to_f32
+);
+half_element!(
+    bf16,
+    KvDtype::Bf16,
+    |src: &[f32], dst: &mut [bf16]| dst.convert_from_f32_slice(src),
+    crate::convert::bf16_to_f32
+);
 
 /// One layer's paged cache, head-major inside each block: block `b` holds its `block_size`
 /// positions of KV head 0, then of head 1, …, each position `head_dim` values, so position `i`
@@ -420,27 +431,6 @@ fn dot<T: KvElement>(a: &[f32], b: &[T]) -> f32 {
     reduce16(&t)
 }
 
-/// Scores to probabilities in place (`exp(s - max) / Σ`), at `level` (lowered to what the CPU
-/// has): the attention's own softmax, for callers that compute the scores themselves (prefill
-/// chunks). Every level gives the same bits.
-pub fn softmax(level: Level, s: &mut [f32]) {
-    match level.capped() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `capped` only yields levels the CPU runs; the pointer covers `s`.
-        Level::Avx512 => unsafe {
-            crate::x86::attention::softmax_avx512(s.as_mut_ptr(), s.len());
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Level::Avx2 => unsafe {
-            crate::x86::attention::softmax_avx2(s.as_mut_ptr(), s.len());
-        },
-        _ => {
-            scalar_softmax(s);
-        }
-    }
-}
-
 /// Returns the max and the sum, as the SIMD levels do.
 fn scalar_softmax(s: &mut [f32]) -> [f32; 2] {
     let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -688,6 +678,26 @@ mod tests {
         let x = 1.0 + 2f32.powi(-11);
         assert_eq!(<f16 as KvElement>::from_f32(x).to_f32(), 1.0);
         assert_eq!(<bf16 as KvElement>::from_f32(3.0).to_f32(), 3.0);
+    }
+
+    /// Scores to probabilities in place (`exp(s - max) / Σ`) at `level`: the decode kernel's
+    /// softmax alone.
+    fn softmax(level: Level, s: &mut [f32]) {
+        match level.capped() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `capped` only yields levels the CPU runs; the pointer covers `s`.
+            Level::Avx512 => unsafe {
+                crate::x86::attention::softmax_avx512(s.as_mut_ptr(), s.len());
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Level::Avx2 => unsafe {
+                crate::x86::attention::softmax_avx2(s.as_mut_ptr(), s.len());
+            },
+            _ => {
+                scalar_softmax(s);
+            }
+        }
     }
 
     #[test]

@@ -13,30 +13,34 @@
 //!   memory once per step whatever the batch.
 //! - [`attend`]: decode attention of the query heads that share a KV head, over a paged KV
 //!   cache (f16, bf16 or f32; head-major blocks) read in place through the block table.
+//! - [`attend_chunk`]: prefill attention of a sequence's chunk of tokens over their causal
+//!   windows of the same cache, in place, 16 tokens per tile with an online softmax.
 //! - [`silu_mul`]: the MLP's `SiLU(gate) · up`, on the attention's `exp`.
 //! - [`Level`]: AVX-512 VNNI, AVX2 or scalar, detected at run time and capped by the caller;
 //!   every level returns the same bits, checked by the tests on every level the host runs.
 
 mod activation;
 mod attention;
+mod convert;
 mod dense;
 mod elementwise;
 pub mod format;
 mod level;
 mod packed;
+mod prefill;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use activation::{Outliers, QuantizedRows, OUTLIER_RATIO};
 pub use attention::{
-    attend, softmax, AttendScratch, HeadGroup, KvDtype, KvElement, KvLayout, PagedKv,
-    ATTEND_PARTITION,
+    attend, AttendScratch, HeadGroup, KvDtype, KvElement, KvLayout, PagedKv, ATTEND_PARTITION,
 };
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
 pub use elementwise::silu_mul;
 pub use format::{Format, BLOCK};
 pub use level::{cpu_features, cpu_model, present_cpu_features, Level};
 pub use packed::{PackedMatrix, PANEL};
+pub use prefill::{attend_chunk, ChunkQueries, ChunkScratch, TILE as CHUNK_TILE};
 
 #[cfg(test)]
 mod tests;

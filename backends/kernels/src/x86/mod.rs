@@ -5,8 +5,10 @@ pub(crate) mod activation;
 pub(crate) mod attention;
 pub(crate) mod avx2;
 pub(crate) mod avx512;
+pub(crate) mod convert;
 pub(crate) mod dense;
 pub(crate) mod elementwise;
+pub(crate) mod prefill;
 
 /// Formats as const parameters, so each tile is compiled once per format with its branches
 /// folded away.
