@@ -5,15 +5,18 @@
 //! sequence's positions `max(0, p + 1 - window) ..= p`, read through the sequence's block table.
 //! Nothing is concatenated into the cache: the cost of a step is linear in the context it reads.
 //!
-//! Two kernels: decode tokens and short chunks go through wick's decode attention kernel
-//! ([`wick_kernels::attend`], one call per (token, kv head), reading the cache in place); a
-//! sequence with at least [`GEMM_MIN_TOKENS`] tokens in the step (a prefill chunk) gathers its
-//! window of K/V once and runs the scores and the weighted sum as matmuls, which is an order of
-//! magnitude faster than dot products per token.
+//! Two kernels, both reading the cache in place: decode tokens and short chunks go through
+//! wick's decode attention kernel ([`wick_kernels::attend`], one call per (token, kv head)); a
+//! sequence with at least [`CHUNK_MIN_TOKENS`] tokens in the step (a prefill chunk) goes
+//! through its chunk kernel ([`wick_kernels::attend_chunk`], 16 tokens per tile, so each K/V
+//! row read serves 16 tokens of every head of its group).
 
-use candle_core::{bail, Device, Result, Tensor};
+use candle_core::{bail, Result};
 use rayon::prelude::*;
-use wick_kernels::{AttendScratch, HeadGroup, KvElement, KvLayout, Level, PagedKv};
+use wick_kernels::{
+    AttendScratch, ChunkQueries, ChunkScratch, HeadGroup, KvElement, KvLayout, Level, PagedKv,
+    CHUNK_TILE,
+};
 
 use crate::step::{SeqSpan, StepInput};
 
@@ -154,22 +157,16 @@ pub fn write_kv<T: KvElement>(
     Ok(())
 }
 
-/// A sequence with at least this many tokens in a step takes the matmul kernel.
-pub const GEMM_MIN_TOKENS: usize = 16;
-
-/// Query tokens per tile of the matmul kernel.
-const QUERY_TILE: usize = 128;
-
-/// Upper bound on the floats of one tile of attention scores in the matmul kernel (16 MiB).
-const MAX_SCORE_TILE: usize = 1 << 22;
+/// A sequence with at least this many tokens in a step takes the chunk kernel.
+pub const CHUNK_MIN_TOKENS: usize = 16;
 
 /// Attention of every packed query token over its own sequence's cached K/V.
 ///
 /// `q` is `[tokens, num_heads * head_dim]`, `out` the same shape; the step's K/V must already be
 /// written (see [`write_kv`]) and the step checked with [`validate_step`]. Sequences with
-/// [`GEMM_MIN_TOKENS`] or more tokens run as matmuls, one after the other; the other tokens are
-/// split over (token, kv head) pairs so the query heads that share a kv head read each K/V row
-/// once.
+/// [`CHUNK_MIN_TOKENS`] or more tokens run through the chunk kernel; the other tokens are split
+/// over (token, kv head) pairs; either way the query heads that share a kv head read each K/V
+/// row once.
 pub fn paged_attention<T: KvElement>(
     q: &[f32],
     cache_k: &[T],
@@ -208,10 +205,7 @@ pub fn paged_attention<T: KvElement>(
         group,
         window,
     };
-    for seq in seqs.iter().filter(|s| s.len >= GEMM_MIN_TOKENS) {
-        let rows = seq.start * q_width..(seq.start + seq.len) * q_width;
-        sequence_attention(&job, seq, &q[rows.clone()], &mut out[rows])?;
-    }
+    chunk_attention(&job, out);
 
     out.par_chunks_mut(group * hd)
         .enumerate()
@@ -234,91 +228,57 @@ struct Job<'a, 's, T> {
     window: usize,
 }
 
-/// The matmul kernel for one sequence's `len` step tokens (`q` and `out` are its rows only).
-///
-/// Its keys are positions `k_lo ..= context_len - 1`; they are gathered once per call into
-/// `[kv_heads, n, head_dim]`, a copy linear in the context. Queries are grouped per kv head as
-/// `[kv_heads, group * rows, head_dim]` so one batched matmul covers every head, and are tiled
-/// over tokens to bound the scores' memory.
-fn sequence_attention<T: KvElement>(
-    job: &Job<'_, '_, T>,
-    seq: &SeqSpan<'_>,
-    q: &[f32],
-    out: &mut [f32],
-) -> Result<()> {
+/// Every prefill chunk of the step (sequences with [`CHUNK_MIN_TOKENS`] or more tokens) through
+/// wick's chunk kernel, reading the cache in place: one work item per (tile of
+/// [`CHUNK_TILE`] tokens, kv head), all of them in parallel, each into its own rows of
+/// results that are then copied to the tokens' columns of `out`.
+fn chunk_attention<T: KvElement>(job: &Job<'_, '_, T>, out: &mut [f32]) {
     let params = job.params;
-    let (hd, bs, group) = (params.head_dim, params.block_size, job.group);
-    let (nkv, q_width) = (params.num_kv_heads, params.q_width());
-    let p0 = seq.context_len - seq.len;
-    let k_lo = (p0 + 1).saturating_sub(job.window);
-    let n = seq.context_len - k_lo;
-
-    // [nkv, n, hd] from the head-major blocks, as f32: a run of positions inside one block is
-    // contiguous for each head.
-    let layout = params.kv_layout();
-    let mut k = vec![0f32; nkv * n * hd];
-    let mut v = vec![0f32; nkv * n * hd];
-    let mut j = 0;
-    while j < n {
-        let (block, i) = seq.kv_place(k_lo + j, bs);
-        let run = (bs - i).min(n - j);
-        for g in 0..nkv {
-            let src = layout.at(block, g, i)..layout.at(block, g, i + run);
-            let dst = (g * n + j) * hd..(g * n + j + run) * hd;
-            T::to_f32_slice(&mut k[dst.clone()], &job.cache_k[src.clone()]);
-            T::to_f32_slice(&mut v[dst], &job.cache_v[src]);
+    let (hd, group, q_width) = (params.head_dim, job.group, params.q_width());
+    let kv = PagedKv {
+        k: job.cache_k,
+        v: job.cache_v,
+        kv_heads: params.num_kv_heads,
+        block_size: params.block_size,
+    };
+    // (sequence, first token of the tile within it, tokens, kv head)
+    let mut items = Vec::new();
+    for seq in job.seqs.iter().filter(|s| s.len >= CHUNK_MIN_TOKENS) {
+        for t in (0..seq.len).step_by(CHUNK_TILE) {
+            let n = CHUNK_TILE.min(seq.len - t);
+            items.extend((0..params.num_kv_heads).map(|g| (seq, t, n, g)));
         }
-        j += run;
     }
-    let k = Tensor::from_vec(k, (nkv, n, hd), &Device::Cpu)?;
-    let v = Tensor::from_vec(v, (nkv, n, hd), &Device::Cpu)?;
-
-    // Tiles of query tokens keep the scores cache-sized and let each tile skip the keys after
-    // its last token (and before its first token's window): causal attention does half the work.
-    let tile = (MAX_SCORE_TILE / (params.num_heads * n)).clamp(1, QUERY_TILE);
-    let mut first = 0;
-    while first < seq.len {
-        let rows = tile.min(seq.len - first);
-        let (p_first, p_last) = (p0 + first, p0 + first + rows - 1);
-        // Keys `a .. a + m` (indices into the gathered window) cover every row of the tile.
-        let a = (p_first + 1).saturating_sub(job.window) - k_lo;
-        let m = p_last + 1 - k_lo - a;
-        // [nkv, group, rows, hd], pre-scaled.
-        let mut qt = vec![0f32; nkv * group * rows * hd];
-        for i in 0..rows {
-            let q_row = &q[(first + i) * q_width..][..q_width];
-            for (head, src) in q_row.chunks_exact(hd).enumerate() {
-                let dst = &mut qt[(head * rows + i) * hd..][..hd];
-                for (d, s) in dst.iter_mut().zip(src) {
-                    *d = s * params.scale;
-                }
-            }
-        }
-        let qt = Tensor::from_vec(qt, (nkv, group * rows, hd), &Device::Cpu)?;
-        let k_t = k.narrow(1, a, m)?.transpose(1, 2)?;
-        let mut probs = qt.matmul(&k_t)?.flatten_all()?.to_vec1::<f32>()?;
-        // Softmax over each row's own window, zero elsewhere: query at position p sees keys
-        // max(0, p + 1 - window) ..= p.
-        probs.par_chunks_mut(m).enumerate().for_each(|(r, row)| {
-            let p = p_first + r % rows;
-            let lo = ((p + 1).saturating_sub(job.window) - k_lo).saturating_sub(a);
-            let hi = p - k_lo - a + 1;
-            row[..lo].fill(0.0);
-            row[hi..].fill(0.0);
-            wick_kernels::softmax(params.level, &mut row[lo..hi]);
+    if items.is_empty() {
+        return;
+    }
+    let item_len = CHUNK_TILE * group * hd;
+    let mut results = vec![0f32; items.len() * item_len];
+    results
+        .par_chunks_mut(item_len)
+        .zip(items.par_iter())
+        .for_each_init(ChunkScratch::default, |scratch, (res, &(seq, t, n, g))| {
+            let first_token = seq.start + t;
+            let queries = ChunkQueries {
+                q: &job.q[first_token * q_width..(first_token + n) * q_width],
+                stride: q_width,
+                tokens: n,
+                head_dim: hd,
+                group,
+                kv_head: g,
+                scale: params.scale,
+                first: seq.context_len - seq.len + t,
+                window: job.window,
+            };
+            let res = &mut res[..n * group * hd];
+            wick_kernels::attend_chunk(params.level, &queries, &kv, seq.block_table, scratch, res);
         });
-        let probs = Tensor::from_vec(probs, (nkv, group * rows, m), &Device::Cpu)?;
-        // [nkv * group * rows, hd] = heads-major; scatter back to token-major rows.
-        let ctx = probs.matmul(&v.narrow(1, a, m)?)?;
-        let ctx = ctx.flatten_all()?.to_vec1::<f32>()?;
-        for (head, rows_of_head) in ctx.chunks_exact(rows * hd).enumerate() {
-            for (i, src) in rows_of_head.chunks_exact(hd).enumerate() {
-                out[(first + i) * q_width + head * hd..][..hd].copy_from_slice(src);
-            }
+    for (res, &(seq, t, n, g)) in results.chunks_exact(item_len).zip(&items) {
+        for (i, heads) in res[..n * group * hd].chunks_exact(group * hd).enumerate() {
+            let row = (seq.start + t + i) * q_width + g * group * hd;
+            out[row..row + group * hd].copy_from_slice(heads);
         }
-        first += rows;
     }
-    Ok(())
 }
 
 /// One work item: the `group` query heads of token `item / kv_heads` that share kv head
@@ -339,8 +299,8 @@ fn attend<T: KvElement>(
         out.fill(0.0);
         return;
     };
-    if seq.len >= GEMM_MIN_TOKENS {
-        return; // sequence_attention wrote it.
+    if seq.len >= CHUNK_MIN_TOKENS {
+        return; // chunk_attention wrote it.
     }
     let p = job.positions[t] as usize;
     let heads = HeadGroup {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2, qwen3};
-use wick_backend_candle::attention::GEMM_MIN_TOKENS;
+use wick_backend_candle::attention::CHUNK_MIN_TOKENS;
 use wick_backend_candle::kv_cache::KvCache;
 use wick_backend_candle::model::LlamaModel;
 use wick_backend_candle::step::{SeqSpan, StepInput};
@@ -520,8 +520,8 @@ fn qwen3_qk_norm_matches_reference() {
 
 #[test]
 fn prompt_longer_than_a_query_tile_matches_reference() {
-    // 150 tokens span two query tiles of the matmul kernel; with a window, the second tile's
-    // keys start inside the gathered window rather than at its beginning.
+    // 150 tokens span ten tiles of the chunk kernel; with a window, later tiles' keys start
+    // inside a block and the tiles' tokens see different first positions.
     for (arch, window) in [
         (Architecture::Mistral, Some(8)),
         (Architecture::Llama, None),
@@ -588,7 +588,7 @@ fn prefill_then_batched_decode_matches_full_sequence_reference() {
     let model = load(&c, &weights);
     let mut reference = Reference::new(&c, &weights);
     let mut rng = Rng(88);
-    // The 18-token prompt takes the matmul kernel, the 5-token one and the decodes the loop.
+    // The 18-token prompt takes the chunk kernel, the 5-token one and the decodes the loop.
     let full: Vec<Vec<u32>> = [(5, 20), (18, 9)]
         .iter()
         .map(|&(prompt, decode)| rng.tokens(prompt + decode, c.vocab_size))
@@ -652,12 +652,12 @@ fn chunked_prefill_matches_single_prefill() {
     let single = step(&model, &mut cache, &mut [(&mut once, &prompt, Want::Last)]).remove(0);
 
     // Three chunks, each packed with a decode step of another sequence; the middle one takes
-    // the matmul kernel over a cached prefix, the others the per-token loop.
+    // the chunk kernel over a cached prefix, the others the per-token loop.
     let mut chunked = pool.seq(prompt.len(), 4);
     let mut neighbour = pool.seq(other.len(), 4);
     let mut last = vec![];
     let chunks = [0..5, 5..25, 25..33];
-    assert!(chunks[1].len() >= GEMM_MIN_TOKENS && chunks[2].len() < GEMM_MIN_TOKENS);
+    assert!(chunks[1].len() >= CHUNK_MIN_TOKENS && chunks[2].len() < CHUNK_MIN_TOKENS);
     for (i, range) in chunks.into_iter().enumerate() {
         let out = step(
             &model,

@@ -194,7 +194,7 @@ fn prefill_logits(
 ) -> Vec<Vec<f32>> {
     let n = ids.len();
     let kv_heads = model.plan().kv_heads.len();
-    let mut cache = KvCache::with_dtype(model.config(), kv_heads, 4, 16, dtype);
+    let mut cache = KvCache::with_dtype(model.config(), kv_heads, blocks.len(), 16, dtype);
     let step = StepInput {
         tokens: ids.to_vec(),
         positions: (0..n as u32).collect(),
@@ -302,37 +302,58 @@ fn prompt_logprobs(logits: &[Vec<f32>], ids: &[u32]) -> Vec<f64> {
         .collect()
 }
 
+/// Texts whose prompt log-probabilities the accuracy test compares: a chat turn, a longer
+/// chat exchange, prose and code (211 predicted tokens in all).
+const LOGPROB_TEXTS: [&str; 4] = [
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\
+     Write one sentence about the sea, the wind and the old lighthouse keeper.<|im_end|>",
+    "<|im_start|>user\nExplain in two short paragraphs why the sky is blue during the day and \
+     red at sunset, for a curious ten year old.<|im_end|>\n<|im_start|>assistant\nSunlight is \
+     made of many colours. When it passes through the air, the tiny molecules scatter the blue \
+     light much more than the red light, so blue comes at us from every direction.<|im_end|>",
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg \
+     combined movable metal type with an oil-based ink and a screw press adapted from wine \
+     making. Within fifty years, presses were running in more than two hundred European cities, \
+     and the price of books fell sharply.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    \
+     return a\n\nprint([fibonacci(i) for i in range(10)])\n",
+];
+
 /// wick's kernels (Q4_1 weights as stored, 8-bit activations) against the same weights
-/// dequantized to f32 and run in f32. Plain 8-bit activation blocks (as llama.cpp's q8_0/q8_1)
-/// moved the prompt log-probabilities by 0.064 nats on average here: a few channels of the
+/// dequantized to f32 and run in f32, over [`LOGPROB_TEXTS`]. Plain 8-bit activation blocks (as
+/// llama.cpp's q8_0/q8_1) move the prompt log-probabilities more: a few channels of the
 /// residual stream sit at 15–30× their row's RMS and set their blocks' scales, coarsening the
-/// other 31 values. Blocks whose largest value exceeds 4.5× their RMS now take a second 8-bit
-/// pass over their rounding error (7–19% of the blocks of this model's inputs), which gives
-/// 0.040 with an f32 KV cache and 0.0425 with the default f16 one (measured), against the f32
-/// path with an f32 cache; the bound is 0.05.
+/// other 31 values. Blocks whose largest value exceeds 4.5× their RMS take a second 8-bit pass
+/// over their rounding error (7–19% of the blocks of this model's inputs); with the default f16
+/// KV cache against the f32 path with an f32 cache that measured 0.027–0.032 nats (bound 0.05).
+/// The 8-bit rounding makes the figure jump with any change of the last bits upstream (scaling
+/// the queries by 1 ± 1e-6 moves it within that range, and the first text alone between 0.040
+/// and 0.051), so it is taken over all the texts, not one short prompt.
 ///
 /// The KV cache's type alone, on the f32 path: an f16 cache moves the log-probabilities by
-/// 0.0010 nats on average (measured; bound 0.005), a bf16 cache by 0.0057 (bound 0.02).
+/// about 0.001 nats on average (bound 0.005), a bf16 cache by about 0.006 (bound 0.02).
 #[test]
 fn smollm2_prompt_logprobs_stay_close_to_the_f32_path() {
     let Some(path) = model_path() else { return };
-    let text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\
-                Write one sentence about the sea, the wind and the old lighthouse keeper.<|im_end|>";
+    let blocks: Vec<u32> = (0..8).collect();
     let logprobs = |opts: LoadOptions, dtype: KvDtype| {
         let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
         let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
-        let ids = loaded
-            .tokenizer
-            .encode(text, false)
-            .unwrap()
-            .get_ids()
-            .to_vec();
-        assert!(ids.len() >= 24 && ids.len() <= 64, "{} tokens", ids.len());
-        let kernels = model.kernels();
-        (
-            prompt_logprobs(&prefill_logits(&model, &ids, &[0, 1, 2, 3], dtype), &ids),
-            kernels,
-        )
+        let mut all = Vec::new();
+        for text in LOGPROB_TEXTS {
+            let ids = loaded
+                .tokenizer
+                .encode(text, false)
+                .unwrap()
+                .get_ids()
+                .to_vec();
+            assert!(ids.len() >= 24 && ids.len() <= 128, "{} tokens", ids.len());
+            all.extend(prompt_logprobs(
+                &prefill_logits(&model, &ids, &blocks, dtype),
+                &ids,
+            ));
+        }
+        (all, model.kernels())
     };
     let (ours, kernels) = logprobs(LoadOptions::default(), KvDtype::default());
     assert!(kernels["q4_1"].starts_with("wick"), "{kernels:?}");
