@@ -1,10 +1,15 @@
-//! `wick-bench attention`: the decode attention kernel alone, as a decode step runs it: every
+//! `wick-bench attention`: the attention kernels alone, as a step runs them. Decode: every
 //! (sequence, KV head) of a batch attends over its whole context in a paged cache, in parallel.
+//! With `--chunk N`, prefill: each sequence's last `N` positions are a chunk of its prompt,
+//! attended causally by the chunk kernel, one work item per (16 tokens, KV head).
 
 use clap::Args;
 use rayon::prelude::*;
 use serde::Serialize;
-use wick_kernels::{attend, AttendScratch, HeadGroup, KvDtype, KvElement, Level, PagedKv};
+use wick_kernels::{
+    attend, attend_chunk, AttendScratch, ChunkQueries, ChunkScratch, HeadGroup, KvDtype, KvElement,
+    Level, PagedKv, CHUNK_TILE,
+};
 
 use crate::kernels::{read_bandwidth, time, Setup};
 use crate::run_info::RunInfo;
@@ -31,6 +36,10 @@ pub struct AttentionArgs {
     /// Positions per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// Prefill instead of decode: each sequence's last this many positions (at most its
+    /// context) are one chunk of new tokens attending causally.
+    #[arg(long)]
+    pub chunk: Option<usize>,
     #[command(flatten)]
     pub setup: Setup,
 }
@@ -44,6 +53,8 @@ pub struct AttentionReport {
     pub group: usize,
     pub head_dim: usize,
     pub block_size: usize,
+    /// Prefill chunk tokens per sequence; none for decode.
+    pub chunk: Option<usize>,
     /// Reading a 512 MiB buffer with every thread, GB/s.
     pub read_bandwidth_gbs: f64,
     pub results: Vec<AttentionResult>,
@@ -54,10 +65,12 @@ pub struct AttentionResult {
     pub dtype: String,
     pub sequences: usize,
     pub context: usize,
-    /// One layer of one decode step: every sequence's every KV head.
+    /// One layer of one step: every sequence's every KV head.
     pub micros: f64,
-    /// K and V bytes read over the time.
+    /// K and V bytes of the contexts over the time (a chunk's tiles each read their window).
     pub kv_gbs: f64,
+    /// Multiply-adds of the scores and the weighted sums (two flops each) over the time.
+    pub gflops: f64,
 }
 
 pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
@@ -79,12 +92,23 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
                         KvDtype::F32 => step::<f32>(&args, level, sequences, context),
                     };
                     let bytes = 2 * sequences * args.kv_heads * context * args.head_dim;
+                    // (query token, position) pairs each sequence attends.
+                    let pairs = match args.chunk {
+                        None => context,
+                        Some(n) => {
+                            let n = n.min(context);
+                            (context - n + 1..=context).sum()
+                        }
+                    };
+                    let heads = args.kv_heads * args.group;
+                    let flops = 4 * sequences * heads * args.head_dim * pairs;
                     results.push(AttentionResult {
                         dtype: dtype.to_string(),
                         sequences,
                         context,
                         micros,
                         kv_gbs: (bytes * dtype.size()) as f64 / micros / 1e3,
+                        gflops: flops as f64 / micros / 1e3,
                     });
                 }
             }
@@ -97,6 +121,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
             group: args.group,
             head_dim: args.head_dim,
             block_size: args.block_size,
+            chunk: args.chunk,
             read_bandwidth_gbs,
             results,
         })
@@ -128,6 +153,9 @@ fn step<T: KvElement>(args: &AttentionArgs, level: Level, sequences: usize, cont
         block_size: bs,
     };
     let width = args.group * hd;
+    if let Some(chunk) = args.chunk {
+        return chunk_step(args, level, &kv, &tables, chunk.min(context), context);
+    }
     let t = time(args.setup.seconds, || {
         out.par_chunks_mut(width)
             .zip(q.par_chunks(width))
@@ -146,9 +174,60 @@ fn step<T: KvElement>(args: &AttentionArgs, level: Level, sequences: usize, cont
     t.as_secs_f64() * 1e6
 }
 
+/// The median µs of one layer's prefill attention: each sequence's last `chunk` positions of
+/// `context` as new tokens, one work item per (tile of tokens, KV head), in parallel.
+fn chunk_step<T: KvElement>(
+    args: &AttentionArgs,
+    level: Level,
+    kv: &PagedKv<'_, T>,
+    tables: &[Vec<u32>],
+    chunk: usize,
+    context: usize,
+) -> f64 {
+    let (hd, group, kv_heads) = (args.head_dim, args.group, args.kv_heads);
+    let stride = kv_heads * group * hd;
+    let q: Vec<f32> = (0..chunk * stride)
+        .map(|i| ((i * 31 % 257) as f32 - 128.0) / 128.0)
+        .collect();
+    let items: Vec<(usize, usize, usize)> = (0..tables.len())
+        .flat_map(|s| {
+            (0..chunk)
+                .step_by(CHUNK_TILE)
+                .flat_map(move |t| (0..kv_heads).map(move |g| (s, t, g)))
+        })
+        .collect();
+    let item_len = CHUNK_TILE * group * hd;
+    let mut out = vec![0f32; items.len() * item_len];
+    let t = time(args.setup.seconds, || {
+        out.par_chunks_mut(item_len)
+            .zip(items.par_iter())
+            .for_each_init(ChunkScratch::default, |scratch, (out, &(s, t, g))| {
+                let n = CHUNK_TILE.min(chunk - t);
+                let queries = ChunkQueries {
+                    q: &q[t * stride..(t + n) * stride],
+                    stride,
+                    tokens: n,
+                    head_dim: hd,
+                    group,
+                    kv_head: g,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    first: context - chunk + t,
+                    window: usize::MAX,
+                };
+                let out = &mut out[..n * group * hd];
+                attend_chunk(level, &queries, kv, &tables[s], scratch, out);
+            });
+    });
+    t.as_secs_f64() * 1e6
+}
+
 pub fn markdown(r: &AttentionReport) -> String {
+    let what = match r.chunk {
+        None => "decode attention".to_string(),
+        Some(n) => format!("prefill attention of {n}-token chunks"),
+    };
     let mut s = format!(
-        "decode attention at {} on {} thread(s), {}; {} KV heads x {} query heads of {}, \
+        "{what} at {} on {} thread(s), {}; {} KV heads x {} query heads of {}, \
          blocks of {}; memory read {:.1} GB/s\n\n",
         r.level,
         r.threads,
@@ -159,11 +238,12 @@ pub fn markdown(r: &AttentionReport) -> String {
         r.block_size,
         r.read_bandwidth_gbs
     );
-    s += "| KV dtype | sequences | context | µs per layer | KV GB/s |\n|---|---:|---:|---:|---:|\n";
+    s += "| KV dtype | sequences | context | µs per layer | KV GB/s | GFLOP/s |\n\
+          |---|---:|---:|---:|---:|---:|\n";
     for x in &r.results {
         s += &format!(
-            "| {} | {} | {} | {:.1} | {:.1} |\n",
-            x.dtype, x.sequences, x.context, x.micros, x.kv_gbs
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
+            x.dtype, x.sequences, x.context, x.micros, x.kv_gbs, x.gflops
         );
     }
     s
