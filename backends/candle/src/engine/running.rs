@@ -4,6 +4,9 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use rayon::prelude::*;
+use tokenizers::Tokenizer;
+
 use super::{Engine, EngineError, Finished, Generation, Result, StepOutput, TokenOut};
 use crate::model::StepProfile;
 use crate::sampling::{logprob_of, Sampler};
@@ -55,8 +58,7 @@ struct StepPlan {
     /// First position computed this step.
     from: usize,
     len: usize,
-    /// First logits row of this request and how many it has.
-    row: usize,
+    /// How many logits rows this request has (each request's follow the previous one's).
     rows: usize,
 }
 
@@ -129,7 +131,6 @@ impl Engine {
             plans.push(StepPlan {
                 from,
                 len,
-                row,
                 rows: logit_rows.len() - row,
             });
             seqs.push(SeqSpan {
@@ -153,84 +154,124 @@ impl Engine {
         let forward_ns = forward_start.elapsed().as_nanos() as u64;
 
         let decode_start = Instant::now();
-        let mut generations = Vec::new();
-        for (r, plan) in state.requests.iter_mut().zip(&plans) {
-            let was_prompt = r.in_prompt();
-            r.computed = plan.from + plan.len;
-            if plan.rows == 0 {
-                continue;
-            }
-            let rows = &mut logits[plan.row * vocab..(plan.row + plan.rows) * vocab];
-            if was_prompt && r.prefill_logprobs {
-                // Row of position p scores prompt token p + 1.
-                for (i, row) in rows.chunks(vocab).enumerate() {
-                    let next = plan.from + i + 1;
-                    if next < r.prompt_len {
-                        r.prompt_logprobs[next] = logprob_of(row, r.all_ids[next]);
-                    }
-                }
-            }
-            if r.in_prompt() {
-                continue;
-            }
-            let last = &mut rows[(plan.rows - 1) * vocab..];
-            let sampled = r.sampler.next(last, r.top_n);
-            r.all_ids.push(sampled.id);
-            let text = r
-                .detok
-                .next_text(&self.tokenizer, &r.all_ids)
-                .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-            let reason = r.stop.check(sampled.id, &text);
-            let prefill = if was_prompt && r.prefill_logprobs {
-                let ids = &r.all_ids[..r.prompt_len];
-                let mut out = Vec::with_capacity(ids.len());
-                for (&id, &logprob) in ids.iter().zip(&r.prompt_logprobs) {
-                    out.push(self.token_out(id, logprob)?);
-                }
-                Some(out)
-            } else {
-                None
-            };
-            let mut top_tokens = Vec::with_capacity(sampled.top.len());
-            for &(id, logprob) in &sampled.top {
-                top_tokens.push(self.token_out(id, logprob)?);
-            }
-            let finished = match reason {
-                Some(reason) => {
-                    let generated = &r.all_ids[r.prompt_len..];
-                    let text = self
-                        .tokenizer
-                        .decode(generated, true)
-                        .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-                    Some(Finished {
-                        stop_start: r.stop.stop_start(&text),
-                        text,
-                        generated_tokens: generated.len() as u32,
-                        reason,
-                        seed: r.seed,
-                    })
-                }
-                None => None,
-            };
-            generations.push(Generation {
-                request_id: r.id,
-                prefill,
-                token: TokenOut {
-                    id: sampled.id,
-                    logprob: sampled.logprob,
-                    text,
-                    special: self.special_ids.contains(&sampled.id),
-                },
-                top_tokens,
-                finished,
-            });
+        // Each request's rows of the logits (plans hold consecutive rows, in order), so the
+        // requests sample, detokenize and check their stops in parallel: each one's result
+        // depends on its own rows and state only.
+        let mut rest = &mut logits[..];
+        let mut request_rows = Vec::with_capacity(plans.len());
+        for plan in &plans {
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(plan.rows * vocab);
+            request_rows.push(mine);
+            rest = tail;
         }
+        let tokens = TokenText {
+            tokenizer: &self.tokenizer,
+            special_ids: &self.special_ids,
+        };
+        let generations = state
+            .requests
+            .par_iter_mut()
+            .zip(plans.par_iter())
+            .zip(request_rows.into_par_iter())
+            .map(|((r, plan), rows)| tokens.advance(r, plan, rows, vocab))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
         Ok((
             generations,
             forward_ns,
             profile,
             decode_start.elapsed().as_nanos() as u64,
         ))
+    }
+}
+
+/// What turning a request's logits into its next token needs from the engine.
+struct TokenText<'a> {
+    tokenizer: &'a Tokenizer,
+    special_ids: &'a HashSet<u32>,
+}
+
+impl TokenText<'_> {
+    /// Records that `r` computed `plan`'s positions and, if they end its prompt or decode,
+    /// samples its next token from `rows` (its logits rows, modified in place), detokenizes it
+    /// and checks its stop rules.
+    fn advance(
+        &self,
+        r: &mut RequestState,
+        plan: &StepPlan,
+        rows: &mut [f32],
+        vocab: usize,
+    ) -> Result<Option<Generation>> {
+        let was_prompt = r.in_prompt();
+        r.computed = plan.from + plan.len;
+        if plan.rows == 0 {
+            return Ok(None);
+        }
+        if was_prompt && r.prefill_logprobs {
+            // Row of position p scores prompt token p + 1.
+            for (i, row) in rows.chunks(vocab).enumerate() {
+                let next = plan.from + i + 1;
+                if next < r.prompt_len {
+                    r.prompt_logprobs[next] = logprob_of(row, r.all_ids[next]);
+                }
+            }
+        }
+        if r.in_prompt() {
+            return Ok(None);
+        }
+        let last = &mut rows[(plan.rows - 1) * vocab..];
+        let sampled = r.sampler.next(last, r.top_n);
+        r.all_ids.push(sampled.id);
+        let text = r
+            .detok
+            .next_text(self.tokenizer, &r.all_ids)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let reason = r.stop.check(sampled.id, &text);
+        let prefill = if was_prompt && r.prefill_logprobs {
+            let ids = &r.all_ids[..r.prompt_len];
+            let mut out = Vec::with_capacity(ids.len());
+            for (&id, &logprob) in ids.iter().zip(&r.prompt_logprobs) {
+                out.push(self.token_out(id, logprob)?);
+            }
+            Some(out)
+        } else {
+            None
+        };
+        let mut top_tokens = Vec::with_capacity(sampled.top.len());
+        for &(id, logprob) in &sampled.top {
+            top_tokens.push(self.token_out(id, logprob)?);
+        }
+        let finished = match reason {
+            Some(reason) => {
+                let generated = &r.all_ids[r.prompt_len..];
+                let text = self
+                    .tokenizer
+                    .decode(generated, true)
+                    .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+                Some(Finished {
+                    stop_start: r.stop.stop_start(&text),
+                    text,
+                    generated_tokens: generated.len() as u32,
+                    reason,
+                    seed: r.seed,
+                })
+            }
+            None => None,
+        };
+        Ok(Some(Generation {
+            request_id: r.id,
+            prefill,
+            token: TokenOut {
+                id: sampled.id,
+                logprob: sampled.logprob,
+                text,
+                special: self.special_ids.contains(&sampled.id),
+            },
+            top_tokens,
+            finished,
+        }))
     }
 
     /// A token decoded on its own (prompt tokens, top-n alternatives).
