@@ -34,17 +34,32 @@ pub enum KvDtype {
     /// Half the memory of f32, f32's range, 7 mantissa bits.
     Bf16,
     F32,
+    /// ggml's Q8_0: blocks of 32 values as 8-bit integers with one f16 scale (34 bytes), a
+    /// quarter of f32's memory; a `head_dim` must be a multiple of 32. Rows are widened to f32
+    /// (exactly) before the kernels read them.
+    Q8_0,
 }
 
 impl KvDtype {
-    pub const ALL: [KvDtype; 3] = [KvDtype::F16, KvDtype::Bf16, KvDtype::F32];
+    pub const ALL: [KvDtype; 4] = [KvDtype::F16, KvDtype::Bf16, KvDtype::F32, KvDtype::Q8_0];
 
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes that `values` values take (for Q8_0, a multiple of 32 values).
+    pub fn bytes(self, values: usize) -> usize {
         match self {
-            KvDtype::F16 | KvDtype::Bf16 => 2,
-            KvDtype::F32 => 4,
+            KvDtype::F16 | KvDtype::Bf16 => 2 * values,
+            KvDtype::F32 => 4 * values,
+            KvDtype::Q8_0 => values / Q8_VALUES * std::mem::size_of::<Q8Block>(),
         }
+    }
+
+    /// Why rows of `head_dim` values cannot be stored in this type, if they cannot.
+    pub fn check_head_dim(self, head_dim: usize) -> Result<(), String> {
+        if self == KvDtype::Q8_0 && !head_dim.is_multiple_of(Q8_VALUES) {
+            return Err(format!(
+                "a q8_0 KV cache needs head_dim to be a multiple of {Q8_VALUES}, got {head_dim}"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -54,6 +69,7 @@ impl fmt::Display for KvDtype {
             KvDtype::F16 => "f16",
             KvDtype::Bf16 => "bf16",
             KvDtype::F32 => "f32",
+            KvDtype::Q8_0 => "q8_0",
         })
     }
 }
@@ -66,36 +82,89 @@ impl FromStr for KvDtype {
             "f16" | "float16" | "fp16" => Ok(KvDtype::F16),
             "bf16" | "bfloat16" => Ok(KvDtype::Bf16),
             "f32" | "float32" | "fp32" => Ok(KvDtype::F32),
+            "q8_0" | "q8" | "int8" => Ok(KvDtype::Q8_0),
             other => Err(format!(
-                "unknown KV cache dtype {other:?} (expected f16, bf16 or f32)"
+                "unknown KV cache dtype {other:?} (expected f16, bf16, f32 or q8_0)"
             )),
         }
     }
 }
 
 mod sealed {
+    use super::*;
+
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
     impl Sealed for half::bf16 {}
+    impl Sealed for Q8Block {}
+
+    /// How a window of a cache of this element type is attended: read in place (f32, f16,
+    /// bf16) or widened to f32 first (Q8_0).
+    pub trait Attend: Sized {
+        #[allow(clippy::too_many_arguments)]
+        fn attend_window(
+            level: Level,
+            heads: &HeadGroup<'_>,
+            kv: &PagedKv<'_, Self>,
+            block_table: &[u32],
+            window: Range<usize>,
+            bufs: &mut WindowBufs,
+            out: &mut [f32],
+            stats: &mut [[f32; 2]],
+        );
+    }
+
+    /// Buffers of one window's attention.
+    #[derive(Debug, Clone, Default)]
+    pub struct WindowBufs {
+        pub offsets: Vec<usize>,
+        pub scores: Vec<f32>,
+        /// The window's K and V rows widened to f32 (Q8_0 only).
+        pub k: Vec<f32>,
+        pub v: Vec<f32>,
+    }
 }
 
-/// An element of a KV cache: f32, f16 or bf16, read as f32.
-pub trait KvElement: Copy + Default + Send + Sync + 'static + sealed::Sealed {
+use sealed::WindowBufs;
+
+/// Values per [`Q8Block`].
+pub const Q8_VALUES: usize = 32;
+
+/// 32 values as `d · q`: ggml's `block_q8_0` (`d` = the block's largest magnitude / 127).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[repr(C)]
+pub struct Q8Block {
+    pub d: f16,
+    pub qs: [i8; Q8_VALUES],
+}
+
+/// An element of a KV cache, read as f32: a value (f32, f16, bf16) or a block of
+/// [`KvElement::VALUES`] values (Q8_0). A row of `head_dim` values is `head_dim / VALUES`
+/// elements.
+pub trait KvElement:
+    Copy + Default + Send + Sync + 'static + sealed::Sealed + sealed::Attend
+{
     const DTYPE: KvDtype;
-    fn to_f32(self) -> f32;
-    /// Rounded to nearest, ties to even.
-    fn from_f32(x: f32) -> Self;
-    /// `dst[i] = from_f32(src[i])`, vectorised where the CPU can.
+    /// Values one element holds.
+    const VALUES: usize = 1;
+    /// `src` (`dst.len() · VALUES` values) stored: rounded to nearest, ties to even (f16,
+    /// bf16), or quantized block by block (Q8_0); vectorised where the CPU can.
     fn from_f32_slice(dst: &mut [Self], src: &[f32]);
-    /// `dst[i] = src[i].to_f32()`, vectorised where the CPU can.
+    /// The values `src` holds (`src.len() · VALUES`), exactly; vectorised where the CPU can.
     fn to_f32_slice(dst: &mut [f32], src: &[Self]);
-    /// A zeroed vector of `n` values, from zeroed pages (touched only when written).
+    /// A zeroed vector of `n` elements, from zeroed pages (touched only when written).
     fn zeroed(n: usize) -> Vec<Self>;
 }
 
-impl KvElement for f32 {
-    const DTYPE: KvDtype = KvDtype::F32;
+/// An element that holds one value: the kernels read these caches in place.
+pub trait KvScalar: KvElement {
+    fn to_f32(self) -> f32;
+    /// Rounded to nearest, ties to even.
+    fn from_f32(x: f32) -> Self;
+}
+
+impl KvScalar for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -104,6 +173,10 @@ impl KvElement for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
+}
+
+impl KvElement for f32 {
+    const DTYPE: KvDtype = KvDtype::F32;
     fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
         dst.copy_from_slice(src);
     }
@@ -115,13 +188,34 @@ impl KvElement for f32 {
     }
 }
 
+/// The one-value elements read their windows in place.
+macro_rules! attend_in_place {
+    ($($t:ty),*) => {$(
+        impl sealed::Attend for $t {
+            fn attend_window(
+                level: Level,
+                heads: &HeadGroup<'_>,
+                kv: &PagedKv<'_, Self>,
+                block_table: &[u32],
+                window: Range<usize>,
+                bufs: &mut WindowBufs,
+                out: &mut [f32],
+                stats: &mut [[f32; 2]],
+            ) {
+                attend_window(level, heads, kv, block_table, window, bufs, out, stats);
+            }
+        }
+    )*};
+}
+
+attend_in_place!(f32, f16, bf16);
+
 /// The 16-bit elements: slices converted by [`crate::convert`] (vectorised; bf16 narrowed by
 /// `half`); zeroed from a `u16` allocation, since `vec![f16::ZERO; n]` would write every value
 /// where `vec![0u16; n]` gets zeroed pages.
 macro_rules! half_element {
     ($t:ty, $dtype:expr, $narrow:expr, $widen:expr) => {
-        impl KvElement for $t {
-            const DTYPE: KvDtype = $dtype;
+        impl KvScalar for $t {
             #[inline(always)]
             fn to_f32(self) -> f32 {
                 <$t>::to_f32(self)
@@ -130,6 +224,10 @@ macro_rules! half_element {
             fn from_f32(x: f32) -> Self {
                 <$t>::from_f32(x)
             }
+        }
+
+        impl KvElement for $t {
+            const DTYPE: KvDtype = $dtype;
             fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
                 $narrow(src, dst);
             }
@@ -155,6 +253,78 @@ half_element!(
     |src: &[f32], dst: &mut [bf16]| dst.convert_from_f32_slice(src),
     crate::convert::bf16_to_f32
 );
+
+impl KvElement for Q8Block {
+    const DTYPE: KvDtype = KvDtype::Q8_0;
+    const VALUES: usize = Q8_VALUES;
+    fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
+        assert_eq!(src.len(), dst.len() * Q8_VALUES, "q8_0 blocks of 32 values");
+        for (block, x) in dst.iter_mut().zip(src.chunks_exact(Q8_VALUES)) {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            block.d = f16::from_f32(d);
+            for (q, v) in block.qs.iter_mut().zip(x) {
+                *q = (v * id).round() as i8;
+            }
+        }
+    }
+    fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
+        crate::convert::q8_to_f32(src, dst);
+    }
+    fn zeroed(n: usize) -> Vec<Self> {
+        vec![Q8Block::default(); n]
+    }
+}
+
+/// A Q8_0 window is widened to f32 rows (`d · q` is exact in f32), then attended by the f32
+/// kernel: a quarter of f32's memory traffic from the cache, the f32 cache's arithmetic on
+/// the values the cache holds.
+impl sealed::Attend for Q8Block {
+    fn attend_window(
+        level: Level,
+        heads: &HeadGroup<'_>,
+        kv: &PagedKv<'_, Self>,
+        block_table: &[u32],
+        window: Range<usize>,
+        bufs: &mut WindowBufs,
+        out: &mut [f32],
+        stats: &mut [[f32; 2]],
+    ) {
+        let hd = heads.head_dim;
+        let units = hd / Q8_VALUES;
+        assert!(hd.is_multiple_of(Q8_VALUES), "q8_0 rows of {hd} values");
+        let n = window.len();
+        let (mut k, mut v) = (std::mem::take(&mut bufs.k), std::mem::take(&mut bufs.v));
+        k.resize(n * hd, 0.0);
+        v.resize(n * hd, 0.0);
+        for (j, p) in window.enumerate() {
+            let block = *block_table
+                .get(p / kv.block_size)
+                .unwrap_or_else(|| panic!("position {p} is past the block table"));
+            let at = kv.at(block as usize, heads.kv_head, p % kv.block_size, units);
+            assert!(
+                at + units <= kv.k.len(),
+                "position {p} is outside the cache"
+            );
+            let dst = j * hd..(j + 1) * hd;
+            Q8Block::to_f32_slice(&mut k[dst.clone()], &kv.k[at..at + units]);
+            Q8Block::to_f32_slice(&mut v[dst], &kv.v[at..at + units]);
+        }
+        let widened = PagedKv {
+            k: &k,
+            v: &v,
+            kv_heads: 1,
+            block_size: n,
+        };
+        let one = HeadGroup {
+            kv_head: 0,
+            ..*heads
+        };
+        attend_window(level, &one, &widened, &[0], 0..n, bufs, out, stats);
+        (bufs.k, bufs.v) = (k, v);
+    }
+}
 
 /// One layer's paged cache, head-major inside each block: block `b` holds its `block_size`
 /// positions of KV head 0, then of head 1, …, each position `head_dim` values, so position `i`
@@ -214,8 +384,7 @@ pub struct HeadGroup<'a> {
 /// Buffers one thread reuses across calls of [`attend`].
 #[derive(Debug, Clone, Default)]
 pub struct AttendScratch {
-    offsets: Vec<usize>,
-    scores: Vec<f32>,
+    bufs: WindowBufs,
     stats: Vec<[f32; 2]>,
 }
 
@@ -257,14 +426,9 @@ pub fn attend<T: KvElement>(
     );
     let group = heads.q.len() / hd;
     if window.len() <= ATTEND_PARTITION {
-        let AttendScratch {
-            offsets,
-            scores,
-            stats,
-        } = scratch;
+        let AttendScratch { bufs, stats } = scratch;
         stats.resize(group, [0.0; 2]);
-        let bufs = (offsets, scores);
-        attend_window(level, heads, kv, block_table, window, bufs, out, stats);
+        T::attend_window(level, heads, kv, block_table, window, bufs, out, stats);
         return;
     }
     use rayon::prelude::*;
@@ -275,23 +439,11 @@ pub fn attend<T: KvElement>(
     outs.par_chunks_mut(group * hd)
         .zip(stats.par_chunks_mut(group))
         .enumerate()
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(offsets, scores), (i, (o, st))| {
-                let start = window.start + i * ATTEND_PARTITION;
-                let part = start..(start + ATTEND_PARTITION).min(window.end);
-                attend_window(
-                    level,
-                    heads,
-                    kv,
-                    block_table,
-                    part,
-                    (offsets, scores),
-                    o,
-                    st,
-                );
-            },
-        );
+        .for_each_init(WindowBufs::default, |bufs, (i, (o, st))| {
+            let start = window.start + i * ATTEND_PARTITION;
+            let part = start..(start + ATTEND_PARTITION).min(window.end);
+            T::attend_window(level, heads, kv, block_table, part, bufs, o, st);
+        });
     merge(&outs, &stats, group, hd, out);
 }
 
@@ -318,19 +470,23 @@ fn merge(outs: &[f32], stats: &[[f32; 2]], group: usize, hd: usize, out: &mut [f
     }
 }
 
-/// [`attend`] over one window in one pass; `stats` gets each head's softmax max and sum.
+/// [`attend`] over one window in one pass, reading the cache in place; `stats` gets each
+/// head's softmax max and sum.
 #[allow(clippy::too_many_arguments)]
-fn attend_window<T: KvElement>(
+fn attend_window<T: KvScalar>(
     level: Level,
     heads: &HeadGroup<'_>,
     kv: &PagedKv<'_, T>,
     block_table: &[u32],
     window: Range<usize>,
-    (offsets, scores): (&mut Vec<usize>, &mut Vec<f32>),
+    bufs: &mut WindowBufs,
     out: &mut [f32],
     stats: &mut [[f32; 2]],
 ) {
     let hd = heads.head_dim;
+    let WindowBufs {
+        offsets, scores, ..
+    } = bufs;
     offsets.clear();
     for p in window.clone() {
         let block = *block_table
@@ -420,7 +576,7 @@ fn reduce16(t: &[f32; 16]) -> f32 {
     r2[0] + r2[1]
 }
 
-fn dot<T: KvElement>(a: &[f32], b: &[T]) -> f32 {
+fn dot<T: KvScalar>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; DOT_LANES];
     for (d, (x, y)) in a.iter().zip(b).enumerate() {
         let lane = &mut acc[d % DOT_LANES];
@@ -446,7 +602,7 @@ fn scalar_softmax(s: &mut [f32]) -> [f32; 2] {
 }
 
 /// The portable twin every SIMD level is tested against.
-pub(crate) fn scalar<T: KvElement>(
+pub(crate) fn scalar<T: KvScalar>(
     rows: &Rows<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],
@@ -474,7 +630,7 @@ pub(crate) fn scalar<T: KvElement>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tests::{same_bits, Rng};
 
@@ -521,12 +677,12 @@ mod tests {
         let blocks = context.div_ceil(bs) + 1;
         let table: Vec<u32> = (0..blocks as u32 - 1).rev().map(|b| b + 1).collect();
         let kv_heads = 2;
-        let k: Vec<T> = (0..blocks * kv_heads * bs * hd)
-            .map(|_| T::from_f32(r()))
-            .collect();
-        let v: Vec<T> = (0..blocks * kv_heads * bs * hd)
-            .map(|_| T::from_f32(r()))
-            .collect();
+        let values = blocks * kv_heads * bs * hd;
+        let k: Vec<f32> = (0..values).map(|_| r()).collect();
+        let v: Vec<f32> = (0..values).map(|_| r()).collect();
+        // What the cache holds, stored and widened back.
+        let (k, k_held) = stored::<T>(&k);
+        let (v, v_held) = stored::<T>(&v);
         let q: Vec<f32> = (0..group * hd).map(|_| r() * q_scale).collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let heads = HeadGroup {
@@ -560,11 +716,11 @@ mod tests {
             let s: Vec<f64> = window
                 .clone()
                 .map(|p| {
-                    let kr = &k[at(p)..at(p) + hd];
+                    let kr = &k_held[at(p)..at(p) + hd];
                     let qh = &q[h * hd..(h + 1) * hd];
                     qh.iter()
                         .zip(kr)
-                        .map(|(a, b)| *a as f64 * b.to_f32() as f64)
+                        .map(|(a, b)| *a as f64 * *b as f64)
                         .sum::<f64>()
                         * scale as f64
                 })
@@ -573,12 +729,21 @@ mod tests {
             let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
             let sum: f64 = e.iter().sum();
             for (p, e) in window.clone().zip(&e) {
-                for (o, vv) in o.iter_mut().zip(&v[at(p)..at(p) + hd]) {
-                    *o += e / sum * vv.to_f32() as f64;
+                for (o, vv) in o.iter_mut().zip(&v_held[at(p)..at(p) + hd]) {
+                    *o += e / sum * *vv as f64;
                 }
             }
         }
         (out, reference)
+    }
+
+    /// `values` stored as `T` elements, and the values those hold.
+    pub(crate) fn stored<T: KvElement>(values: &[f32]) -> (Vec<T>, Vec<f32>) {
+        let mut elements = T::zeroed(values.len() / T::VALUES);
+        T::from_f32_slice(&mut elements, values);
+        let mut held = vec![0f32; values.len()];
+        T::to_f32_slice(&mut held, &elements);
+        (elements, held)
     }
 
     fn cases() -> Vec<Case> {
@@ -629,13 +794,23 @@ mod tests {
             KvDtype::F32 => run::<f32>(case, level, seed),
             KvDtype::F16 => run::<f16>(case, level, seed),
             KvDtype::Bf16 => run::<bf16>(case, level, seed),
+            KvDtype::Q8_0 => run::<Q8Block>(case, level, seed),
         }
+    }
+
+    /// The cases whose rows `dtype` stores (Q8_0: whole blocks of 32).
+    fn cases_for(dtype: KvDtype) -> impl Iterator<Item = (usize, Case)> {
+        cases()
+            .into_iter()
+            .enumerate()
+            .filter(move |(_, c)| dtype.check_head_dim(c.head_dim).is_ok())
     }
 
     #[test]
     fn scalar_matches_an_f64_reference() {
         for dtype in KvDtype::ALL {
-            for (i, case) in cases().iter().enumerate() {
+            for (i, case) in cases_for(dtype) {
+                let case = &case;
                 let (out, reference) = run_as(dtype, case, Level::Scalar, i as u64 + 7);
                 for (a, b) in out.iter().zip(&reference) {
                     assert!(
@@ -653,7 +828,8 @@ mod tests {
     fn every_level_gives_the_scalar_bits() {
         for dtype in KvDtype::ALL {
             for level in Level::supported() {
-                for (i, case) in cases().iter().enumerate() {
+                for (i, case) in cases_for(dtype) {
+                    let case = &case;
                     let (want, _) = run_as(dtype, case, Level::Scalar, i as u64 + 7);
                     let (got, _) = run_as(dtype, case, level, i as u64 + 7);
                     let same = same_bits(&got, &want);
@@ -669,15 +845,24 @@ mod tests {
             assert_eq!(dtype.to_string().parse::<KvDtype>(), Ok(dtype));
         }
         assert_eq!("FP16".parse::<KvDtype>(), Ok(KvDtype::F16));
-        assert!("q8_0"
+        assert!("q4_0"
             .parse::<KvDtype>()
             .unwrap_err()
-            .contains("f16, bf16 or f32"));
+            .contains("f16, bf16, f32 or q8_0"));
+        assert!(KvDtype::Q8_0.check_head_dim(80).is_err());
+        assert_eq!(KvDtype::Q8_0.bytes(64), 68);
         assert_eq!(KvDtype::default(), KvDtype::F16);
         // 1 + 2^-11 is halfway between two f16 values: ties to even.
         let x = 1.0 + 2f32.powi(-11);
-        assert_eq!(<f16 as KvElement>::from_f32(x).to_f32(), 1.0);
-        assert_eq!(<bf16 as KvElement>::from_f32(3.0).to_f32(), 3.0);
+        assert_eq!(<f16 as KvScalar>::from_f32(x).to_f32(), 1.0);
+        assert_eq!(<bf16 as KvScalar>::from_f32(3.0).to_f32(), 3.0);
+        // Q8_0: the largest magnitude is ±127 steps, the rest rounded to the nearest step.
+        let x: Vec<f32> = (0..32).map(|i| i as f32 - 16.0).collect();
+        let (_, held) = stored::<Q8Block>(&x);
+        let step = f16::from_f32(16.0 / 127.0).to_f32();
+        for (a, b) in x.iter().zip(&held) {
+            assert!((a - b).abs() <= step / 2.0 + 1e-6, "{a} {b}");
+        }
     }
 
     /// Scores to probabilities in place (`exp(s - max) / Σ`) at `level`: the decode kernel's

@@ -4,6 +4,7 @@
 
 use half::{bf16, f16};
 
+use crate::attention::{Q8Block, Q8_VALUES};
 use crate::Level;
 
 /// `dst[i] = src[i]` as f32.
@@ -72,6 +73,37 @@ pub(crate) fn bf16_to_f32_at(level: Level, src: &[bf16], dst: &mut [f32]) {
     }
 }
 
+/// `dst` = the values of the Q8_0 blocks `src` (`d · q`, exact in f32).
+///
+/// # Panics
+/// If `dst` is not `32 · src.len()` long.
+pub(crate) fn q8_to_f32(src: &[Q8Block], dst: &mut [f32]) {
+    q8_to_f32_at(Level::detected(), src, dst);
+}
+
+/// [`q8_to_f32`] at `level` (lowered to what the CPU has).
+pub(crate) fn q8_to_f32_at(level: Level, src: &[Q8Block], dst: &mut [f32]) {
+    assert_eq!(dst.len(), src.len() * Q8_VALUES, "q8_0 blocks of 32 values");
+    match level.capped() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `capped` only yields levels the CPU runs; the lengths were checked.
+        Level::Avx512 => unsafe { crate::x86::convert::q8_to_f32_avx512(src, dst) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { crate::x86::convert::q8_to_f32_avx2(src, dst) },
+        _ => q8_to_f32_scalar(src, dst),
+    }
+}
+
+pub(crate) fn q8_to_f32_scalar(src: &[Q8Block], dst: &mut [f32]) {
+    for (x, block) in dst.chunks_exact_mut(Q8_VALUES).zip(src) {
+        let d = block.d.to_f32();
+        for (x, &q) in x.iter_mut().zip(&block.qs) {
+            *x = q as f32 * d;
+        }
+    }
+}
+
 /// The scalar twins (also the SIMD levels' tails).
 pub(crate) fn f16_to_f32_scalar(src: &[f16], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
@@ -136,6 +168,18 @@ mod tests {
                     .zip(&b)
                     .all(|(a, b)| a.to_bits() == b.to_f32().to_bits());
                 assert!(same, "bf16 to f32, {n} at {level}");
+            }
+            for blocks in [0, 1, 3] {
+                let x = values(32 * blocks);
+                let mut q = vec![Q8Block::default(); blocks];
+                crate::KvElement::from_f32_slice(&mut q, &x);
+                let (mut got, mut want) = (vec![f32::NAN; x.len()], vec![0f32; x.len()]);
+                q8_to_f32_at(level, &q, &mut got);
+                q8_to_f32_scalar(&q, &mut want);
+                assert!(
+                    crate::tests::same_bits(&got, &want),
+                    "q8_0, {blocks} at {level}"
+                );
             }
         }
     }

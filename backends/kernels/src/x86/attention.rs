@@ -6,23 +6,24 @@
 
 use std::arch::x86_64::*;
 
-use crate::attention::{KvDtype, KvElement, Rows, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+use crate::attention::{KvDtype, KvScalar, Rows, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
 
 /// The 16 cache values at `p` under mask `m` (zeros elsewhere), as f32.
 #[inline(always)]
-unsafe fn load16<T: KvElement>(p: *const T, m: __mmask16) -> __m512 {
+unsafe fn load16<T: KvScalar>(p: *const T, m: __mmask16) -> __m512 {
     match T::DTYPE {
         KvDtype::F32 => _mm512_maskz_loadu_ps(m, p as *const f32),
         KvDtype::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
         KvDtype::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
             _mm256_maskz_loadu_epi16(m, p as *const i16),
         ))),
+        KvDtype::Q8_0 => unreachable!("a q8_0 window is widened to f32 before the kernel"),
     }
 }
 
 /// The 8 cache values of `[0, len)` at `base + at` as f32, zeros past `len`.
 #[inline(always)]
-unsafe fn load8_kv<T: KvElement>(base: *const T, at: usize, len: usize) -> __m256 {
+unsafe fn load8_kv<T: KvScalar>(base: *const T, at: usize, len: usize) -> __m256 {
     if T::DTYPE == KvDtype::F32 {
         return load8(base as *const f32, at, len);
     }
@@ -107,7 +108,7 @@ fn group_masks(g: usize, hd: usize) -> [__mmask16; 4] {
 /// final group.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn partial_dot<T: KvElement>(
+unsafe fn partial_dot<T: KvScalar>(
     q: *const f32,
     row: *const T,
     groups: usize,
@@ -133,7 +134,7 @@ unsafe fn partial_dot<T: KvElement>(
 /// position) as [`partial_dot`], then the sixteen trees reduced together (`transposed`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn scores16<const H: usize, T: KvElement>(
+unsafe fn scores16<const H: usize, T: KvScalar>(
     rows: &Rows<'_, T>,
     q: *const f32,
     s: *mut f32,
@@ -178,7 +179,7 @@ unsafe fn scores16<const H: usize, T: KvElement>(
 /// row is loaded once for all of them.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn weighted_sum<const H: usize, T: KvElement>(
+unsafe fn weighted_sum<const H: usize, T: KvScalar>(
     rows: &Rows<'_, T>,
     p: *const f32,
     o: *mut f32,
@@ -261,7 +262,7 @@ unsafe fn transposed(t: [__m512; 16]) -> __m512 {
 /// `rows.k` and `rows.v` (with `head_dim` values each), `scores` `heads × positions` and `out`
 /// `q`'s size.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
-pub(crate) unsafe fn attend_avx512<T: KvElement>(
+pub(crate) unsafe fn attend_avx512<T: KvScalar>(
     rows: &Rows<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],
@@ -454,7 +455,7 @@ pub(crate) unsafe fn softmax_avx2(p: *mut f32, n: usize) -> [f32; 2] {
 /// # Safety
 /// As [`attend_avx512`], with AVX2, F16C and FMA.
 #[target_feature(enable = "avx2,f16c,fma")]
-pub(crate) unsafe fn attend_avx2<T: KvElement>(
+pub(crate) unsafe fn attend_avx2<T: KvScalar>(
     rows: &Rows<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],

@@ -5,6 +5,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
+use crate::attention::{Q8Block, Q8_VALUES};
 use crate::convert::{bf16_to_f32_scalar, f16_to_f32_scalar, f32_to_f16_scalar};
 
 /// # Safety
@@ -83,4 +84,35 @@ pub(crate) unsafe fn bf16_to_f32_avx2(src: &[bf16], dst: &mut [f32]) {
         _mm256_storeu_si256(d.add(at) as *mut __m256i, _mm256_slli_epi32::<16>(h));
     }
     bf16_to_f32_scalar(&src[n..], &mut dst[n..]);
+}
+
+/// # Safety
+/// The CPU must have AVX-512F and F16C; `dst` holds `32 · src.len()` floats.
+#[target_feature(enable = "avx512f,f16c")]
+pub(crate) unsafe fn q8_to_f32_avx512(src: &[Q8Block], dst: &mut [f32]) {
+    let d = dst.as_mut_ptr();
+    for (b, block) in src.iter().enumerate() {
+        let scale = _mm512_set1_ps(block.d.to_f32());
+        let qs = block.qs.as_ptr() as *const __m128i;
+        for h in 0..2 {
+            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(h))));
+            _mm512_storeu_ps(d.add(b * Q8_VALUES + 16 * h), _mm512_mul_ps(q, scale));
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2 and F16C; `dst` holds `32 · src.len()` floats.
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn q8_to_f32_avx2(src: &[Q8Block], dst: &mut [f32]) {
+    let d = dst.as_mut_ptr();
+    for (b, block) in src.iter().enumerate() {
+        let scale = _mm256_set1_ps(block.d.to_f32());
+        let qs = block.qs.as_ptr();
+        for e in 0..4 {
+            let bytes = _mm_loadl_epi64(qs.add(8 * e) as *const __m128i);
+            let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+            _mm256_storeu_ps(d.add(b * Q8_VALUES + 8 * e), _mm256_mul_ps(q, scale));
+        }
+    }
 }
