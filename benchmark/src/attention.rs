@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use wick_kernels::{
     attend, attend_chunk, AttendScratch, ChunkQueries, ChunkScratch, HeadGroup, KvDtype, KvElement,
-    Level, PagedKv, CHUNK_TILE,
+    Level, PagedKv, Q8Block, CHUNK_TILE,
 };
 
 use crate::kernels::{read_bandwidth, time, Setup};
@@ -83,6 +83,9 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
         let read_bandwidth_gbs = read_bandwidth(args.setup.seconds);
         let mut results = Vec::new();
         for &dtype in &args.dtypes {
+            dtype
+                .check_head_dim(args.head_dim)
+                .map_err(anyhow::Error::msg)?;
             for &sequences in &args.sequences {
                 for &context in &args.context {
                     anyhow::ensure!(sequences > 0 && context > 0, "empty batch or context");
@@ -90,8 +93,10 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
                         KvDtype::F16 => step::<half::f16>(&args, level, sequences, context),
                         KvDtype::Bf16 => step::<half::bf16>(&args, level, sequences, context),
                         KvDtype::F32 => step::<f32>(&args, level, sequences, context),
+                        KvDtype::Q8_0 => step::<Q8Block>(&args, level, sequences, context),
                     };
-                    let bytes = 2 * sequences * args.kv_heads * context * args.head_dim;
+                    let bytes =
+                        dtype.bytes(2 * sequences * args.kv_heads * context * args.head_dim);
                     // (query token, position) pairs each sequence attends.
                     let pairs = match args.chunk {
                         None => context,
@@ -107,7 +112,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
                         sequences,
                         context,
                         micros,
-                        kv_gbs: (bytes * dtype.size()) as f64 / micros / 1e3,
+                        kv_gbs: bytes as f64 / micros / 1e3,
                         gflops: flops as f64 / micros / 1e3,
                     });
                 }
@@ -136,9 +141,14 @@ fn step<T: KvElement>(args: &AttentionArgs, level: Level, sequences: usize, cont
     let per_seq = context.div_ceil(bs);
     let blocks = per_seq * sequences;
     let values = blocks * kv_heads * bs * hd;
-    let value = |i: usize| T::from_f32(((i * 7919 % 1013) as f32 - 506.0) / 506.0);
-    let k: Vec<T> = (0..values).map(value).collect();
-    let v: Vec<T> = (0..values).map(|i| value(i + 17)).collect();
+    let value = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 506.0;
+    let stored = |shift: usize| {
+        let x: Vec<f32> = (0..values).map(|i| value(i + shift)).collect();
+        let mut elements = T::zeroed(values / T::VALUES);
+        T::from_f32_slice(&mut elements, &x);
+        elements
+    };
+    let (k, v) = (stored(0), stored(17));
     let tables: Vec<Vec<u32>> = (0..sequences)
         .map(|s| (0..per_seq).map(|b| (b * sequences + s) as u32).collect())
         .collect();

@@ -139,7 +139,15 @@ pub fn write_kv<T: KvElement>(
             v.len(),
         );
     }
-    let layout = params.kv_layout();
+    if !hd.is_multiple_of(T::VALUES) {
+        bail!("write_kv: rows of {hd} values in a {} cache", T::DTYPE);
+    }
+    // The cache's elements per row: values, or Q8_0 blocks of 32.
+    let units = hd / T::VALUES;
+    let layout = KvLayout {
+        head_dim: units,
+        ..params.kv_layout()
+    };
     for seq in &step.seqs {
         for t in seq.start..seq.start + seq.len {
             let (block, i) = seq.kv_place(step.positions[t] as usize, block_size);
@@ -149,8 +157,8 @@ pub fn write_kv<T: KvElement>(
             for g in 0..params.num_kv_heads {
                 let at = layout.at(block, g, i);
                 let row = t * kv_width + g * hd..t * kv_width + (g + 1) * hd;
-                T::from_f32_slice(&mut cache_k[at..at + hd], &k[row.clone()]);
-                T::from_f32_slice(&mut cache_v[at..at + hd], &v[row]);
+                T::from_f32_slice(&mut cache_k[at..at + units], &k[row.clone()]);
+                T::from_f32_slice(&mut cache_v[at..at + units], &v[row]);
             }
         }
     }

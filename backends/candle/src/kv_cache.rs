@@ -2,11 +2,12 @@
 //! (head-major inside a block, see [`wick_kernels::PagedKv`]) in the blocks the router chose:
 //! position `p` of a sequence is position `p % block_size` of block
 //! `block_table[p / block_size]`. Values are f16 by default (half f32's memory and read
-//! traffic), or bf16 or f32 (`--kv-cache-dtype`).
+//! traffic), or bf16, f32 or q8_0 (`--kv-cache-dtype`; q8_0 keeps each head's row as blocks
+//! of 32 8-bit values with an f16 scale: a quarter of f32's memory).
 
 use candle_core::{bail, Result};
 use half::{bf16, f16};
-use wick_kernels::{KvDtype, KvElement};
+use wick_kernels::{KvDtype, KvElement, Q8Block};
 use wick_model::config::ModelConfig;
 
 use crate::attention::{self, AttentionParams};
@@ -60,6 +61,7 @@ enum Layers {
     F16(Vec<LayerKv<f16>>),
     Bf16(Vec<LayerKv<bf16>>),
     F32(Vec<LayerKv<f32>>),
+    Q8_0(Vec<LayerKv<Q8Block>>),
 }
 
 /// K and V of every layer, in blocks of `block_size` token slots. The attention
@@ -79,7 +81,7 @@ impl KvCache {
     /// Bytes one token slot takes over all layers (K and V of `dtype`) with `kv_heads` KV heads
     /// (a tensor-parallel rank holds only its own).
     pub fn bytes_per_slot(config: &ModelConfig, kv_heads: usize, dtype: KvDtype) -> usize {
-        config.num_hidden_layers * 2 * kv_heads * config.head_dim * dtype.size()
+        config.num_hidden_layers * 2 * dtype.bytes(kv_heads * config.head_dim)
     }
 
     /// A zeroed cache of `num_blocks` blocks of `block_size` slots for every layer of `config`,
@@ -108,9 +110,11 @@ impl KvCache {
         dtype: KvDtype,
     ) -> Self {
         let n = num_blocks * block_size * kv_heads * config.head_dim;
-        fn layers<T: KvElement>(count: usize, n: usize) -> Vec<LayerKv<T>> {
+        fn layers<T: KvElement>(count: usize, values: usize) -> Vec<LayerKv<T>> {
             // Zeroed allocations: pages are only touched when written.
-            (0..count).map(|_| LayerKv::zeroed(n)).collect()
+            (0..count)
+                .map(|_| LayerKv::zeroed(values / T::VALUES))
+                .collect()
         }
         let count = config.num_hidden_layers;
         Self {
@@ -123,6 +127,7 @@ impl KvCache {
                 KvDtype::F16 => Layers::F16(layers(count, n)),
                 KvDtype::Bf16 => Layers::Bf16(layers(count, n)),
                 KvDtype::F32 => Layers::F32(layers(count, n)),
+                KvDtype::Q8_0 => Layers::Q8_0(layers(count, n)),
             },
         }
     }
@@ -142,6 +147,7 @@ impl KvStore for KvCache {
             Layers::F16(_) => KvDtype::F16,
             Layers::Bf16(_) => KvDtype::Bf16,
             Layers::F32(_) => KvDtype::F32,
+            Layers::Q8_0(_) => KvDtype::Q8_0,
         }
     }
 
@@ -186,6 +192,7 @@ impl KvStore for KvCache {
             Layers::F16(l) => run(l, layer, (q, k, v), step, params, out),
             Layers::Bf16(l) => run(l, layer, (q, k, v), step, params, out),
             Layers::F32(l) => run(l, layer, (q, k, v), step, params, out),
+            Layers::Q8_0(l) => run(l, layer, (q, k, v), step, params, out),
         }
     }
 }
@@ -210,7 +217,9 @@ mod tests {
 
     #[test]
     fn every_dtype_stores_and_reads_back_through_the_store() {
-        let c = TinyModelSpec::default().config(64);
+        let mut c = TinyModelSpec::default().config(64);
+        // Rows of whole Q8_0 blocks.
+        c.head_dim = 64;
         let p = params(&c, 4);
         let (kv_width, q_width) = (p.kv_width(), p.q_width());
         // One token at position 0 of block 2: attention over one position returns its V.
@@ -241,14 +250,27 @@ mod tests {
             store
                 .write_and_attend(1, &q, &k, &v, &step, &p, &mut out)
                 .unwrap();
-            // Each query head reads its KV head's V row (exact in every dtype: the values are
-            // multiples of 1/8 below 2^8).
+            // Each query head reads its KV head's V row as the cache holds it: exactly in the
+            // float types (the values are multiples of 1/8 below 2^8), to Q8_0's step in it.
+            let held: Vec<f32> = match dtype {
+                KvDtype::Q8_0 => {
+                    let mut blocks = vec![Q8Block::default(); v.len() / 32];
+                    Q8Block::from_f32_slice(&mut blocks, &v);
+                    let mut held = vec![0f32; v.len()];
+                    Q8Block::to_f32_slice(&mut held, &blocks);
+                    // Within half a step of the largest magnitude / 127.
+                    let half_step = v.iter().fold(0f32, |m, x| m.max(x.abs())) / 254.0 + 1e-3;
+                    assert!(held.iter().zip(&v).all(|(a, b)| (a - b).abs() <= half_step));
+                    held
+                }
+                _ => v.clone(),
+            };
             let group = c.num_attention_heads / c.num_key_value_heads;
             for (h, o) in out.chunks_exact(c.head_dim).enumerate() {
                 let g = h / group;
                 assert_eq!(
                     o,
-                    &v[g * c.head_dim..(g + 1) * c.head_dim],
+                    &held[g * c.head_dim..(g + 1) * c.head_dim],
                     "{dtype}, head {h}"
                 );
             }
@@ -260,7 +282,7 @@ mod tests {
             assert!(err.to_string().contains("outside the KV cache"), "{err}");
             assert_eq!(
                 KvCache::bytes_per_slot(&c, c.num_key_value_heads, dtype),
-                c.num_hidden_layers * 2 * kv_width * dtype.size()
+                c.num_hidden_layers * 2 * dtype.bytes(kv_width)
             );
         }
     }

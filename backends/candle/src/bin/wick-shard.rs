@@ -93,8 +93,10 @@ struct ServeArgs {
     #[arg(long, env = "ACTIVATION_OUTLIERS", value_enum, default_value_t = OutliersArg::Refine)]
     activation_outliers: OutliersArg,
 
-    /// Element type of the KV cache: `auto` (f16), `f16`, `bf16` or `f32`. 16-bit values take
-    /// half the memory and read traffic of f32; each value is rounded once, when written.
+    /// Element type of the KV cache: `auto` (f16), `f16`, `bf16`, `f32` or `q8_0`. 16-bit values
+    /// take half the memory and read traffic of f32; each value is rounded once, when written.
+    /// `q8_0` stores blocks of 32 values as 8-bit integers with an f16 scale (1.06 bytes a
+    /// value); it needs a head_dim that is a multiple of 32.
     #[arg(long, env = "KV_CACHE_DTYPE", value_enum, default_value_t = KvDtypeArg::Auto)]
     kv_cache_dtype: KvDtypeArg,
 
@@ -174,6 +176,8 @@ enum KvDtypeArg {
     Bf16,
     #[value(alias = "fp32", alias = "float32")]
     F32,
+    #[value(name = "q8_0", alias = "q8")]
+    Q8_0,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -341,6 +345,7 @@ fn run(args: ServeArgs) -> anyhow::Result<()> {
             KvDtypeArg::F16 => KvDtype::F16,
             KvDtypeArg::Bf16 => KvDtype::Bf16,
             KvDtypeArg::F32 => KvDtype::F32,
+            KvDtypeArg::Q8_0 => KvDtype::Q8_0,
         },
         block_size: args.block_size as usize,
     };

@@ -313,6 +313,10 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         config.offline,
         &config.load,
     )?;
+    config
+        .kv_cache_dtype
+        .check_head_dim(loaded.config.head_dim)
+        .map_err(anyhow::Error::msg)?;
     let model = match comm {
         Some(comm) => {
             LlamaModel::load_parallel(&loaded.config, &loaded.weights, &config.load, comm)
