@@ -35,8 +35,8 @@ pub enum KvDtype {
     Bf16,
     F32,
     /// ggml's Q8_0: blocks of 32 values as 8-bit integers with one f16 scale (34 bytes), a
-    /// quarter of f32's memory; a `head_dim` must be a multiple of 32. Rows are widened to f32
-    /// (exactly) before the kernels read them.
+    /// quarter of f32's memory; a `head_dim` must be a multiple of 32. The kernels read it in
+    /// place, each value as `d · q` (exact in f32).
     Q8_0,
 }
 
@@ -99,30 +99,11 @@ mod sealed {
     impl Sealed for half::bf16 {}
     impl Sealed for Q8Block {}
 
-    /// How a window of a cache of this element type is attended: read in place (f32, f16,
-    /// bf16) or widened to f32 first (Q8_0).
-    pub trait Attend: Sized {
-        #[allow(clippy::too_many_arguments)]
-        fn attend_window(
-            level: Level,
-            heads: &HeadGroup<'_>,
-            kv: &PagedKv<'_, Self>,
-            block_table: &[u32],
-            window: Range<usize>,
-            bufs: &mut WindowBufs,
-            out: &mut [f32],
-            stats: &mut [[f32; 2]],
-        );
-    }
-
     /// Buffers of one window's attention.
     #[derive(Debug, Clone, Default)]
     pub struct WindowBufs {
         pub offsets: Vec<usize>,
         pub scores: Vec<f32>,
-        /// The window's K and V rows widened to f32 (Q8_0 only).
-        pub k: Vec<f32>,
-        pub v: Vec<f32>,
     }
 }
 
@@ -142,9 +123,7 @@ pub struct Q8Block {
 /// An element of a KV cache, read as f32: a value (f32, f16, bf16) or a block of
 /// [`KvElement::VALUES`] values (Q8_0). A row of `head_dim` values is `head_dim / VALUES`
 /// elements.
-pub trait KvElement:
-    Copy + Default + Send + Sync + 'static + sealed::Sealed + sealed::Attend
-{
+pub trait KvElement: Copy + Default + Send + Sync + 'static + sealed::Sealed {
     const DTYPE: KvDtype;
     /// Values one element holds.
     const VALUES: usize = 1;
@@ -155,24 +134,8 @@ pub trait KvElement:
     fn to_f32_slice(dst: &mut [f32], src: &[Self]);
     /// A zeroed vector of `n` elements, from zeroed pages (touched only when written).
     fn zeroed(n: usize) -> Vec<Self>;
-}
-
-/// An element that holds one value: the kernels read these caches in place.
-pub trait KvScalar: KvElement {
-    fn to_f32(self) -> f32;
-    /// Rounded to nearest, ties to even.
-    fn from_f32(x: f32) -> Self;
-}
-
-impl KvScalar for f32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn from_f32(x: f32) -> Self {
-        x
-    }
+    /// Value `i` of the row whose elements are `row`.
+    fn value(row: &[Self], i: usize) -> f32;
 }
 
 impl KvElement for f32 {
@@ -186,46 +149,17 @@ impl KvElement for f32 {
     fn zeroed(n: usize) -> Vec<Self> {
         vec![0.0; n]
     }
+    #[inline(always)]
+    fn value(row: &[Self], i: usize) -> f32 {
+        row[i]
+    }
 }
-
-/// The one-value elements read their windows in place.
-macro_rules! attend_in_place {
-    ($($t:ty),*) => {$(
-        impl sealed::Attend for $t {
-            fn attend_window(
-                level: Level,
-                heads: &HeadGroup<'_>,
-                kv: &PagedKv<'_, Self>,
-                block_table: &[u32],
-                window: Range<usize>,
-                bufs: &mut WindowBufs,
-                out: &mut [f32],
-                stats: &mut [[f32; 2]],
-            ) {
-                attend_window(level, heads, kv, block_table, window, bufs, out, stats);
-            }
-        }
-    )*};
-}
-
-attend_in_place!(f32, f16, bf16);
 
 /// The 16-bit elements: slices converted by [`crate::convert`] (vectorised; bf16 narrowed by
 /// `half`); zeroed from a `u16` allocation, since `vec![f16::ZERO; n]` would write every value
 /// where `vec![0u16; n]` gets zeroed pages.
 macro_rules! half_element {
     ($t:ty, $dtype:expr, $narrow:expr, $widen:expr) => {
-        impl KvScalar for $t {
-            #[inline(always)]
-            fn to_f32(self) -> f32 {
-                <$t>::to_f32(self)
-            }
-            #[inline(always)]
-            fn from_f32(x: f32) -> Self {
-                <$t>::from_f32(x)
-            }
-        }
-
         impl KvElement for $t {
             const DTYPE: KvDtype = $dtype;
             fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
@@ -236,6 +170,10 @@ macro_rules! half_element {
             }
             fn zeroed(n: usize) -> Vec<Self> {
                 vec![0u16; n].reinterpret_into()
+            }
+            #[inline(always)]
+            fn value(row: &[Self], i: usize) -> f32 {
+                row[i].to_f32()
             }
         }
     };
@@ -275,54 +213,10 @@ impl KvElement for Q8Block {
     fn zeroed(n: usize) -> Vec<Self> {
         vec![Q8Block::default(); n]
     }
-}
-
-/// A Q8_0 window is widened to f32 rows (`d · q` is exact in f32), then attended by the f32
-/// kernel: a quarter of f32's memory traffic from the cache, the f32 cache's arithmetic on
-/// the values the cache holds.
-impl sealed::Attend for Q8Block {
-    fn attend_window(
-        level: Level,
-        heads: &HeadGroup<'_>,
-        kv: &PagedKv<'_, Self>,
-        block_table: &[u32],
-        window: Range<usize>,
-        bufs: &mut WindowBufs,
-        out: &mut [f32],
-        stats: &mut [[f32; 2]],
-    ) {
-        let hd = heads.head_dim;
-        let units = hd / Q8_VALUES;
-        assert!(hd.is_multiple_of(Q8_VALUES), "q8_0 rows of {hd} values");
-        let n = window.len();
-        let (mut k, mut v) = (std::mem::take(&mut bufs.k), std::mem::take(&mut bufs.v));
-        k.resize(n * hd, 0.0);
-        v.resize(n * hd, 0.0);
-        for (j, p) in window.enumerate() {
-            let block = *block_table
-                .get(p / kv.block_size)
-                .unwrap_or_else(|| panic!("position {p} is past the block table"));
-            let at = kv.at(block as usize, heads.kv_head, p % kv.block_size, units);
-            assert!(
-                at + units <= kv.k.len(),
-                "position {p} is outside the cache"
-            );
-            let dst = j * hd..(j + 1) * hd;
-            Q8Block::to_f32_slice(&mut k[dst.clone()], &kv.k[at..at + units]);
-            Q8Block::to_f32_slice(&mut v[dst], &kv.v[at..at + units]);
-        }
-        let widened = PagedKv {
-            k: &k,
-            v: &v,
-            kv_heads: 1,
-            block_size: n,
-        };
-        let one = HeadGroup {
-            kv_head: 0,
-            ..*heads
-        };
-        attend_window(level, &one, &widened, &[0], 0..n, bufs, out, stats);
-        (bufs.k, bufs.v) = (k, v);
+    #[inline(always)]
+    fn value(row: &[Self], i: usize) -> f32 {
+        let block = &row[i / Q8_VALUES];
+        block.qs[i % Q8_VALUES] as f32 * block.d.to_f32()
     }
 }
 
@@ -428,7 +322,7 @@ pub fn attend<T: KvElement>(
     if window.len() <= ATTEND_PARTITION {
         let AttendScratch { bufs, stats } = scratch;
         stats.resize(group, [0.0; 2]);
-        T::attend_window(level, heads, kv, block_table, window, bufs, out, stats);
+        attend_window(level, heads, kv, block_table, window, bufs, out, stats);
         return;
     }
     use rayon::prelude::*;
@@ -442,7 +336,7 @@ pub fn attend<T: KvElement>(
         .for_each_init(WindowBufs::default, |bufs, (i, (o, st))| {
             let start = window.start + i * ATTEND_PARTITION;
             let part = start..(start + ATTEND_PARTITION).min(window.end);
-            T::attend_window(level, heads, kv, block_table, part, bufs, o, st);
+            attend_window(level, heads, kv, block_table, part, bufs, o, st);
         });
     merge(&outs, &stats, group, hd, out);
 }
@@ -473,7 +367,7 @@ fn merge(outs: &[f32], stats: &[[f32; 2]], group: usize, hd: usize, out: &mut [f
 /// [`attend`] over one window in one pass, reading the cache in place; `stats` gets each
 /// head's softmax max and sum.
 #[allow(clippy::too_many_arguments)]
-fn attend_window<T: KvScalar>(
+fn attend_window<T: KvElement>(
     level: Level,
     heads: &HeadGroup<'_>,
     kv: &PagedKv<'_, T>,
@@ -484,16 +378,23 @@ fn attend_window<T: KvScalar>(
     stats: &mut [[f32; 2]],
 ) {
     let hd = heads.head_dim;
-    let WindowBufs {
-        offsets, scores, ..
-    } = bufs;
+    assert!(
+        hd.is_multiple_of(T::VALUES),
+        "rows of {hd} values in a {} cache",
+        T::DTYPE
+    );
+    let units = hd / T::VALUES;
+    let WindowBufs { offsets, scores } = bufs;
     offsets.clear();
     for p in window.clone() {
         let block = *block_table
             .get(p / kv.block_size)
             .unwrap_or_else(|| panic!("position {p} is past the block table"));
-        let at = kv.at(block as usize, heads.kv_head, p % kv.block_size, hd);
-        assert!(at + hd <= kv.k.len(), "position {p} is outside the cache");
+        let at = kv.at(block as usize, heads.kv_head, p % kv.block_size, units);
+        assert!(
+            at + units <= kv.k.len(),
+            "position {p} is outside the cache"
+        );
         offsets.push(at);
     }
     let n = window.len();
@@ -526,7 +427,7 @@ pub(crate) struct Rows<'a, T> {
     pub scale: f32,
     pub k: &'a [T],
     pub v: &'a [T],
-    /// Where each position's `head_dim` floats start in `k` and `v`.
+    /// Where each position's row (`head_dim / T::VALUES` elements) starts in `k` and `v`.
     pub offsets: &'a [usize],
 }
 
@@ -576,11 +477,12 @@ fn reduce16(t: &[f32; 16]) -> f32 {
     r2[0] + r2[1]
 }
 
-fn dot<T: KvScalar>(a: &[f32], b: &[T]) -> f32 {
+/// `a · row`, `row` being the elements of `a.len()` values.
+fn dot<T: KvElement>(a: &[f32], row: &[T]) -> f32 {
     let mut acc = [0f32; DOT_LANES];
-    for (d, (x, y)) in a.iter().zip(b).enumerate() {
+    for (d, x) in a.iter().enumerate() {
         let lane = &mut acc[d % DOT_LANES];
-        *lane = x.mul_add(y.to_f32(), *lane);
+        *lane = x.mul_add(T::value(row, d), *lane);
     }
     let t: [f32; 16] =
         std::array::from_fn(|l| (acc[l] + acc[l + 16]) + (acc[l + 32] + acc[l + 48]));
@@ -602,13 +504,14 @@ fn scalar_softmax(s: &mut [f32]) -> [f32; 2] {
 }
 
 /// The portable twin every SIMD level is tested against.
-pub(crate) fn scalar<T: KvScalar>(
+pub(crate) fn scalar<T: KvElement>(
     rows: &Rows<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],
     stats: &mut [[f32; 2]],
 ) {
     let (hd, n) = (rows.head_dim, rows.offsets.len());
+    let units = hd / T::VALUES;
     for (((q, s), o), stats) in rows
         .q
         .chunks_exact(hd)
@@ -617,13 +520,14 @@ pub(crate) fn scalar<T: KvScalar>(
         .zip(stats.iter_mut())
     {
         for (s, &at) in s.iter_mut().zip(rows.offsets) {
-            *s = dot(q, &rows.k[at..at + hd]) * rows.scale;
+            *s = dot(q, &rows.k[at..at + units]) * rows.scale;
         }
         *stats = scalar_softmax(s);
         o.fill(0.0);
         for (&p, &at) in s.iter().zip(rows.offsets) {
-            for (o, &v) in o.iter_mut().zip(&rows.v[at..at + hd]) {
-                *o = p.mul_add(v.to_f32(), *o);
+            let row = &rows.v[at..at + units];
+            for (d, o) in o.iter_mut().enumerate() {
+                *o = p.mul_add(T::value(row, d), *o);
             }
         }
     }
@@ -854,8 +758,8 @@ pub(crate) mod tests {
         assert_eq!(KvDtype::default(), KvDtype::F16);
         // 1 + 2^-11 is halfway between two f16 values: ties to even.
         let x = 1.0 + 2f32.powi(-11);
-        assert_eq!(<f16 as KvScalar>::from_f32(x).to_f32(), 1.0);
-        assert_eq!(<bf16 as KvScalar>::from_f32(3.0).to_f32(), 3.0);
+        assert_eq!(f16::from_f32(x).to_f32(), 1.0);
+        assert_eq!(bf16::from_f32(3.0).to_f32(), 3.0);
         // Q8_0: the largest magnitude is ±127 steps, the rest rounded to the nearest step.
         let x: Vec<f32> = (0..32).map(|i| i as f32 - 16.0).collect();
         let (_, held) = stored::<Q8Block>(&x);

@@ -33,7 +33,7 @@ mod x86;
 
 pub use activation::{Outliers, QuantizedRows, OUTLIER_RATIO};
 pub use attention::{
-    attend, AttendScratch, HeadGroup, KvDtype, KvElement, KvLayout, KvScalar, PagedKv, Q8Block,
+    attend, AttendScratch, HeadGroup, KvDtype, KvElement, KvLayout, PagedKv, Q8Block,
     ATTEND_PARTITION, Q8_VALUES,
 };
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};

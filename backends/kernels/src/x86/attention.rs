@@ -6,26 +6,53 @@
 
 use std::arch::x86_64::*;
 
-use crate::attention::{KvDtype, KvScalar, Rows, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E};
+use crate::attention::{
+    KvDtype, KvElement, Q8Block, Rows, EXP_MIN, EXP_POLY, LN2_HI, LN2_LO, LOG2E, Q8_VALUES,
+};
 
-/// The 16 cache values at `p` under mask `m` (zeros elsewhere), as f32.
+/// Values `at..at + 16` of the cache row at `row` under mask `m` (zeros elsewhere), as f32;
+/// `at` is a multiple of 16.
 #[inline(always)]
-unsafe fn load16<T: KvScalar>(p: *const T, m: __mmask16) -> __m512 {
+unsafe fn load16<T: KvElement>(row: *const T, at: usize, m: __mmask16) -> __m512 {
     match T::DTYPE {
-        KvDtype::F32 => _mm512_maskz_loadu_ps(m, p as *const f32),
-        KvDtype::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
+        KvDtype::F32 => _mm512_maskz_loadu_ps(m, (row as *const f32).add(at)),
+        KvDtype::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (row as *const i16).add(at))),
         KvDtype::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-            _mm256_maskz_loadu_epi16(m, p as *const i16),
+            _mm256_maskz_loadu_epi16(m, (row as *const i16).add(at)),
         ))),
-        KvDtype::Q8_0 => unreachable!("a q8_0 window is widened to f32 before the kernel"),
+        KvDtype::Q8_0 => {
+            // `d · q`, exact in f32, as the scalar twin's `value`.
+            let block = (row as *const Q8Block).add(at / Q8_VALUES);
+            let q = _mm_maskz_loadu_epi8(m, value_at(row, at));
+            let d = _mm512_cvtph_ps(_mm256_set1_epi16((*block).d.to_bits() as i16));
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d)
+        }
+    }
+}
+
+/// Where value `at` of the cache row at `row` is stored.
+#[inline(always)]
+unsafe fn value_at<T: KvElement>(row: *const T, at: usize) -> *const i8 {
+    if T::DTYPE == KvDtype::Q8_0 {
+        let block = (row as *const Q8Block).add(at / Q8_VALUES);
+        (std::ptr::addr_of!((*block).qs) as *const i8).add(at % Q8_VALUES)
+    } else {
+        (row as *const i8).add(at * std::mem::size_of::<T>())
     }
 }
 
 /// The 8 cache values of `[0, len)` at `base + at` as f32, zeros past `len`.
 #[inline(always)]
-unsafe fn load8_kv<T: KvScalar>(base: *const T, at: usize, len: usize) -> __m256 {
+unsafe fn load8_kv<T: KvElement>(base: *const T, at: usize, len: usize) -> __m256 {
     if T::DTYPE == KvDtype::F32 {
         return load8(base as *const f32, at, len);
+    }
+    if T::DTYPE == KvDtype::Q8_0 {
+        // Whole blocks of 32: never a tail. `d · q`, exact, as the scalar twin's `value`.
+        let block = (base as *const Q8Block).add(at / Q8_VALUES);
+        let q = _mm_loadl_epi64(value_at(base, at) as *const __m128i);
+        let d = _mm256_cvtph_ps(_mm_set1_epi16((*block).d.to_bits() as i16));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
     }
     let bits = if at + 8 <= len {
         _mm_loadu_si128(base.add(at) as *const __m128i)
@@ -90,9 +117,14 @@ pub(crate) unsafe fn exp16(x_in: __m512) -> __m512 {
 
 /// Asks for position `j`'s row of `base` (`rows.k` or `rows.v`) ahead of its use.
 #[inline(always)]
-unsafe fn prefetch_row<const HINT: i32, T>(rows: &Rows<'_, T>, base: *const T, j: usize) {
+unsafe fn prefetch_row<const HINT: i32, T: KvElement>(
+    rows: &Rows<'_, T>,
+    base: *const T,
+    j: usize,
+) {
     let row = base.add(*rows.offsets.get_unchecked(j)) as *const i8;
-    for line in 0..(rows.head_dim * std::mem::size_of::<T>()).div_ceil(64) {
+    let bytes = rows.head_dim / T::VALUES * std::mem::size_of::<T>();
+    for line in 0..bytes.div_ceil(64) {
         _mm_prefetch::<HINT>(row.add(64 * line));
     }
 }
@@ -108,7 +140,7 @@ fn group_masks(g: usize, hd: usize) -> [__mmask16; 4] {
 /// final group.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn partial_dot<T: KvScalar>(
+unsafe fn partial_dot<T: KvElement>(
     q: *const f32,
     row: *const T,
     groups: usize,
@@ -121,7 +153,7 @@ unsafe fn partial_dot<T: KvScalar>(
             let at = g * 64 + c * 16;
             let m = if full { 0xffff } else { last[c] };
             let a = _mm512_maskz_loadu_ps(m, q.add(at));
-            let b = load16(row.add(at), m);
+            let b = load16(row, at, m);
             *acc = _mm512_fmadd_ps(a, b, *acc);
         }
     }
@@ -134,7 +166,7 @@ unsafe fn partial_dot<T: KvScalar>(
 /// position) as [`partial_dot`], then the sixteen trees reduced together (`transposed`).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn scores16<const H: usize, T: KvScalar>(
+unsafe fn scores16<const H: usize, T: KvElement>(
     rows: &Rows<'_, T>,
     q: *const f32,
     s: *mut f32,
@@ -154,7 +186,7 @@ unsafe fn scores16<const H: usize, T: KvScalar>(
             let mut kv = [_mm512_setzero_ps(); 4];
             for (c, kv) in kv.iter_mut().enumerate() {
                 let m = if full { 0xffff } else { last[c] };
-                *kv = load16(row.add(g * 64 + c * 16), m);
+                *kv = load16(row, g * 64 + c * 16, m);
             }
             for (h, acc) in acc.iter_mut().enumerate() {
                 for (c, acc) in acc.iter_mut().enumerate() {
@@ -179,7 +211,7 @@ unsafe fn scores16<const H: usize, T: KvScalar>(
 /// row is loaded once for all of them.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-unsafe fn weighted_sum<const H: usize, T: KvScalar>(
+unsafe fn weighted_sum<const H: usize, T: KvElement>(
     rows: &Rows<'_, T>,
     p: *const f32,
     o: *mut f32,
@@ -191,14 +223,14 @@ unsafe fn weighted_sum<const H: usize, T: KvScalar>(
     let mut acc = [[_mm512_setzero_ps(); 4]; H];
     for j in 0..n {
         if j + 8 < n {
-            let ahead = v.add(*rows.offsets.get_unchecked(j + 8) + g * 64) as *const i8;
+            let ahead = value_at(v.add(*rows.offsets.get_unchecked(j + 8)), g * 64);
             _mm_prefetch::<_MM_HINT_T0>(ahead);
             _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
         }
-        let row = v.add(*rows.offsets.get_unchecked(j) + g * 64);
+        let row = v.add(*rows.offsets.get_unchecked(j));
         let mut x = [_mm512_setzero_ps(); 4];
         for (c, x) in x.iter_mut().enumerate() {
-            *x = load16(row.add(c * 16), masks[c]);
+            *x = load16(row, g * 64 + c * 16, masks[c]);
         }
         for (h, acc) in acc.iter_mut().enumerate() {
             let pj = _mm512_set1_ps(*p.add(h * n + j));
@@ -262,7 +294,7 @@ unsafe fn transposed(t: [__m512; 16]) -> __m512 {
 /// `rows.k` and `rows.v` (with `head_dim` values each), `scores` `heads × positions` and `out`
 /// `q`'s size.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
-pub(crate) unsafe fn attend_avx512<T: KvScalar>(
+pub(crate) unsafe fn attend_avx512<T: KvElement>(
     rows: &Rows<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],
@@ -455,7 +487,7 @@ pub(crate) unsafe fn softmax_avx2(p: *mut f32, n: usize) -> [f32; 2] {
 /// # Safety
 /// As [`attend_avx512`], with AVX2, F16C and FMA.
 #[target_feature(enable = "avx2,f16c,fma")]
-pub(crate) unsafe fn attend_avx2<T: KvScalar>(
+pub(crate) unsafe fn attend_avx2<T: KvElement>(
     rows: &Rows<'_, T>,
     scores: &mut [f32],
     out: &mut [f32],

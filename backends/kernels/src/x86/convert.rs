@@ -92,7 +92,7 @@ pub(crate) unsafe fn bf16_to_f32_avx2(src: &[bf16], dst: &mut [f32]) {
 pub(crate) unsafe fn q8_to_f32_avx512(src: &[Q8Block], dst: &mut [f32]) {
     let d = dst.as_mut_ptr();
     for (b, block) in src.iter().enumerate() {
-        let scale = _mm512_set1_ps(block.d.to_f32());
+        let scale = _mm512_cvtph_ps(_mm256_set1_epi16(block.d.to_bits() as i16));
         let qs = block.qs.as_ptr() as *const __m128i;
         for h in 0..2 {
             let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qs.add(h))));
@@ -107,7 +107,7 @@ pub(crate) unsafe fn q8_to_f32_avx512(src: &[Q8Block], dst: &mut [f32]) {
 pub(crate) unsafe fn q8_to_f32_avx2(src: &[Q8Block], dst: &mut [f32]) {
     let d = dst.as_mut_ptr();
     for (b, block) in src.iter().enumerate() {
-        let scale = _mm256_set1_ps(block.d.to_f32());
+        let scale = _mm256_cvtph_ps(_mm_set1_epi16(block.d.to_bits() as i16));
         let qs = block.qs.as_ptr();
         for e in 0..4 {
             let bytes = _mm_loadl_epi64(qs.add(8 * e) as *const __m128i);
