@@ -466,22 +466,10 @@ mod tests {
     }
 
     #[test]
-    fn every_level_matches_the_reference_and_the_scalar_bits_f32() {
+    fn every_level_matches_the_reference_and_the_scalar_bits_in_every_dtype() {
         check::<f32>(2e-5);
-    }
-
-    #[test]
-    fn every_level_matches_the_reference_and_the_scalar_bits_f16() {
         check::<f16>(2e-5);
-    }
-
-    #[test]
-    fn every_level_matches_the_reference_and_the_scalar_bits_bf16() {
         check::<bf16>(2e-5);
-    }
-
-    #[test]
-    fn every_level_matches_the_reference_and_the_scalar_bits_q8_0() {
         check::<Q8Block>(2e-5);
     }
 
