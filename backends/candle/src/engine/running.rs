@@ -4,10 +4,12 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use candle_core::Device;
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
 use super::{Engine, EngineError, Finished, Generation, Result, StepOutput, TokenOut};
+use crate::linear::host_f32;
 use crate::model::StepProfile;
 use crate::sampling::{logprob_of, Sampler};
 use crate::step::{SeqSpan, StepInput};
@@ -149,7 +151,10 @@ impl Engine {
         let mut profile = StepProfile::default();
         let logits = self.model.forward(&input, self.kv.as_mut(), &mut profile)?;
         let vocab = logits.dim(1)?;
-        let mut logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        // Read where the lm_head wrote them: no copy of `[rows, vocab]` floats per step.
+        let logits = logits.to_device(&Device::Cpu)?.contiguous()?;
+        let (storage, layout) = logits.storage_and_layout();
+        let logits = host_f32(&storage, layout)?;
         drop(input);
         let forward_ns = forward_start.elapsed().as_nanos() as u64;
 
@@ -157,10 +162,10 @@ impl Engine {
         // Each request's rows of the logits (plans hold consecutive rows, in order), so the
         // requests sample, detokenize and check their stops in parallel: each one's result
         // depends on its own rows and state only.
-        let mut rest = &mut logits[..];
+        let mut rest = logits;
         let mut request_rows = Vec::with_capacity(plans.len());
         for plan in &plans {
-            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(plan.rows * vocab);
+            let (mine, tail) = rest.split_at(plan.rows * vocab);
             request_rows.push(mine);
             rest = tail;
         }
@@ -195,13 +200,13 @@ struct TokenText<'a> {
 
 impl TokenText<'_> {
     /// Records that `r` computed `plan`'s positions and, if they end its prompt or decode,
-    /// samples its next token from `rows` (its logits rows, modified in place), detokenizes it
-    /// and checks its stop rules.
+    /// samples its next token from `rows` (its logits rows), detokenizes it and checks its stop
+    /// rules.
     fn advance(
         &self,
         r: &mut RequestState,
         plan: &StepPlan,
-        rows: &mut [f32],
+        rows: &[f32],
         vocab: usize,
     ) -> Result<Option<Generation>> {
         let was_prompt = r.in_prompt();
@@ -221,7 +226,7 @@ impl TokenText<'_> {
         if r.in_prompt() {
             return Ok(None);
         }
-        let last = &mut rows[(plan.rows - 1) * vocab..];
+        let last = &rows[(plan.rows - 1) * vocab..];
         let sampled = r.sampler.next(last, r.top_n);
         r.all_ids.push(sampled.id);
         let text = r

@@ -76,6 +76,9 @@ pub struct Sampler {
     cands: Vec<u32>,
     /// Scratch: (id, value) of a small top-k / top-n selection.
     top_buf: Vec<(u32, f32)>,
+    /// The step's logits after the penalties and the temperature, when either applies (the
+    /// model's row is read as it is otherwise, without a copy).
+    processed: Vec<f32>,
 }
 
 impl Sampler {
@@ -95,6 +98,7 @@ impl Sampler {
             keys: Vec::new(),
             cands: Vec::new(),
             top_buf: Vec::new(),
+            processed: Vec::new(),
         }
     }
 
@@ -113,13 +117,29 @@ impl Sampler {
         self.generated.get(&token).copied().unwrap_or(0)
     }
 
-    /// Picks the next token from this request's `logits` (modified in place) and records it.
+    /// Picks the next token from this request's `logits` row and records it. The row is read
+    /// as it is; the penalties and the temperature, when they apply, work on a copy (see
+    /// [`Sampler::processed`]).
     ///
     /// The logprobs (of the chosen token and of `top`) are those of the distribution after the
     /// penalties and the temperature, before top-k/top-p/typical-p filtering; greedy requests
     /// use temperature 1.
-    pub fn next(&mut self, logits: &mut [f32], top_n: usize) -> Sampled {
-        if logits.is_empty() {
+    pub fn next(&mut self, row: &[f32], top_n: usize) -> Sampled {
+        let mut processed = std::mem::take(&mut self.processed);
+        let sampled = self.next_from(row, &mut processed, top_n);
+        self.processed = processed;
+        sampled
+    }
+
+    /// The last step's logits after the penalties and the temperature; empty when neither
+    /// applied.
+    pub fn processed(&self) -> &[f32] {
+        &self.processed
+    }
+
+    /// [`Sampler::next`], with `processed` the sampler's buffer taken out of it.
+    fn next_from(&mut self, row: &[f32], processed: &mut Vec<f32>, top_n: usize) -> Sampled {
+        if row.is_empty() {
             // Nothing to choose from; a model always has a vocabulary, so this is a caller bug,
             // but a serving path must not panic on it.
             return Sampled {
@@ -128,16 +148,23 @@ impl Sampler {
                 top: Vec::new(),
             };
         }
-        self.apply_penalties(logits);
-
         let t = self.params.temperature;
         // temperature → 0 is the argmax; 0 (or junk) means greedy rather than a division by 0.
         let greedy = !(self.params.do_sample && t > 0.0 && t.is_finite());
-        if !greedy && t != 1.0 {
-            for l in logits.iter_mut() {
-                *l /= t;
+        let scaled = !greedy && t != 1.0;
+        processed.clear();
+        let logits: &[f32] = if self.penalties_active() || scaled {
+            processed.extend_from_slice(row);
+            self.apply_penalties(processed);
+            if scaled {
+                for l in processed.iter_mut() {
+                    *l /= t;
+                }
             }
-        }
+            processed
+        } else {
+            row
+        };
 
         let max = max_of(logits);
         let id = if !max.is_finite() {
@@ -181,6 +208,12 @@ impl Sampler {
         if repetition_active(self.params.repetition_penalty) {
             self.seen.insert(id);
         }
+    }
+
+    fn penalties_active(&self) -> bool {
+        repetition_active(self.params.repetition_penalty)
+            || self.params.frequency_penalty != 0.0
+            || self.params.presence_penalty != 0.0
     }
 
     /// Repetition (HF: divide positive logits, multiply negative ones), then frequency and

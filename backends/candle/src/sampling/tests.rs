@@ -37,8 +37,7 @@ fn draw_counts(params: SamplingParams, logits: &[f32], draws: usize) -> Vec<usiz
     let mut sampler = Sampler::new(params, &[]);
     let mut counts = vec![0usize; logits.len()];
     for _ in 0..draws {
-        let mut l = logits.to_vec();
-        counts[sampler.next(&mut l, 0).id as usize] += 1;
+        counts[sampler.next(logits, 0).id as usize] += 1;
     }
     counts
 }
@@ -61,7 +60,7 @@ fn chi_square(counts: &[usize], expected: &[f64]) -> f64 {
 fn greedy_picks_argmax_and_lowest_id_on_ties() {
     let mut s = Sampler::new(greedy(), &[]);
     let logits = [1.0, 3.0, 3.0, 2.0];
-    let out = s.next(&mut logits.clone(), 0);
+    let out = s.next(&logits.clone(), 0);
     assert_eq!(out.id, 1);
     assert!((out.logprob - log_softmax(&logits)[1]).abs() < 1e-6);
     assert!(out.top.is_empty());
@@ -74,7 +73,7 @@ fn greedy_ignores_temperature_for_logprobs() {
         ..greedy()
     };
     let logits = [0.0, 1.0, 0.5];
-    let out = Sampler::new(params, &[]).next(&mut logits.clone(), 0);
+    let out = Sampler::new(params, &[]).next(&logits.clone(), 0);
     assert_eq!(out.id, 1);
     assert!((out.logprob - log_softmax(&logits)[1]).abs() < 1e-6);
 }
@@ -87,18 +86,26 @@ fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
     };
     // 2.0 / 1.2 = 1.67 < 1.9: the prompt token loses.
     let mut s = Sampler::new(params.clone(), &[0]);
-    let mut logits = [2.0, 1.9, -1.0];
-    assert_eq!(s.next(&mut logits, 0).id, 1);
-    assert!((logits[0] - 2.0 / 1.2).abs() < 1e-6);
+    let logits = [2.0, 1.9, -1.0];
+    assert_eq!(s.next(&logits, 0).id, 1);
+    assert!((s.processed()[0] - 2.0 / 1.2).abs() < 1e-6);
+    assert_eq!(logits[0], 2.0, "the model's row is read, not written");
     // -1.0 * 1.2 = -1.2 < -1.1.
     let mut s = Sampler::new(params.clone(), &[0]);
-    assert_eq!(s.next(&mut [-1.0, -1.1], 0).id, 1);
+    assert_eq!(s.next(&[-1.0, -1.1], 0).id, 1);
     // Generated tokens are penalised too, and only once however often they appear.
     let mut s = Sampler::new(params, &[5, 5, 5]);
-    assert_eq!(s.next(&mut [2.0, 1.9, 0.0, 0.0, 0.0, 0.0], 0).id, 0);
-    let mut logits = [2.0, 1.9, 0.0, 0.0, 0.0, 0.0];
-    assert_eq!(s.next(&mut logits, 0).id, 1);
-    assert!((logits[0] - 2.0 / 1.2).abs() < 1e-6);
+    assert_eq!(s.next(&[2.0, 1.9, 0.0, 0.0, 0.0, 0.0], 0).id, 0);
+    let logits = [2.0, 1.9, 0.0, 0.0, 0.0, 0.0];
+    assert_eq!(s.next(&logits, 0).id, 1);
+    assert!((s.processed()[0] - 2.0 / 1.2).abs() < 1e-6);
+}
+
+#[test]
+fn greedy_without_penalties_processes_no_copy() {
+    let mut s = Sampler::new(greedy(), &[0]);
+    assert_eq!(s.next(&[0.5, 2.0, 1.0], 0).id, 1);
+    assert!(s.processed().is_empty());
 }
 
 #[test]
@@ -109,7 +116,7 @@ fn frequency_penalty_grows_with_count_over_generated_tokens_only() {
     };
     // The prompt does not count: token 0 still wins the first step.
     let mut s = Sampler::new(params, &[0, 0, 0]);
-    let ids: Vec<u32> = (0..4).map(|_| s.next(&mut [2.0, 1.5, 0.0], 0).id).collect();
+    let ids: Vec<u32> = (0..4).map(|_| s.next(&[2.0, 1.5, 0.0], 0).id).collect();
     // 2.0 > 1.5; 1.4 < 1.5; 1.4 > 0.9; 0.8 < 0.9.
     assert_eq!(ids, vec![0, 1, 0, 1]);
     assert_eq!(s.generated_count(0), 2);
@@ -122,7 +129,7 @@ fn presence_penalty_is_subtracted_once_per_generated_token() {
         ..greedy()
     };
     let mut s = Sampler::new(params, &[]);
-    let ids: Vec<u32> = (0..4).map(|_| s.next(&mut [2.0, 1.5, 0.0], 0).id).collect();
+    let ids: Vec<u32> = (0..4).map(|_| s.next(&[2.0, 1.5, 0.0], 0).id).collect();
     // 2.0 > 1.5; 1.4 < 1.5; then 1.4 > 0.9 for ever.
     assert_eq!(ids, vec![0, 1, 0, 0]);
 }
@@ -135,7 +142,7 @@ fn penalties_ignore_ids_outside_the_vocabulary() {
         ..greedy()
     };
     let mut s = Sampler::new(params, &[1000]);
-    assert_eq!(s.next(&mut [0.0, 1.0], 0).id, 1);
+    assert_eq!(s.next(&[0.0, 1.0], 0).id, 1);
 }
 
 #[test]
@@ -146,14 +153,14 @@ fn tiny_temperature_behaves_like_argmax() {
             temperature: 1e-3,
             ..sampling(seed)
         };
-        assert_eq!(Sampler::new(params, &[]).next(&mut logits.clone(), 0).id, 1);
+        assert_eq!(Sampler::new(params, &[]).next(&logits.clone(), 0).id, 1);
     }
     // Temperature 0 with do_sample is the limit: greedy, no division by zero.
     let params = SamplingParams {
         temperature: 0.0,
         ..sampling(1)
     };
-    let out = Sampler::new(params, &[]).next(&mut logits.clone(), 0);
+    let out = Sampler::new(params, &[]).next(&logits.clone(), 0);
     assert_eq!(out.id, 1);
     assert!(out.logprob.is_finite());
 }
@@ -162,7 +169,7 @@ fn tiny_temperature_behaves_like_argmax() {
 fn top_k_one_and_tiny_top_p_equal_greedy() {
     for seed in 0..20 {
         let logits = random_logits(500, seed);
-        let want = Sampler::new(greedy(), &[]).next(&mut logits.clone(), 0).id;
+        let want = Sampler::new(greedy(), &[]).next(&logits.clone(), 0).id;
         let top_k = SamplingParams {
             top_k: 1,
             ..sampling(seed)
@@ -171,14 +178,8 @@ fn top_k_one_and_tiny_top_p_equal_greedy() {
             top_p: 1e-6,
             ..sampling(seed)
         };
-        assert_eq!(
-            Sampler::new(top_k, &[]).next(&mut logits.clone(), 0).id,
-            want
-        );
-        assert_eq!(
-            Sampler::new(top_p, &[]).next(&mut logits.clone(), 0).id,
-            want
-        );
+        assert_eq!(Sampler::new(top_k, &[]).next(&logits.clone(), 0).id, want);
+        assert_eq!(Sampler::new(top_p, &[]).next(&logits.clone(), 0).id, want);
     }
 }
 
@@ -187,7 +188,7 @@ fn a_seed_fixes_the_stream() {
     let logits = random_logits(1000, 7);
     let stream = |seed| -> Vec<u32> {
         let mut s = Sampler::new(sampling(seed), &[]);
-        (0..64).map(|_| s.next(&mut logits.clone(), 0).id).collect()
+        (0..64).map(|_| s.next(&logits.clone(), 0).id).collect()
     };
     assert_eq!(stream(42), stream(42));
     assert_ne!(stream(42), stream(43));
@@ -232,7 +233,7 @@ fn temperature_scales_the_distribution() {
     assert!(chi_square(&counts, &softmax(&scaled)) < 30.0, "{counts:?}");
     assert!(chi_square(&counts, &softmax(&logits)) > 100.0);
     // The chosen token's logprob is that of the tempered distribution.
-    let out = Sampler::new(params, &[]).next(&mut logits.clone(), 0);
+    let out = Sampler::new(params, &[]).next(&logits.clone(), 0);
     let want = log_softmax(&scaled)[out.id as usize];
     assert!((out.logprob - want).abs() < 1e-5);
 }
@@ -339,14 +340,14 @@ fn typical_p_keeps_the_tokens_closest_to_the_entropy() {
 fn logprobs_are_normalised_and_top_n_is_descending() {
     let logits = [0.1, 3.0, 2.0, 3.0, -1.0];
     let lsm = log_softmax(&logits);
-    let out = Sampler::new(greedy(), &[]).next(&mut logits.clone(), 3);
+    let out = Sampler::new(greedy(), &[]).next(&logits.clone(), 3);
     let ids: Vec<u32> = out.top.iter().map(|t| t.0).collect();
     assert_eq!(ids, vec![1, 3, 2]);
     for (id, lp) in &out.top {
         assert!((lp - lsm[*id as usize]).abs() < 1e-6);
     }
     // Every token's logprob: they sum to one and include the chosen one.
-    let out = Sampler::new(sampling(8), &[]).next(&mut logits.clone(), 100);
+    let out = Sampler::new(sampling(8), &[]).next(&logits.clone(), 100);
     assert_eq!(out.top.len(), logits.len());
     let total: f64 = out.top.iter().map(|t| (t.1 as f64).exp()).sum();
     assert!((total - 1.0).abs() < 1e-5);
@@ -360,7 +361,7 @@ fn top_n_small_and_large_paths_agree_with_a_full_sort() {
     let mut order: Vec<u32> = (0..300).collect();
     order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     for n in [1, 5, SMALL_TOP_N, SMALL_TOP_N + 1, 100] {
-        let out = Sampler::new(greedy(), &[]).next(&mut logits.clone(), n);
+        let out = Sampler::new(greedy(), &[]).next(&logits.clone(), n);
         let ids: Vec<u32> = out.top.iter().map(|t| t.0).collect();
         assert_eq!(ids, order[..n], "n = {n}");
     }
@@ -382,9 +383,9 @@ fn logprob_of_is_log_softmax() {
 #[test]
 fn degenerate_logits_do_not_panic() {
     let mut s = Sampler::new(sampling(1), &[]);
-    let out = s.next(&mut [f32::NEG_INFINITY; 4], 2);
+    let out = s.next(&[f32::NEG_INFINITY; 4], 2);
     assert_eq!(out.id, 0);
-    let out = s.next(&mut [], 2);
+    let out = s.next(&[], 2);
     assert_eq!(out.logprob, f32::NEG_INFINITY);
     // Masked (-inf) tokens are never drawn.
     let counts = draw_counts(
