@@ -1,5 +1,5 @@
 //! CPU paged attention over the [`KvCache`](crate::kv_cache::KvCache) layout
-//! `[num_blocks, kv_heads, block_size, head_dim]`, f16, bf16 or f32 (widened to f32 as read).
+//! `[num_blocks, kv_heads, block_size, head_dim]`, f16, bf16, f32 or q8_0 (widened to f32 as read).
 //!
 //! A step first writes every token's K/V at its slot, then each query token attends over its own
 //! sequence's positions `max(0, p + 1 - window) ..= p`, read through the sequence's block table.

@@ -12,7 +12,7 @@
 //!   each panel stays in cache while all rows sweep over it, so a weight byte is read from
 //!   memory once per step whatever the batch.
 //! - [`attend`]: decode attention of the query heads that share a KV head, over a paged KV
-//!   cache (f16, bf16 or f32; head-major blocks) read in place through the block table.
+//!   cache (f16, bf16, f32 or q8_0; head-major blocks) read in place through the block table.
 //! - [`attend_chunk`]: prefill attention of a sequence's chunk of tokens over their causal
 //!   windows of the same cache, in place, 16 tokens per tile with an online softmax.
 //! - [`silu_mul`]: the MLP's `SiLU(gate) · up`, on the attention's `exp`.
