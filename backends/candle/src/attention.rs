@@ -37,15 +37,6 @@ pub struct AttentionParams {
 }
 
 impl AttentionParams {
-    /// Where the cache keeps each K/V value.
-    pub fn kv_layout(&self) -> KvLayout {
-        KvLayout {
-            kv_heads: self.num_kv_heads,
-            block_size: self.block_size,
-            head_dim: self.head_dim,
-        }
-    }
-
     /// Floats in one token's K (or V) row: `kv_heads * head_dim`.
     pub fn kv_width(&self) -> usize {
         self.num_kv_heads * self.head_dim
@@ -145,8 +136,9 @@ pub fn write_kv<T: KvElement>(
     // The cache's elements per row: values, or Q8_0 blocks of 32.
     let units = hd / T::VALUES;
     let layout = KvLayout {
-        head_dim: units,
-        ..params.kv_layout()
+        kv_heads: params.num_kv_heads,
+        block_size,
+        row_len: units,
     };
     for seq in &step.seqs {
         for t in seq.start..seq.start + seq.len {

@@ -82,7 +82,7 @@ impl FromStr for KvDtype {
             "f16" | "float16" | "fp16" => Ok(KvDtype::F16),
             "bf16" | "bfloat16" => Ok(KvDtype::Bf16),
             "f32" | "float32" | "fp32" => Ok(KvDtype::F32),
-            "q8_0" | "q8" | "int8" => Ok(KvDtype::Q8_0),
+            "q8_0" | "q8" => Ok(KvDtype::Q8_0),
             other => Err(format!(
                 "unknown KV cache dtype {other:?} (expected f16, bf16, f32 or q8_0)"
             )),
@@ -91,23 +91,21 @@ impl FromStr for KvDtype {
 }
 
 mod sealed {
-    use super::*;
+    use super::Q8Block;
 
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
     impl Sealed for half::bf16 {}
     impl Sealed for Q8Block {}
-
-    /// Buffers of one window's attention.
-    #[derive(Debug, Clone, Default)]
-    pub struct WindowBufs {
-        pub offsets: Vec<usize>,
-        pub scores: Vec<f32>,
-    }
 }
 
-use sealed::WindowBufs;
+/// Buffers of one window's attention: each position's row offset, and the scores.
+#[derive(Debug, Clone, Default)]
+struct WindowBufs {
+    offsets: Vec<usize>,
+    scores: Vec<f32>,
+}
 
 /// Values per [`Q8Block`].
 pub const Q8_VALUES: usize = 32;
@@ -198,13 +196,8 @@ impl KvElement for Q8Block {
     fn from_f32_slice(dst: &mut [Self], src: &[f32]) {
         assert_eq!(src.len(), dst.len() * Q8_VALUES, "q8_0 blocks of 32 values");
         for (block, x) in dst.iter_mut().zip(src.chunks_exact(Q8_VALUES)) {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            block.d = f16::from_f32(d);
-            for (q, v) in block.qs.iter_mut().zip(x) {
-                *q = (v * id).round() as i8;
-            }
+            let (d, qs) = crate::format::q8_0_block(x);
+            *block = Q8Block { d, qs };
         }
     }
     fn to_f32_slice(dst: &mut [f32], src: &[Self]) {
@@ -234,14 +227,15 @@ pub struct PagedKv<'a, T> {
 }
 
 impl<T> PagedKv<'_, T> {
-    /// Where position `i` of block `block`'s KV head `head` starts, for heads of `head_dim`.
+    /// Where position `i` of block `block`'s KV head `head` starts (an index into `k` and
+    /// `v`), for rows of `row_len` elements (`head_dim / T::VALUES`).
     #[inline(always)]
-    pub fn at(&self, block: usize, head: usize, i: usize, head_dim: usize) -> usize {
+    pub fn at(&self, block: usize, head: usize, i: usize, row_len: usize) -> usize {
         let (kv_heads, block_size) = (self.kv_heads, self.block_size);
         KvLayout {
             kv_heads,
             block_size,
-            head_dim,
+            row_len,
         }
         .at(block, head, i)
     }
@@ -252,14 +246,15 @@ impl<T> PagedKv<'_, T> {
 pub struct KvLayout {
     pub kv_heads: usize,
     pub block_size: usize,
-    pub head_dim: usize,
+    /// Elements per row: `head_dim / T::VALUES` (values, or Q8_0 blocks of 32).
+    pub row_len: usize,
 }
 
 impl KvLayout {
     /// Where position `i` of block `block`'s KV head `head` starts.
     #[inline(always)]
     pub fn at(&self, block: usize, head: usize, i: usize) -> usize {
-        ((block * self.kv_heads + head) * self.block_size + i) * self.head_dim
+        ((block * self.kv_heads + head) * self.block_size + i) * self.row_len
     }
 }
 

@@ -1,6 +1,6 @@
-//! f16 and bf16 slices to and from f32, vectorised: the KV cache's writes and the chunk
+//! f16, bf16 and Q8_0 slices to and from f32, vectorised: the KV cache's writes and the chunk
 //! kernel's reads. Widening is exact; narrowing to f16 rounds to nearest, ties to even, as
-//! `half` does; every level gives `half`'s bits.
+//! `half` does; every level gives the scalar twin's bits.
 
 use half::{bf16, f16};
 

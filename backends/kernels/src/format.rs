@@ -279,11 +279,9 @@ pub fn quantize(format: Format, x: &[f32], rows: usize, k: usize) -> Vec<u8> {
     for b in x.chunks_exact(format.block_elems()) {
         match format {
             Format::Q8_0 => {
-                let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+                let (d, qs) = q8_0_block(b);
+                out.extend_from_slice(&d.to_le_bytes());
+                out.extend(qs.iter().map(|&q| q as u8));
             }
             Format::Q4_0 => {
                 // The signed value of largest magnitude maps to −8.
@@ -337,6 +335,19 @@ pub fn quantize(format: Format, x: &[f32], rows: usize, k: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+/// One block of 32 values as llama.cpp's reference Q8_0 quantizer does: `d` = the largest
+/// magnitude / 127 (stored as f16), quants `round(x / d)` with the unrounded `d`.
+pub(crate) fn q8_0_block(x: &[f32]) -> (f16, [i8; BLOCK]) {
+    assert_eq!(x.len(), BLOCK, "a Q8_0 block is 32 values");
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (
+        f16::from_f32(d),
+        std::array::from_fn(|i| (x[i] * id).round() as i8),
+    )
 }
 
 /// Rounds `v / step` to the nearest integer in `lo..=hi` (0 when the step is 0).
