@@ -133,24 +133,56 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<AttentionReport> {
     })
 }
 
+/// Bytes of KV cache a decode measurement reads in all (several layers where one is small):
+/// well past a CPU's last-level cache, so the rows come from memory as in a model's step,
+/// where every layer's cache is read once.
+const DECODE_CACHE_BYTES: usize = 256 << 20;
+
 /// The median µs of one layer's decode attention for `sequences` sequences of `context`
 /// positions, their blocks interleaved in the cache (as the router hands them out to requests
-/// that grow together).
+/// that grow together). Layers follow one another, each with its own blocks, until
+/// [`DECODE_CACHE_BYTES`] are read: no layer is still cached when its turn comes again.
 fn step<T: KvElement>(args: &AttentionArgs, level: Level, sequences: usize, context: usize) -> f64 {
     let (hd, bs, kv_heads) = (args.head_dim, args.block_size, args.kv_heads);
     let per_seq = context.div_ceil(bs);
-    let blocks = per_seq * sequences;
+    let layer_blocks = per_seq * sequences;
+    let layer_bytes = T::DTYPE.bytes(2 * layer_blocks * kv_heads * bs * hd);
+    let layers = match args.chunk {
+        Some(_) => 1,
+        None => DECODE_CACHE_BYTES.div_ceil(layer_bytes.max(1)),
+    };
+    let blocks = layer_blocks * layers;
     let values = blocks * kv_heads * bs * hd;
     let value = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 506.0;
+    // Stored a piece at a time: the caches can be hundreds of MiB.
     let stored = |shift: usize| {
-        let x: Vec<f32> = (0..values).map(|i| value(i + shift)).collect();
         let mut elements = T::zeroed(values / T::VALUES);
-        T::from_f32_slice(&mut elements, &x);
+        let piece = 1 << 16;
+        elements
+            .par_chunks_mut(piece)
+            .enumerate()
+            .for_each(|(i, elements)| {
+                let first = i * piece * T::VALUES;
+                let x: Vec<f32> = (first..first + elements.len() * T::VALUES)
+                    .map(|i| value(i + shift))
+                    .collect();
+                T::from_f32_slice(elements, &x);
+            });
         elements
     };
     let (k, v) = (stored(0), stored(17));
     let tables: Vec<Vec<u32>> = (0..sequences)
         .map(|s| (0..per_seq).map(|b| (b * sequences + s) as u32).collect())
+        .collect();
+    // Layer `l`'s tables: the same pattern over its own blocks.
+    let layer_tables: Vec<Vec<Vec<u32>>> = (0..layers)
+        .map(|l| {
+            let first = (l * layer_blocks) as u32;
+            tables
+                .iter()
+                .map(|t| t.iter().map(|b| b + first).collect())
+                .collect()
+        })
         .collect();
     let q: Vec<f32> = (0..sequences * kv_heads * args.group * hd)
         .map(|i| ((i * 31 % 257) as f32 - 128.0) / 128.0)
@@ -167,21 +199,23 @@ fn step<T: KvElement>(args: &AttentionArgs, level: Level, sequences: usize, cont
         return chunk_step(args, level, &kv, &tables, chunk.min(context), context);
     }
     let t = time(args.setup.seconds, || {
-        out.par_chunks_mut(width)
-            .zip(q.par_chunks(width))
-            .enumerate()
-            .for_each_init(AttendScratch::default, |scratch, (item, (out, q))| {
-                let (s, g) = (item / kv_heads, item % kv_heads);
-                let heads = HeadGroup {
-                    q,
-                    head_dim: hd,
-                    kv_head: g,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                };
-                attend(level, &heads, &kv, &tables[s], 0..context, scratch, out);
-            });
+        for tables in &layer_tables {
+            out.par_chunks_mut(width)
+                .zip(q.par_chunks(width))
+                .enumerate()
+                .for_each_init(AttendScratch::default, |scratch, (item, (out, q))| {
+                    let (s, g) = (item / kv_heads, item % kv_heads);
+                    let heads = HeadGroup {
+                        q,
+                        head_dim: hd,
+                        kv_head: g,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                    };
+                    attend(level, &heads, &kv, &tables[s], 0..context, scratch, out);
+                });
+        }
     });
-    t.as_secs_f64() * 1e6
+    t.as_secs_f64() * 1e6 / layers as f64
 }
 
 /// The median µs of one layer's prefill attention: each sequence's last `chunk` positions of
