@@ -381,16 +381,24 @@ fn attend_window<T: KvElement>(
     let units = hd / T::VALUES;
     let WindowBufs { offsets, scores } = bufs;
     offsets.clear();
-    for p in window.clone() {
+    // Block by block: a block's positions are consecutive rows.
+    let mut p = window.start;
+    while p < window.end {
         let block = *block_table
             .get(p / kv.block_size)
             .unwrap_or_else(|| panic!("position {p} is past the block table"));
-        let at = kv.at(block as usize, heads.kv_head, p % kv.block_size, units);
-        assert!(
-            at + units <= kv.k.len(),
-            "position {p} is outside the cache"
+        let (i, run) = (
+            p % kv.block_size,
+            (kv.block_size - p % kv.block_size).min(window.end - p),
         );
-        offsets.push(at);
+        let at = kv.at(block as usize, heads.kv_head, i, units);
+        assert!(
+            at + run * units <= kv.k.len(),
+            "position {} is outside the cache",
+            p + run - 1
+        );
+        offsets.extend((0..run).map(|r| at + r * units));
+        p += run;
     }
     let n = window.len();
     let group = heads.q.len() / hd;

@@ -177,30 +177,63 @@ unsafe fn scores16<const H: usize, T: KvElement>(
 ) {
     let hd = rows.head_dim;
     let k = rows.k.as_ptr();
-    let mut t = [[_mm512_setzero_ps(); 16]; H];
-    for i in 0..16 {
-        let row = k.add(*rows.offsets.get_unchecked(j + i));
-        let mut acc = [[_mm512_setzero_ps(); 4]; H];
-        for g in 0..groups {
-            let full = g + 1 < groups;
+    // Every (head, position) partial sum is written below before it is read: no zeroing of
+    // the 16·H vectors (which live in memory) for each call.
+    let mut t = std::mem::MaybeUninit::<[[__m512; 16]; H]>::uninit();
+    let tp = t.as_mut_ptr() as *mut __m512;
+    if groups == 1 {
+        // A head of at most 64 values: its query stays in registers for the 16 positions.
+        let mut qv = [[_mm512_setzero_ps(); 4]; H];
+        for (h, qv) in qv.iter_mut().enumerate() {
+            for (c, qv) in qv.iter_mut().enumerate() {
+                *qv = _mm512_maskz_loadu_ps(last[c], q.add(h * hd + c * 16));
+            }
+        }
+        for i in 0..16 {
+            let row = k.add(*rows.offsets.get_unchecked(j + i));
             let mut kv = [_mm512_setzero_ps(); 4];
             for (c, kv) in kv.iter_mut().enumerate() {
-                let m = if full { 0xffff } else { last[c] };
-                *kv = load16(row, g * 64 + c * 16, m);
+                *kv = load16(row, c * 16, last[c]);
             }
-            for (h, acc) in acc.iter_mut().enumerate() {
+            for (h, qv) in qv.iter().enumerate() {
+                let mut acc = [_mm512_setzero_ps(); 4];
                 for (c, acc) in acc.iter_mut().enumerate() {
-                    let at = g * 64 + c * 16;
+                    *acc = _mm512_fmadd_ps(qv[c], kv[c], *acc);
+                }
+                let sum =
+                    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+                tp.add(h * 16 + i).write(sum);
+            }
+        }
+    } else {
+        for i in 0..16 {
+            let row = k.add(*rows.offsets.get_unchecked(j + i));
+            let mut acc = [[_mm512_setzero_ps(); 4]; H];
+            for g in 0..groups {
+                let full = g + 1 < groups;
+                let mut kv = [_mm512_setzero_ps(); 4];
+                for (c, kv) in kv.iter_mut().enumerate() {
                     let m = if full { 0xffff } else { last[c] };
-                    let a = _mm512_maskz_loadu_ps(m, q.add(h * hd + at));
-                    *acc = _mm512_fmadd_ps(a, kv[c], *acc);
+                    *kv = load16(row, g * 64 + c * 16, m);
+                }
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        let at = g * 64 + c * 16;
+                        let m = if full { 0xffff } else { last[c] };
+                        let a = _mm512_maskz_loadu_ps(m, q.add(h * hd + at));
+                        *acc = _mm512_fmadd_ps(a, kv[c], *acc);
+                    }
                 }
             }
-        }
-        for (t, acc) in t.iter_mut().zip(acc) {
-            t[i] = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            for (h, acc) in acc.iter().enumerate() {
+                let sum =
+                    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+                tp.add(h * 16 + i).write(sum);
+            }
         }
     }
+    // SAFETY: the loops above wrote all 16 positions of every head.
+    let t = t.assume_init();
     let scale = _mm512_set1_ps(rows.scale);
     for (h, t) in t.into_iter().enumerate() {
         _mm512_storeu_ps(s.add(h * n), _mm512_mul_ps(transposed(t), scale));
