@@ -157,6 +157,67 @@ pub fn write_kv<T: KvElement>(
     Ok(())
 }
 
+/// Splits the stacked q/k/v projection `qkv` (`[tokens, q_width + 2 · kv_width]`, each token's
+/// q, k and v one after the other) into `q`, `k` and `v`, rotating q and k by rope on the way:
+/// `cos` and `sin` are `[tokens, head_dim / 2]`, each head's halves rotated as candle's
+/// `rope_thd` does (`x₁·cos − x₂·sin`, `x₁·sin + x₂·cos`, the same float operations, so the
+/// same bits). One pass over the tokens, in parallel, where separate copies and rope calls
+/// cost a step several small passes per layer.
+pub fn split_rope(
+    qkv: &[f32],
+    cos: &[f32],
+    sin: &[f32],
+    params: &AttentionParams,
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &mut [f32],
+) -> Result<()> {
+    let (hd, q_width, kv_width) = (params.head_dim, params.q_width(), params.kv_width());
+    let width = q_width + 2 * kv_width;
+    let half = hd / 2;
+    let tokens = q.len() / q_width.max(1);
+    if hd % 2 != 0
+        || qkv.len() != tokens * width
+        || q.len() != tokens * q_width
+        || k.len() != tokens * kv_width
+        || v.len() != k.len()
+        || cos.len() != tokens * half
+        || sin.len() != cos.len()
+    {
+        bail!(
+            "split_rope: {} q/k/v floats, {} cos and {} sin for {tokens} tokens of {q_width} + \
+             2 x {kv_width} (head_dim {hd})",
+            qkv.len(),
+            cos.len(),
+            sin.len()
+        );
+    }
+    let rotate = |src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32]| {
+        for (src, dst) in src.chunks_exact(hd).zip(dst.chunks_exact_mut(hd)) {
+            let (x1, x2) = src.split_at(half);
+            let (y1, y2) = dst.split_at_mut(half);
+            for i in 0..half {
+                y1[i] = x1[i] * cos[i] - x2[i] * sin[i];
+                y2[i] = x1[i] * sin[i] + x2[i] * cos[i];
+            }
+        }
+    };
+    qkv.par_chunks(width)
+        .zip(q.par_chunks_mut(q_width))
+        .zip(k.par_chunks_mut(kv_width))
+        .zip(v.par_chunks_mut(kv_width))
+        .zip(cos.par_chunks(half).zip(sin.par_chunks(half)))
+        .with_min_len(8)
+        .for_each(|((((row, q), k), v), (cos, sin))| {
+            let (q_in, rest) = row.split_at(q_width);
+            let (k_in, v_in) = rest.split_at(kv_width);
+            rotate(q_in, q, cos, sin);
+            rotate(k_in, k, cos, sin);
+            v.copy_from_slice(v_in);
+        });
+    Ok(())
+}
+
 /// A sequence with at least this many tokens in a step takes the chunk kernel.
 pub const CHUNK_MIN_TOKENS: usize = 16;
 
@@ -351,6 +412,55 @@ mod tests {
             scale: 1.0,
             level: Level::detected(),
         }
+    }
+
+    #[test]
+    fn split_rope_gives_candles_rope_bits() {
+        use candle_core::{Device, Tensor};
+        let (tokens, heads, kv_heads, hd) = (5, 6, 2, 8);
+        let p = AttentionParams {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            ..params(None)
+        };
+        let width = (heads + 2 * kv_heads) * hd;
+        let value = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 97.0;
+        let qkv: Vec<f32> = (0..tokens * width).map(value).collect();
+        let cos: Vec<f32> = (0..tokens * hd / 2).map(|i| (i as f32 * 0.37).cos()).collect();
+        let sin: Vec<f32> = (0..tokens * hd / 2).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut q = vec![0f32; tokens * heads * hd];
+        let mut k = vec![0f32; tokens * kv_heads * hd];
+        let mut v = vec![0f32; k.len()];
+        split_rope(&qkv, &cos, &sin, &p, &mut q, &mut k, &mut v).unwrap();
+
+        let dev = &Device::Cpu;
+        let all = Tensor::from_vec(qkv, (tokens, width), dev).unwrap();
+        let cos = Tensor::from_vec(cos, (tokens, hd / 2), dev).unwrap();
+        let sin = Tensor::from_vec(sin, (tokens, hd / 2), dev).unwrap();
+        let part = |start: usize, n: usize| {
+            all.narrow(1, start * hd, n * hd)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((1, tokens, n, hd))
+                .unwrap()
+        };
+        let rope = |x: Tensor| {
+            candle_nn::rotary_emb::rope_thd(&x, &cos, &sin)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&q), bits(&rope(part(0, heads))));
+        assert_eq!(bits(&k), bits(&rope(part(heads, kv_heads))));
+        let v_want = part(heads + kv_heads, kv_heads).flatten_all().unwrap();
+        assert_eq!(v, v_want.to_vec1::<f32>().unwrap());
+        // A shape that does not add up is an error, not a panic.
+        assert!(split_rope(&v, &[], &[], &p, &mut q, &mut k, &mut []).is_err());
     }
 
     #[test]

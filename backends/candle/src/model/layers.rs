@@ -123,6 +123,14 @@ impl Projections {
         Tensor::from_vec(out, (rows, width), x.device())
     }
 
+    /// The one stacked layer and each part's width, when the layers are stacked.
+    pub(super) fn stacked(&self) -> Option<(&Linear, &[usize])> {
+        match self {
+            Projections::Stacked { linear, widths } => Some((linear, widths)),
+            Projections::Separate(_) => None,
+        }
+    }
+
     /// Output features of all the layers together.
     pub(super) fn out_dim(&self) -> usize {
         match self {

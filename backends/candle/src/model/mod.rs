@@ -121,29 +121,59 @@ impl LlamaModel {
         };
 
         let positions = Tensor::from_slice(&step.positions, n_tokens, &self.device)?;
-        let cos = self.rope_cos.index_select(&positions, 0)?;
-        let sin = self.rope_sin.index_select(&positions, 0)?;
+        let cos = self.rope_cos.index_select(&positions, 0)?.contiguous()?;
+        let sin = self.rope_sin.index_select(&positions, 0)?.contiguous()?;
+        // In host memory, the rope tables of the step as slices, for the layers that split
+        // their stacked q/k/v and rotate it in one pass.
+        let (cos_storage, cos_layout) = cos.storage_and_layout();
+        let (sin_storage, sin_layout) = sin.storage_and_layout();
+        let host_rope = match (self.device.is_cpu(), cos.dtype()) {
+            (true, DType::F32) => Some((
+                host_f32(&cos_storage, cos_layout)?,
+                host_f32(&sin_storage, sin_layout)?,
+            )),
+            _ => None,
+        };
         let mut x = self.embed(&step.tokens)?;
 
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let [q, k, v]: [Tensor; 3] = timed(&mut profile.linear_ns, || layer.qkv.forward(&h))?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("q/k/v projections".to_string()))?;
-            let q = q.reshape((1, n_tokens, nh, hd))?;
-            let k = k.reshape((1, n_tokens, nkv, hd))?;
-            let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-                (Some(qn), Some(kn)) => (
-                    candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?,
-                    candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?,
-                ),
-                _ => (q, k),
+            let joined = match (layer.qkv.stacked(), &layer.q_norm, host_rope) {
+                (Some((linear, [_, _, _])), None, Some(rope)) => Some((linear, rope)),
+                _ => None,
             };
-            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?;
-            let attn = timed(&mut profile.attention_ns, || {
-                self.attention(&q, &k, &v, step, &params, cache, l)
-            })?;
+            let attn = if let Some((linear, (cos, sin))) = joined {
+                let qkv = timed(&mut profile.linear_ns, || linear.forward(&h))?;
+                let qkv = qkv.to_dtype(DType::F32)?.contiguous()?;
+                let (qkv_storage, qkv_layout) = qkv.storage_and_layout();
+                let qkv = host_f32(&qkv_storage, qkv_layout)?;
+                let mut q = vec![0f32; n_tokens * params.q_width()];
+                let mut k = vec![0f32; n_tokens * params.kv_width()];
+                let mut v = vec![0f32; k.len()];
+                attention::split_rope(qkv, cos, sin, &params, &mut q, &mut k, &mut v)?;
+                timed(&mut profile.attention_ns, || {
+                    self.attend_host(&q, &k, &v, step, &params, cache, l)
+                })?
+            } else {
+                let [q, k, v]: [Tensor; 3] =
+                    timed(&mut profile.linear_ns, || layer.qkv.forward(&h))?
+                        .try_into()
+                        .map_err(|_| candle_core::Error::Msg("q/k/v projections".to_string()))?;
+                let q = q.reshape((1, n_tokens, nh, hd))?;
+                let k = k.reshape((1, n_tokens, nkv, hd))?;
+                let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+                    (Some(qn), Some(kn)) => (
+                        candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?,
+                        candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?,
+                    ),
+                    _ => (q, k),
+                };
+                let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?;
+                let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?;
+                timed(&mut profile.attention_ns, || {
+                    self.attention(&q, &k, &v, step, &params, cache, l)
+                })?
+            };
             let o = timed(&mut profile.linear_ns, || layer.o_proj.forward(&attn))?;
             let mut o = self.sum_over_ranks(o)?;
             if let Some(b) = &layer.o_bias {
@@ -235,7 +265,6 @@ impl LlamaModel {
         cache: &mut dyn KvStore,
         l: usize,
     ) -> Result<Tensor> {
-        let n_tokens = step.tokens.len();
         // The cache lives in host memory: tensors on another device make one copy each way.
         let host = |t: &Tensor| -> Result<Tensor> {
             if self.device.is_cpu() {
@@ -245,16 +274,35 @@ impl LlamaModel {
             }
         };
         let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+        let (q_storage, q_layout) = q.storage_and_layout();
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        self.attend_host(
+            host_f32(&q_storage, q_layout)?,
+            host_f32(&k_storage, k_layout)?,
+            host_f32(&v_storage, v_layout)?,
+            step,
+            params,
+            cache,
+            l,
+        )
+    }
+
+    /// [`LlamaModel::attention`] from q, k and v in host memory (`[tokens, width]` each).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_host(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        step: &StepInput,
+        params: &AttentionParams,
+        cache: &mut dyn KvStore,
+        l: usize,
+    ) -> Result<Tensor> {
+        let n_tokens = step.tokens.len();
         let mut out = vec![0f32; n_tokens * params.q_width()];
-        {
-            let (q_storage, q_layout) = q.storage_and_layout();
-            let (k_storage, k_layout) = k.storage_and_layout();
-            let (v_storage, v_layout) = v.storage_and_layout();
-            let q = host_f32(&q_storage, q_layout)?;
-            let k = host_f32(&k_storage, k_layout)?;
-            let v = host_f32(&v_storage, v_layout)?;
-            cache.write_and_attend(l, q, k, v, step, params, &mut out)?;
-        }
+        cache.write_and_attend(l, q, k, v, step, params, &mut out)?;
         Tensor::from_vec(out, (n_tokens, params.q_width()), &Device::Cpu)?.to_device(&self.device)
     }
 
