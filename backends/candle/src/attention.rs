@@ -427,8 +427,12 @@ mod tests {
         let width = (heads + 2 * kv_heads) * hd;
         let value = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 97.0;
         let qkv: Vec<f32> = (0..tokens * width).map(value).collect();
-        let cos: Vec<f32> = (0..tokens * hd / 2).map(|i| (i as f32 * 0.37).cos()).collect();
-        let sin: Vec<f32> = (0..tokens * hd / 2).map(|i| (i as f32 * 0.37).sin()).collect();
+        let cos: Vec<f32> = (0..tokens * hd / 2)
+            .map(|i| (i as f32 * 0.37).cos())
+            .collect();
+        let sin: Vec<f32> = (0..tokens * hd / 2)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
         let mut q = vec![0f32; tokens * heads * hd];
         let mut k = vec![0f32; tokens * kv_heads * hd];
         let mut v = vec![0f32; k.len()];

@@ -187,9 +187,15 @@ impl Sampler {
             u32::MAX // chosen below, once the probabilities exist
         };
 
-        self.probs.resize(logits.len(), 0.0);
-        exp_shifted(logits, max, &mut self.probs);
-        let z = sum_f64(&self.probs);
+        // Greedy decoding needs only the normaliser (for the chosen token's logprob);
+        // sampling draws from the stored exponentials.
+        let z = if greedy {
+            exp_sum(logits, max)
+        } else {
+            self.probs.resize(logits.len(), 0.0);
+            exp_shifted(logits, max, &mut self.probs);
+            sum_f64(&self.probs)
+        };
         let log_z = max + z.ln() as f32;
 
         let id = if greedy {

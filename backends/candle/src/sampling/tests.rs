@@ -455,3 +455,48 @@ fn fast_exp_matches_libm() {
     assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
     assert_eq!(exp_nonpositive(f32::NAN), 0.0);
 }
+
+#[test]
+fn vocabulary_passes_give_the_same_bits_at_every_level() {
+    use super::lanes::{exp_shifted_at, exp_sum_at, first_index_of_at, max_of_at, sum_f64_at};
+    use wick_kernels::Level;
+    for n in [1, 15, 16, 17, 100, 49_153] {
+        let mut logits = random_logits(n, n as u64);
+        for l in logits.iter_mut() {
+            *l *= 20.0;
+        }
+        if n > 2 {
+            logits[n / 2] = f32::NEG_INFINITY;
+            logits[1] = f32::NAN;
+        }
+        let max = max_of_at(Level::Scalar, &logits);
+        let first = first_index_of_at(Level::Scalar, &logits, max);
+        let mut want = vec![0f32; n];
+        exp_shifted_at(Level::Scalar, &logits, max, &mut want);
+        let sum = sum_f64_at(Level::Scalar, &want);
+        assert_eq!(
+            exp_sum_at(Level::Scalar, &logits, max).to_bits(),
+            sum.to_bits(),
+            "exp_sum is the sum of exp_shifted, n {n}"
+        );
+        assert!(max.is_finite() && logits[first as usize] == max);
+        for level in Level::supported() {
+            assert_eq!(
+                max_of_at(level, &logits).to_bits(),
+                max.to_bits(),
+                "{level}"
+            );
+            assert_eq!(first_index_of_at(level, &logits, max), first, "{level}");
+            let mut got = vec![0f32; n];
+            exp_shifted_at(level, &logits, max, &mut got);
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{level}, n {n}");
+            assert_eq!(sum_f64_at(level, &want).to_bits(), sum.to_bits(), "{level}");
+            assert_eq!(
+                exp_sum_at(level, &logits, max).to_bits(),
+                sum.to_bits(),
+                "{level}"
+            );
+        }
+    }
+}
