@@ -44,10 +44,134 @@ pub(crate) fn silu(g: f32) -> f32 {
     }
 }
 
+/// Partial sums of [`add_rms_norm`]'s sum of squares (element `i` to lane `i % 16`).
+const NORM_LANES: usize = 16;
+
+/// One row's residual add and RMS norm: `sum = x + delta` (just `x` without `delta`) and
+/// `out = sum · (1 / sqrt(mean(sum²) + eps)) · weight`, at `level` (lowered to what the CPU
+/// has).
+///
+/// The mean of squares keeps 16 partial sums (element `i` to lane `i % 16`), added up in lane
+/// order; the rest is element by element. The SIMD levels are this code compiled for wider
+/// vectors: Rust never fuses or reorders float operations, so every level gives the same bits.
+///
+/// # Panics
+/// If the slices differ in length.
+pub fn add_rms_norm(
+    level: Level,
+    x: &[f32],
+    delta: Option<&[f32]>,
+    weight: &[f32],
+    eps: f32,
+    sum: &mut [f32],
+    out: &mut [f32],
+) {
+    let n = x.len();
+    assert!(
+        weight.len() == n && sum.len() == n && out.len() == n && delta.is_none_or(|d| d.len() == n),
+        "add_rms_norm: rows of {n}, weight {}, outputs {} and {}",
+        weight.len(),
+        sum.len(),
+        out.len()
+    );
+    match level.capped() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `capped` only yields levels the CPU runs.
+        Level::Avx512 => unsafe {
+            crate::x86::elementwise::add_rms_norm_avx512(x, delta, weight, eps, sum, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe {
+            crate::x86::elementwise::add_rms_norm_avx2(x, delta, weight, eps, sum, out)
+        },
+        _ => add_rms_norm_lanes(x, delta, weight, eps, sum, out),
+    }
+}
+
+/// [`add_rms_norm`]'s code, which each level compiles for its vectors: plain indexed loops
+/// over slices cut to one length (no bounds checks, no iterator adapters left uninlined).
+#[inline(always)]
+pub(crate) fn add_rms_norm_lanes(
+    x: &[f32],
+    delta: Option<&[f32]>,
+    weight: &[f32],
+    eps: f32,
+    sum: &mut [f32],
+    out: &mut [f32],
+) {
+    let n = x.len();
+    let (weight, sum, out) = (&weight[..n], &mut sum[..n], &mut out[..n]);
+    match delta {
+        Some(d) => {
+            let d = &d[..n];
+            for i in 0..n {
+                sum[i] = x[i] + d[i];
+            }
+        }
+        None => sum.copy_from_slice(x),
+    }
+    let mut acc = [0f32; NORM_LANES];
+    let whole = n / NORM_LANES * NORM_LANES;
+    let mut at = 0;
+    while at < whole {
+        let chunk = &sum[at..at + NORM_LANES];
+        for l in 0..NORM_LANES {
+            acc[l] += chunk[l] * chunk[l];
+        }
+        at += NORM_LANES;
+    }
+    for l in 0..n - whole {
+        acc[l] += sum[whole + l] * sum[whole + l];
+    }
+    let mut sum2 = 0f32;
+    for a in acc {
+        sum2 += a;
+    }
+    let inv = 1.0 / (sum2 / n as f32 + eps).sqrt();
+    for i in 0..n {
+        out[i] = sum[i] * inv * weight[i];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tests::same_bits;
+
+    #[test]
+    fn add_rms_norm_is_close_to_f64_and_every_level_gives_the_scalar_bits() {
+        for n in [1, 15, 16, 17, 576, 2051] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03)
+                .collect();
+            let d: Vec<f32> = (0..n)
+                .map(|i| ((i * 11 % 29) as f32 - 14.0) * 0.2)
+                .collect();
+            let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
+            for delta in [None, Some(&d[..])] {
+                let (mut sum, mut want) = (vec![0f32; n], vec![0f32; n]);
+                add_rms_norm(Level::Scalar, &x, delta, &w, 1e-5, &mut sum, &mut want);
+                let exact_sum: Vec<f64> = (0..n)
+                    .map(|i| x[i] as f64 + delta.map_or(0.0, |d| d[i] as f64))
+                    .collect();
+                let ms = exact_sum.iter().map(|v| v * v).sum::<f64>() / n as f64;
+                for i in 0..n {
+                    assert_eq!(sum[i] as f64, (x[i] + delta.map_or(0.0, |d| d[i])) as f64);
+                    let exact = exact_sum[i] / (ms + 1e-5).sqrt() * w[i] as f64;
+                    assert!((want[i] as f64 - exact).abs() <= 1e-5 * exact.abs().max(1.0));
+                }
+                for level in Level::supported() {
+                    let (mut s2, mut got) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                    add_rms_norm(level, &x, delta, &w, 1e-5, &mut s2, &mut got);
+                    assert!(
+                        same_bits(&got, &want) && same_bits(&s2, &sum),
+                        "{level}, n {n}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn silu_is_close_to_f64_and_every_level_gives_the_scalar_bits() {

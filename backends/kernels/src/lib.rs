@@ -37,7 +37,7 @@ pub use attention::{
     ATTEND_PARTITION, Q8_VALUES,
 };
 pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
-pub use elementwise::silu_mul;
+pub use elementwise::{add_rms_norm, silu_mul};
 pub use format::{Format, BLOCK};
 pub use level::{cpu_features, cpu_model, present_cpu_features, Level};
 pub use packed::{PackedMatrix, PANEL};

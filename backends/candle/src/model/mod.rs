@@ -56,6 +56,9 @@ pub struct StepProfile {
     pub attention_ns: u64,
 }
 
+/// Up to this many rows, [`LlamaModel::add_norm`] runs on the calling thread.
+const NORM_SERIAL_ROWS: usize = 64;
+
 /// Runs `f`, adding its duration to `total`.
 fn timed<T>(total: &mut u64, f: impl FnOnce() -> T) -> T {
     let start = std::time::Instant::now();
@@ -136,8 +139,13 @@ impl LlamaModel {
         };
         let mut x = self.embed(&step.tokens)?;
 
+        // A layer's input norm, computed with the previous layer's residual add.
+        let mut normed: Option<Tensor> = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.input_layernorm, eps)?;
+            let h = match normed.take() {
+                Some(h) => h,
+                None => self.add_norm(&x, None, &layer.input_layernorm, eps)?.1,
+            };
             let joined = match (layer.qkv.stacked(), &layer.q_norm, host_rope) {
                 (Some((linear, [_, _, _])), None, Some(rope)) => Some((linear, rope)),
                 _ => None,
@@ -179,11 +187,19 @@ impl LlamaModel {
             if let Some(b) = &layer.o_bias {
                 o = o.broadcast_add(b)?;
             }
-            x = (x + o)?;
+            let (sum, h) = self.add_norm(&x, Some(&o), &layer.post_attention_layernorm, eps)?;
+            x = sum;
 
-            let h = candle_nn::ops::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             let down = timed(&mut profile.linear_ns, || layer.mlp(&h, self.kernel_level))?;
-            x = (x + self.sum_over_ranks(down)?)?;
+            let down = self.sum_over_ranks(down)?;
+            match self.layers.get(l + 1) {
+                Some(next) => {
+                    let (sum, h) = self.add_norm(&x, Some(&down), &next.input_layernorm, eps)?;
+                    x = sum;
+                    normed = Some(h);
+                }
+                None => x = (x + down)?,
+            }
         }
 
         if step.logit_rows.is_empty() {
@@ -251,6 +267,75 @@ impl LlamaModel {
             Some(comm) => comm.all_reduce_sum(&x),
             None => Ok(x),
         }
+    }
+
+    /// `x + delta` (`x` without `delta`) and its RMS norm with `weight`, `[tokens, hidden]`
+    /// each: in one pass over the rows with wick's kernel for f32 tensors in host memory,
+    /// with candle's operations otherwise.
+    fn add_norm(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        weight: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let host = self.device.is_cpu()
+            && [Some(x), delta, Some(weight)]
+                .into_iter()
+                .flatten()
+                .all(|t| t.dtype() == DType::F32 && t.is_contiguous());
+        if !host {
+            let sum = match delta {
+                Some(d) => (x + d)?,
+                None => x.clone(),
+            };
+            let h = candle_nn::ops::rms_norm(&sum, weight, eps)?;
+            return Ok((sum, h));
+        }
+        let (rows, hidden) = x.dims2()?;
+        if delta.is_some_and(|d| d.dims() != x.dims()) || weight.dims() != [hidden] {
+            bail!(
+                "add_norm: {:?} plus {:?}, weight {:?}",
+                x.dims(),
+                delta.map(|d| d.dims()),
+                weight.dims()
+            );
+        }
+        let (x_storage, x_layout) = x.storage_and_layout();
+        let (w_storage, w_layout) = weight.storage_and_layout();
+        let delta_guard = delta.map(|d| d.storage_and_layout());
+        let xs = host_f32(&x_storage, x_layout)?;
+        let ws = host_f32(&w_storage, w_layout)?;
+        let ds = match &delta_guard {
+            Some((storage, layout)) => Some(host_f32(storage, layout)?),
+            None => None,
+        };
+        let mut sum = vec![0f32; rows * hidden];
+        let mut out = vec![0f32; rows * hidden];
+        let level = self.kernel_level;
+        let norm_row = |(r, (sum, out)): (usize, (&mut [f32], &mut [f32]))| {
+            let row = r * hidden..(r + 1) * hidden;
+            let d = ds.map(|d| &d[row.clone()]);
+            wick_kernels::add_rms_norm(level, &xs[row], d, ws, eps, sum, out);
+        };
+        // A decode step's rows take microseconds: the pool is woken only for prefill chunks.
+        if rows <= NORM_SERIAL_ROWS {
+            sum.chunks_mut(hidden)
+                .zip(out.chunks_mut(hidden))
+                .enumerate()
+                .for_each(norm_row);
+        } else {
+            use rayon::prelude::*;
+            sum.par_chunks_mut(hidden)
+                .zip(out.par_chunks_mut(hidden))
+                .enumerate()
+                .with_min_len(16)
+                .for_each(norm_row);
+        }
+        Ok((
+            Tensor::from_vec(sum, (rows, hidden), &self.device)?,
+            Tensor::from_vec(out, (rows, hidden), &self.device)?,
+        ))
     }
 
     /// Writes the step's K/V into layer `l`'s cache and attends; returns `[tokens, heads * hd]`.
