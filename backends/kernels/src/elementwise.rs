@@ -48,8 +48,8 @@ pub(crate) fn silu(g: f32) -> f32 {
 const NORM_LANES: usize = 16;
 
 /// One row's residual add and RMS norm: `sum = x + delta` (just `x` without `delta`) and
-/// `out = sum · (1 / sqrt(mean(sum²) + eps)) · weight`, at `level` (lowered to what the CPU
-/// has).
+/// `out = sum / sqrt(mean(sum²) + eps) · weight` (candle's `rms_norm` expression), at `level`
+/// (lowered to what the CPU has).
 ///
 /// The mean of squares keeps 16 partial sums (element `i` to lane `i % 16`), added up in lane
 /// order; the rest is element by element. The SIMD levels are this code compiled for wider
@@ -128,9 +128,9 @@ pub(crate) fn add_rms_norm_lanes(
     for a in acc {
         sum2 += a;
     }
-    let inv = 1.0 / (sum2 / n as f32 + eps).sqrt();
+    let m = (sum2 / n as f32 + eps).sqrt();
     for i in 0..n {
-        out[i] = sum[i] * inv * weight[i];
+        out[i] = sum[i] / m * weight[i];
     }
 }
 
