@@ -47,18 +47,31 @@ pub(crate) fn silu(g: f32) -> f32 {
 /// Partial sums of [`add_rms_norm`]'s sum of squares (element `i` to lane `i % 16`).
 const NORM_LANES: usize = 16;
 
-/// One row's residual add and RMS norm: `sum = x + delta` (just `x` without `delta`) and
-/// `out = sum / sqrt(mean(sum²) + eps) · weight` (candle's `rms_norm` expression), at `level`
-/// (lowered to what the CPU has).
-///
-/// The mean of squares keeps 16 partial sums (element `i` to lane `i % 16`), added up in lane
-/// order; the rest is element by element. The SIMD levels are this code compiled for wider
-/// vectors: Rust never fuses or reorders float operations, so every level gives the same bits.
-///
-/// # Panics
-/// If the slices differ in length.
-pub fn add_rms_norm(
-    level: Level,
+crate::leveled!(
+    /// One row's residual add and RMS norm: `sum = x + delta` (just `x` without `delta`) and
+    /// `out = sum / sqrt(mean(sum²) + eps) · weight` (candle's `rms_norm` expression), at
+    /// `level` (lowered to what the CPU has).
+    ///
+    /// The mean of squares keeps 16 partial sums (element `i` to lane `i % 16`), added up in
+    /// lane order; the rest is element by element. The SIMD levels are this code compiled for
+    /// wider vectors (see [`crate::leveled`]), so every level gives the same bits.
+    ///
+    /// # Panics
+    /// If the slices differ in length.
+    pub fn add_rms_norm(
+        x: &[f32],
+        delta: Option<&[f32]>,
+        weight: &[f32],
+        eps: f32,
+        sum: &mut [f32],
+        out: &mut [f32]
+    ) -> () = add_rms_norm_lanes
+);
+
+/// [`add_rms_norm`]'s code, which each level compiles for its vectors: plain indexed loops
+/// over slices cut to one length (no bounds checks, no iterator adapters left uninlined).
+#[inline(always)]
+fn add_rms_norm_lanes(
     x: &[f32],
     delta: Option<&[f32]>,
     weight: &[f32],
@@ -74,33 +87,6 @@ pub fn add_rms_norm(
         sum.len(),
         out.len()
     );
-    match level.capped() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `capped` only yields levels the CPU runs.
-        Level::Avx512 => unsafe {
-            crate::x86::elementwise::add_rms_norm_avx512(x, delta, weight, eps, sum, out)
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Level::Avx2 => unsafe {
-            crate::x86::elementwise::add_rms_norm_avx2(x, delta, weight, eps, sum, out)
-        },
-        _ => add_rms_norm_lanes(x, delta, weight, eps, sum, out),
-    }
-}
-
-/// [`add_rms_norm`]'s code, which each level compiles for its vectors: plain indexed loops
-/// over slices cut to one length (no bounds checks, no iterator adapters left uninlined).
-#[inline(always)]
-pub(crate) fn add_rms_norm_lanes(
-    x: &[f32],
-    delta: Option<&[f32]>,
-    weight: &[f32],
-    eps: f32,
-    sum: &mut [f32],
-    out: &mut [f32],
-) {
-    let n = x.len();
     let (weight, sum, out) = (&weight[..n], &mut sum[..n], &mut out[..n]);
     match delta {
         Some(d) => {

@@ -70,6 +70,56 @@ impl FromStr for Level {
     }
 }
 
+/// Defines a function that runs the lane-wise `$body` compiled for the level it is given: the
+/// same code built for AVX-512 and AVX2 as well as for the baseline, chosen at run time, so a
+/// long pass runs 16 or 8 floats to an instruction where the CPU can. Rust never fuses or
+/// reorders float operations, and a body that fixes the order of its sums gives the baseline's
+/// bits at every level (its scalar twin is itself).
+///
+/// `leveled!(vis fn name(args) -> ret = body)` defines `name(level, args)`;
+/// `leveled!(vis fn name, name_at(args) -> ret = body)` defines `name_at(level, args)` and
+/// `name(args)` at the best level this CPU runs.
+#[macro_export]
+macro_rules! leveled {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident, $at:ident ($($arg:ident: $ty:ty),*) -> $ret:ty = $body:path) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            $at($crate::Level::detected(), $($arg),*)
+        }
+
+        $crate::leveled!(
+            /// As the function without `_at`, at `level` (lowered to what the CPU has).
+            $vis fn $at($($arg: $ty),*) -> $ret = $body
+        );
+    };
+    ($(#[$doc:meta])* $vis:vis fn $at:ident ($($arg:ident: $ty:ty),*) -> $ret:ty = $body:path) => {
+        $(#[$doc])*
+        $vis fn $at(level: $crate::Level, $($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // The features `Level::detected` checks for each level, no more.
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,f16c,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                match level.capped() {
+                    // SAFETY: `capped` only yields levels the CPU runs.
+                    $crate::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::Level::Scalar => {}
+                }
+            }
+            let _ = level;
+            $body($($arg),*)
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Level {
     use std::arch::is_x86_feature_detected as has;

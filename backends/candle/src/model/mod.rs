@@ -332,11 +332,10 @@ impl LlamaModel {
                 .with_min_len(16)
                 .for_each(norm_row);
         }
-        let r = (
+        Ok((
             Tensor::from_vec(sum, (rows, hidden), &self.device)?,
             Tensor::from_vec(out, (rows, hidden), &self.device)?,
-        );
-        Ok(r)
+        ))
     }
 
     /// Writes the step's K/V into layer `l`'s cache and attends; returns `[tokens, heads * hd]`.

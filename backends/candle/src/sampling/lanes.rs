@@ -2,7 +2,7 @@
 //! vocabulary-sized slices in fixed lanes (so the compiler vectorises them and every run sums in
 //! the same order), mass-based truncation and top-k selection.
 
-use wick_kernels::Level;
+use wick_kernels::leveled;
 
 /// Up to this many tokens, top-n and top-k keep a small sorted buffer instead of a selection.
 pub(super) const SMALL_TOP_N: usize = 64;
@@ -10,64 +10,26 @@ pub(super) const SMALL_TOP_N: usize = 64;
 /// Accumulator lanes of the vocabulary-wide loops: independent sums the compiler vectorises.
 pub(super) const LANES: usize = 16;
 
-/// Defines `$name` (at the best level this CPU runs) and `$at` (at a given level) over the
-/// lane-wise `$body`: the same code compiled for AVX-512 and AVX2 as well as for the baseline,
-/// so a vocabulary-wide pass runs 16 or 8 floats to an instruction where the CPU can. Rust
-/// never fuses or reorders float operations, and the lanes fix the order of every sum, so
-/// each level gives the baseline's bits.
-macro_rules! leveled {
-    ($(#[$doc:meta])* fn $name:ident, $at:ident ($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
-        $(#[$doc])*
-        pub(super) fn $name($($arg: $ty),*) -> $ret {
-            $at(Level::detected(), $($arg),*)
-        }
-
-        /// As the function without `_at`, at `level` (lowered to what the CPU has).
-        pub(super) fn $at(level: Level, $($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-                unsafe fn avx512($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                unsafe fn avx2($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
-                match level.capped() {
-                    // SAFETY: `capped` only yields levels the CPU runs.
-                    Level::Avx512 => return unsafe { avx512($($arg),*) },
-                    // SAFETY: as above.
-                    Level::Avx2 => return unsafe { avx2($($arg),*) },
-                    Level::Scalar => {}
-                }
-            }
-            let _ = level;
-            $body($($arg),*)
-        }
-    };
-}
-
 leveled!(
     /// Largest non-NaN value (-inf when there is none). Lanes let the compiler vectorise it.
-    fn max_of, max_of_at(xs: &[f32]) -> f32 = max_of_lanes
+    pub(super) fn max_of, max_of_at(xs: &[f32]) -> f32 = max_of_lanes
 );
 leveled!(
     /// First index holding `value` (0 if none), scanning 16 at a time with a vectorised test.
-    fn first_index_of, first_index_of_at(xs: &[f32], value: f32) -> u32 = first_index_of_lanes
+    pub(super) fn first_index_of, first_index_of_at(xs: &[f32], value: f32) -> u32 = first_index_of_lanes
 );
 leveled!(
     /// `out[i] = exp(logits[i] - max)`.
-    fn exp_shifted, exp_shifted_at(logits: &[f32], max: f32, out: &mut [f32]) -> () = exp_shifted_lanes
+    pub(super) fn exp_shifted, exp_shifted_at(logits: &[f32], max: f32, out: &mut [f32]) -> () = exp_shifted_lanes
 );
 leveled!(
     /// Sum in f32 lanes (vectorisable), folded in f64: exact enough for a softmax normaliser.
-    fn sum_f64, sum_f64_at(xs: &[f32]) -> f64 = sum_f64_lanes
+    pub(super) fn sum_f64, sum_f64_at(xs: &[f32]) -> f64 = sum_f64_lanes
 );
 leveled!(
     /// `Σ exp(logits[i] - max)`, as [`sum_f64`] of [`exp_shifted`] (the same bits) without
     /// storing the exponentials: what a softmax's normaliser needs when nothing else does.
-    fn exp_sum, exp_sum_at(logits: &[f32], max: f32) -> f64 = exp_sum_lanes
+    pub(super) fn exp_sum, exp_sum_at(logits: &[f32], max: f32) -> f64 = exp_sum_lanes
 );
 
 #[inline(always)]

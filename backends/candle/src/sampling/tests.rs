@@ -60,7 +60,7 @@ fn chi_square(counts: &[usize], expected: &[f64]) -> f64 {
 fn greedy_picks_argmax_and_lowest_id_on_ties() {
     let mut s = Sampler::new(greedy(), &[]);
     let logits = [1.0, 3.0, 3.0, 2.0];
-    let out = s.next(&logits.clone(), 0);
+    let out = s.next(&logits, 0);
     assert_eq!(out.id, 1);
     assert!((out.logprob - log_softmax(&logits)[1]).abs() < 1e-6);
     assert!(out.top.is_empty());
@@ -73,7 +73,7 @@ fn greedy_ignores_temperature_for_logprobs() {
         ..greedy()
     };
     let logits = [0.0, 1.0, 0.5];
-    let out = Sampler::new(params, &[]).next(&logits.clone(), 0);
+    let out = Sampler::new(params, &[]).next(&logits, 0);
     assert_eq!(out.id, 1);
     assert!((out.logprob - log_softmax(&logits)[1]).abs() < 1e-6);
 }
@@ -153,14 +153,14 @@ fn tiny_temperature_behaves_like_argmax() {
             temperature: 1e-3,
             ..sampling(seed)
         };
-        assert_eq!(Sampler::new(params, &[]).next(&logits.clone(), 0).id, 1);
+        assert_eq!(Sampler::new(params, &[]).next(&logits, 0).id, 1);
     }
     // Temperature 0 with do_sample is the limit: greedy, no division by zero.
     let params = SamplingParams {
         temperature: 0.0,
         ..sampling(1)
     };
-    let out = Sampler::new(params, &[]).next(&logits.clone(), 0);
+    let out = Sampler::new(params, &[]).next(&logits, 0);
     assert_eq!(out.id, 1);
     assert!(out.logprob.is_finite());
 }
@@ -169,7 +169,7 @@ fn tiny_temperature_behaves_like_argmax() {
 fn top_k_one_and_tiny_top_p_equal_greedy() {
     for seed in 0..20 {
         let logits = random_logits(500, seed);
-        let want = Sampler::new(greedy(), &[]).next(&logits.clone(), 0).id;
+        let want = Sampler::new(greedy(), &[]).next(&logits, 0).id;
         let top_k = SamplingParams {
             top_k: 1,
             ..sampling(seed)
@@ -178,8 +178,8 @@ fn top_k_one_and_tiny_top_p_equal_greedy() {
             top_p: 1e-6,
             ..sampling(seed)
         };
-        assert_eq!(Sampler::new(top_k, &[]).next(&logits.clone(), 0).id, want);
-        assert_eq!(Sampler::new(top_p, &[]).next(&logits.clone(), 0).id, want);
+        assert_eq!(Sampler::new(top_k, &[]).next(&logits, 0).id, want);
+        assert_eq!(Sampler::new(top_p, &[]).next(&logits, 0).id, want);
     }
 }
 
@@ -188,7 +188,7 @@ fn a_seed_fixes_the_stream() {
     let logits = random_logits(1000, 7);
     let stream = |seed| -> Vec<u32> {
         let mut s = Sampler::new(sampling(seed), &[]);
-        (0..64).map(|_| s.next(&logits.clone(), 0).id).collect()
+        (0..64).map(|_| s.next(&logits, 0).id).collect()
     };
     assert_eq!(stream(42), stream(42));
     assert_ne!(stream(42), stream(43));
@@ -233,7 +233,7 @@ fn temperature_scales_the_distribution() {
     assert!(chi_square(&counts, &softmax(&scaled)) < 30.0, "{counts:?}");
     assert!(chi_square(&counts, &softmax(&logits)) > 100.0);
     // The chosen token's logprob is that of the tempered distribution.
-    let out = Sampler::new(params, &[]).next(&logits.clone(), 0);
+    let out = Sampler::new(params, &[]).next(&logits, 0);
     let want = log_softmax(&scaled)[out.id as usize];
     assert!((out.logprob - want).abs() < 1e-5);
 }
@@ -340,14 +340,14 @@ fn typical_p_keeps_the_tokens_closest_to_the_entropy() {
 fn logprobs_are_normalised_and_top_n_is_descending() {
     let logits = [0.1, 3.0, 2.0, 3.0, -1.0];
     let lsm = log_softmax(&logits);
-    let out = Sampler::new(greedy(), &[]).next(&logits.clone(), 3);
+    let out = Sampler::new(greedy(), &[]).next(&logits, 3);
     let ids: Vec<u32> = out.top.iter().map(|t| t.0).collect();
     assert_eq!(ids, vec![1, 3, 2]);
     for (id, lp) in &out.top {
         assert!((lp - lsm[*id as usize]).abs() < 1e-6);
     }
     // Every token's logprob: they sum to one and include the chosen one.
-    let out = Sampler::new(sampling(8), &[]).next(&logits.clone(), 100);
+    let out = Sampler::new(sampling(8), &[]).next(&logits, 100);
     assert_eq!(out.top.len(), logits.len());
     let total: f64 = out.top.iter().map(|t| (t.1 as f64).exp()).sum();
     assert!((total - 1.0).abs() < 1e-5);
@@ -361,7 +361,7 @@ fn top_n_small_and_large_paths_agree_with_a_full_sort() {
     let mut order: Vec<u32> = (0..300).collect();
     order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
     for n in [1, 5, SMALL_TOP_N, SMALL_TOP_N + 1, 100] {
-        let out = Sampler::new(greedy(), &[]).next(&logits.clone(), n);
+        let out = Sampler::new(greedy(), &[]).next(&logits, n);
         let ids: Vec<u32> = out.top.iter().map(|t| t.0).collect();
         assert_eq!(ids, order[..n], "n = {n}");
     }

@@ -136,8 +136,14 @@ fn group_masks(g: usize, hd: usize) -> [__mmask16; 4] {
     [0, 1, 2, 3].map(|c| mask16(g * 64 + c * 16, hd))
 }
 
-/// A dot product's 64 lanes folded to 16: `(l + l+16) + (l+32 + l+48)`; `last` masks the
-/// final group.
+/// A dot product's 64 lanes (four vectors) folded to 16: `(l + l+16) + (l+32 + l+48)`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn fold64(acc: [__m512; 4]) -> __m512 {
+    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
+}
+
+/// A dot product's 64 lanes folded to 16 ([`fold64`]); `last` masks the final group.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
 unsafe fn partial_dot<T: KvElement>(
@@ -157,7 +163,7 @@ unsafe fn partial_dot<T: KvElement>(
             *acc = _mm512_fmadd_ps(a, b, *acc);
         }
     }
-    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))
+    fold64(acc)
 }
 
 /// The scores of positions `j..j + 16` for `H` heads (queries at `q`, one row of `hd` after
@@ -200,9 +206,7 @@ unsafe fn scores16<const H: usize, T: KvElement>(
                 for (c, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm512_fmadd_ps(qv[c], kv[c], *acc);
                 }
-                let sum =
-                    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-                tp.add(h * 16 + i).write(sum);
+                tp.add(h * 16 + i).write(fold64(acc));
             }
         }
     } else {
@@ -225,10 +229,8 @@ unsafe fn scores16<const H: usize, T: KvElement>(
                     }
                 }
             }
-            for (h, acc) in acc.iter().enumerate() {
-                let sum =
-                    _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-                tp.add(h * 16 + i).write(sum);
+            for (h, acc) in acc.into_iter().enumerate() {
+                tp.add(h * 16 + i).write(fold64(acc));
             }
         }
     }

@@ -50,35 +50,3 @@ pub(crate) unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
         out[i] = silu(gate[i]) * up[i];
     }
 }
-
-/// [`crate::elementwise::add_rms_norm`] compiled for AVX-512.
-///
-/// # Safety
-/// The CPU must have AVX-512F.
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn add_rms_norm_avx512(
-    x: &[f32],
-    delta: Option<&[f32]>,
-    weight: &[f32],
-    eps: f32,
-    sum: &mut [f32],
-    out: &mut [f32],
-) {
-    crate::elementwise::add_rms_norm_lanes(x, delta, weight, eps, sum, out)
-}
-
-/// [`crate::elementwise::add_rms_norm`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU must have AVX2.
-#[target_feature(enable = "avx2")]
-pub(crate) unsafe fn add_rms_norm_avx2(
-    x: &[f32],
-    delta: Option<&[f32]>,
-    weight: &[f32],
-    eps: f32,
-    sum: &mut [f32],
-    out: &mut [f32],
-) {
-    crate::elementwise::add_rms_norm_lanes(x, delta, weight, eps, sum, out)
-}
