@@ -98,6 +98,7 @@ fn smollm2_knows_the_capital_of_france() {
         blocks,
         cache_len: 0,
         chunk_len: None,
+        grammar: None,
     };
     let mut out = engine.prefill(1, vec![request], None).unwrap();
     let mut text = String::new();

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use tokenizers::Tokenizer;
+use wick_grammar::{Compiler, Constraint};
 
 use crate::kv_cache::{KvCache, KvStore};
 use crate::model::{LlamaModel, StepProfile};
@@ -134,6 +135,8 @@ pub struct Engine {
     kv: Box<dyn KvStore>,
     block_size: usize,
     batches: HashMap<u64, BatchState>,
+    /// Compiles requests' grammars; built with the first request that has one.
+    grammars: Option<Compiler>,
 }
 
 impl Engine {
@@ -158,6 +161,7 @@ impl Engine {
             kv,
             block_size: options.block_size,
             batches: HashMap::new(),
+            grammars: None,
         }
     }
 
@@ -212,7 +216,15 @@ impl Engine {
         for r in &requests {
             self.validate(r)?;
         }
-        let new_states: Vec<RequestState> = requests.into_iter().map(|r| self.admit(r)).collect();
+        let mut constraints = Vec::with_capacity(requests.len());
+        for r in &requests {
+            constraints.push(self.constraint(r)?);
+        }
+        let new_states: Vec<RequestState> = requests
+            .into_iter()
+            .zip(constraints)
+            .map(|(r, c)| self.admit(r, c))
+            .collect();
 
         let concat_start = Instant::now();
         let (id, mut state, concat_ns) = match cached {
@@ -404,8 +416,30 @@ impl Engine {
         Ok(())
     }
 
+    /// The request's grammar compiled for this model (the router compiled it too, to refuse a
+    /// bad one before queueing it, so a failure here is a router/shard mismatch).
+    fn constraint(&mut self, r: &NewRequest) -> Result<Option<Constraint>> {
+        let Some(grammar) = &r.grammar else {
+            return Ok(None);
+        };
+        let invalid = |e: wick_grammar::GrammarError| {
+            EngineError::InvalidRequest(format!("request {}: {e}", r.id))
+        };
+        if self.grammars.is_none() {
+            let compiler = Compiler::new(
+                &self.tokenizer,
+                self.config.vocab_size,
+                &self.config.eos_token_ids,
+            )
+            .map_err(invalid)?;
+            self.grammars = Some(compiler);
+        }
+        let compiler = self.grammars.as_ref().expect("built above");
+        compiler.compile(grammar).map(Some).map_err(invalid)
+    }
+
     /// Builds the running state of a validated request.
-    fn admit(&self, r: NewRequest) -> RequestState {
+    fn admit(&self, r: NewRequest, constraint: Option<Constraint>) -> RequestState {
         let prompt_len = r.input_ids.len();
         let seed = r.sampling.do_sample.then_some(r.sampling.seed);
         let sampler = Sampler::new(r.sampling, &r.input_ids);
@@ -428,6 +462,8 @@ impl Engine {
             },
             top_n: r.top_n_tokens as usize,
             seed,
+            constraint,
+            masked: Vec::new(),
         }
     }
 

@@ -7,13 +7,14 @@ use std::time::Instant;
 use candle_core::Device;
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
+use wick_grammar::Constraint;
 
 use super::{Engine, EngineError, Finished, Generation, Result, StepOutput, TokenOut};
 use crate::linear::host_f32;
 use crate::model::StepProfile;
 use crate::sampling::{logprob_of, Sampler};
 use crate::step::{SeqSpan, StepInput};
-use crate::stopping::{Detokenizer, StopCriteria};
+use crate::stopping::{Detokenizer, FinishReason, StopCriteria};
 
 pub(super) struct RequestState {
     pub(super) id: u64,
@@ -32,6 +33,10 @@ pub(super) struct RequestState {
     pub(super) prompt_logprobs: Vec<f32>,
     pub(super) top_n: usize,
     pub(super) seed: Option<u64>,
+    /// Structured output: which tokens the request's grammar allows next.
+    pub(super) constraint: Option<Constraint>,
+    /// Scratch: the last logits row with the grammar's mask applied.
+    pub(super) masked: Vec<f32>,
 }
 
 impl RequestState {
@@ -172,6 +177,7 @@ impl Engine {
         let tokens = TokenText {
             tokenizer: &self.tokenizer,
             special_ids: &self.special_ids,
+            eos: self.config.eos_token_ids.first().copied().unwrap_or(0),
         };
         let generations = state
             .requests
@@ -196,6 +202,8 @@ impl Engine {
 struct TokenText<'a> {
     tokenizer: &'a Tokenizer,
     special_ids: &'a HashSet<u32>,
+    /// The model's first end id: what a request whose grammar allows nothing produces.
+    eos: u32,
 }
 
 impl TokenText<'_> {
@@ -227,13 +235,36 @@ impl TokenText<'_> {
             return Ok(None);
         }
         let last = &rows[(plan.rows - 1) * vocab..];
-        let sampled = r.sampler.next(last, r.top_n);
+        let sampled = match r.constraint.as_mut() {
+            Some(constraint) => {
+                // Logprobs are those of the distribution the grammar leaves.
+                r.masked.clear();
+                r.masked.extend_from_slice(last);
+                if !constraint.mask_logits(&mut r.masked) {
+                    // A live grammar always allows a token; should it not, the request ends.
+                    r.masked.fill(f32::NEG_INFINITY);
+                    if let Some(l) = r.masked.get_mut(self.eos as usize) {
+                        *l = 0.0;
+                    }
+                }
+                r.sampler.next(&r.masked, r.top_n)
+            }
+            None => r.sampler.next(last, r.top_n),
+        };
         r.all_ids.push(sampled.id);
         let text = r
             .detok
             .next_text(self.tokenizer, &r.all_ids)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let reason = r.stop.check(sampled.id, &text);
+        let mut reason = r.stop.check(sampled.id, &text);
+        if let Some(constraint) = r.constraint.as_mut() {
+            // The grammar is complete (nothing may follow) or cannot go on: the output ends
+            // here, as if the model had chosen its end token.
+            let accepted = constraint.accept(sampled.id);
+            if reason.is_none() && (accepted.is_err() || constraint.is_finished()) {
+                reason = Some(FinishReason::EosToken);
+            }
+        }
         let prefill = if was_prompt && r.prefill_logprobs {
             let ids = &r.all_ids[..r.prompt_len];
             let mut out = Vec::with_capacity(ids.len());

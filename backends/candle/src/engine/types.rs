@@ -22,6 +22,8 @@ pub struct NewRequest {
     pub cache_len: u32,
     /// Prompt tokens computed per step; `None` = the whole remaining prompt at once.
     pub chunk_len: Option<u32>,
+    /// What the generated text must match (structured output), enforced token by token.
+    pub grammar: Option<wick_grammar::Grammar>,
 }
 
 /// One token with its logprob and text.

@@ -1,6 +1,7 @@
 //! Proto <-> engine conversions at the shard's gRPC edge.
 
 use tonic::Status;
+use wick_grammar::{Grammar, GrammarError, GrammarKind};
 use wick_proto::v1 as pb;
 
 use crate::engine::{CachedBatchInfo, EngineError, Generation, NewRequest, TokenOut};
@@ -43,12 +44,8 @@ pub(super) fn sampling_params(p: Option<pb::NextTokenChooserParameters>) -> Samp
 /// blocks; the engine checks them against the model and the cache.
 pub(super) fn new_request(r: pb::Request) -> Result<NewRequest, EngineError> {
     let params = r.parameters.unwrap_or_default();
-    if params.grammar_type != pb::GrammarType::None as i32 || !params.grammar.is_empty() {
-        return Err(EngineError::InvalidRequest(format!(
-            "request {}: grammars are not supported",
-            r.id
-        )));
-    }
+    let grammar = grammar(&params)
+        .map_err(|e| EngineError::InvalidRequest(format!("request {}: {e}", r.id)))?;
     let stopping = r.stopping_parameters.unwrap_or_default();
     Ok(NewRequest {
         id: r.id,
@@ -64,7 +61,20 @@ pub(super) fn new_request(r: pb::Request) -> Result<NewRequest, EngineError> {
         blocks: r.blocks,
         cache_len: r.cache_len,
         chunk_len: r.chunk_len,
+        grammar,
     })
+}
+
+/// The request's grammar, if it has one.
+fn grammar(p: &pb::NextTokenChooserParameters) -> Result<Option<Grammar>, GrammarError> {
+    let kind = match pb::GrammarType::try_from(p.grammar_type) {
+        Ok(pb::GrammarType::None) if p.grammar.is_empty() => return Ok(None),
+        Ok(pb::GrammarType::Json) => GrammarKind::Json,
+        Ok(pb::GrammarType::Regex) => GrammarKind::Regex,
+        Ok(pb::GrammarType::Lark) => GrammarKind::Lark,
+        _ => return Err(GrammarError::NotSupported),
+    };
+    Grammar::from_wire(kind, &p.grammar).map(Some)
 }
 
 pub(super) fn new_requests(batch: pb::Batch) -> Result<Vec<NewRequest>, EngineError> {
