@@ -227,12 +227,107 @@ async fn check_health_and_metrics(client: &reqwest::Client, wick: &Wick) {
     );
 }
 
+/// A bounded schema: the tiny model's noise must still come out as a valid instance.
+fn item_schema() -> Json {
+    json!({
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 0, "maximum": 999},
+            "label": {"type": "string", "maxLength": 6},
+            "done": {"type": "boolean"}
+        },
+        "required": ["id", "label", "done"],
+        "additionalProperties": false
+    })
+}
+
+fn check_item(text: &str) {
+    let v: Json = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    assert!(
+        (0..=999).contains(&v["id"].as_i64().expect("id")),
+        "{text:?}"
+    );
+    assert!(
+        v["label"].as_str().expect("label").chars().count() <= 6,
+        "{text:?}"
+    );
+    assert!(
+        v["done"].is_boolean() && v.as_object().unwrap().len() == 3,
+        "{text:?}"
+    );
+}
+
+/// Structured output: TGI's `parameters.grammar` (JSON schema and regex, plain and streamed),
+/// OpenAI's `response_format`, and the errors for bad grammars.
+async fn check_structured_output(client: &reqwest::Client, wick: &Wick) {
+    let json_grammar = json!({"type": "json", "value": item_schema()});
+    let body =
+        json!({"inputs": PROMPT, "parameters": {"max_new_tokens": 60, "grammar": json_grammar}});
+    let out = post_json(client, wick, "/generate", body.clone()).await;
+    check_item(out["generated_text"].as_str().expect("generated_text"));
+    let events = post_sse(client, wick, "/generate_stream", body).await;
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Json>(e).ok())
+        .filter_map(|e| e["token"]["text"].as_str().map(str::to_string))
+        .collect();
+    check_item(&streamed);
+
+    let regex = json!({"type": "regex", "value": "(red|green|blue)-[0-9]{2}"});
+    let body = json!({"inputs": PROMPT, "parameters": {"max_new_tokens": 20, "grammar": regex, "do_sample": true, "seed": 4}});
+    let out = post_json(client, wick, "/generate", body).await;
+    let text = out["generated_text"].as_str().expect("generated_text");
+    let (color, number) = text.split_once('-').unwrap_or_else(|| panic!("{text:?}"));
+    assert!(["red", "green", "blue"].contains(&color), "{text:?}");
+    assert!(
+        number.len() == 2 && number.bytes().all(|b| b.is_ascii_digit()),
+        "{text:?}"
+    );
+
+    let chat = json!({
+        "model": "tgi",
+        "messages": [{"role": "user", "content": "An item, please"}],
+        "max_tokens": 60,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "item", "schema": item_schema(), "strict": true}},
+    });
+    let out = post_json(client, wick, "/v1/chat/completions", chat).await;
+    check_item(
+        out["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content"),
+    );
+    assert_eq!(out["choices"][0]["finish_reason"], "stop", "{out}");
+
+    let bad = json!({"inputs": PROMPT, "parameters": {"grammar": {"type": "regex", "value": "(unclosed"}}});
+    let response = post(client, wick, "/generate", bad).await;
+    assert_eq!(response.status(), 422);
+    let body: Json = response.json().await.expect("a JSON error");
+    assert_eq!(body["error_type"], "validation", "{body}");
+    let error = body["error"].as_str().expect("error");
+    assert!(error.contains("grammar is not valid"), "{body}");
+    let unknown =
+        json!({"inputs": PROMPT, "parameters": {"grammar": {"type": "ebnf", "value": "x"}}});
+    let response = post(client, wick, "/generate", unknown).await;
+    assert_eq!(response.status(), 422);
+    let chat = json!({
+        "model": "tgi",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}},
+    });
+    let response = post(client, wick, "/v1/chat/completions", chat).await;
+    assert_eq!(response.status(), 422);
+    let body: Json = response.json().await.expect("a JSON error");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("grammar is not valid"), "{body}");
+}
+
 /// Every route of the HTTP API, as the checks above.
 async fn check_every_route(client: &reqwest::Client, wick: &Wick) {
     let text = check_generate(client, wick).await;
     check_generate_stream(client, wick, &text).await;
     check_chat(client, wick).await;
     check_completions(client, wick).await;
+    check_structured_output(client, wick).await;
     check_validation_error(client, wick).await;
     check_health_and_metrics(client, wick).await;
 }

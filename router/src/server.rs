@@ -170,6 +170,9 @@ pub fn app(
         kernels: backend.kernels.clone(),
         kv_cache_dtype: backend.kv_cache_dtype.clone(),
         kv_cache_bytes_per_token: backend.kv_cache_bytes_per_token,
+        grammar_types: ["json", "json_object", "json_schema", "regex", "lark"]
+            .map(String::from)
+            .to_vec(),
     };
     let compute_type = HeaderValue::from_str(&backend.device_type.to_ascii_lowercase())
         .unwrap_or_else(|_| HeaderValue::from_static("cpu"));

@@ -253,6 +253,9 @@ pub struct Info {
     pub kv_cache_dtype: String,
     /// Bytes one token's K and V take over all layers, on each rank.
     pub kv_cache_bytes_per_token: u64,
+    /// The grammar types `parameters.grammar` takes (structured output; OpenAI's
+    /// `response_format` maps onto `json`).
+    pub grammar_types: Vec<String>,
 }
 
 /// One prompt token of `/tokenize`, with byte offsets into `inputs`.

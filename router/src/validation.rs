@@ -3,13 +3,17 @@
 //! scheduler can queue as is.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokenizers::{Encoding, Tokenizer};
 use tokio::sync::{mpsc, oneshot};
+use wick_grammar::{Compiler, Grammar, GrammarError, GrammarKind};
+use wick_proto::v1::GrammarType;
 
 use crate::types::GenerateParameters;
-use wick_scheduler::request::{ValidParameters, ValidRequest, ValidStoppingParameters};
+use wick_scheduler::request::{
+    ValidGrammar, ValidParameters, ValidRequest, ValidStoppingParameters,
+};
 
 /// Validation limits fixed at startup.
 #[derive(Debug, Clone)]
@@ -76,6 +80,8 @@ pub enum ValidationError {
     Tokenizer(String),
     #[error("grammar is not supported")]
     Grammar,
+    #[error("grammar is not valid: {0}")]
+    InvalidGrammar(String),
     #[error("adapters are not supported")]
     Adapter,
     /// The tokenizer pool is gone (shutdown).
@@ -105,6 +111,34 @@ pub struct Validation {
     config: Arc<ValidationConfig>,
     workers: Arc<Vec<mpsc::Sender<TokenizeJob>>>,
     next_worker: Arc<AtomicUsize>,
+    grammars: Arc<Grammars>,
+}
+
+/// The grammar compiler, built from the tokenizer when the first request with a grammar comes
+/// (it walks the whole vocabulary; a server nobody asks for structured output never pays).
+struct Grammars {
+    tokenizer: Tokenizer,
+    compiler: OnceLock<Option<Compiler>>,
+}
+
+impl Grammars {
+    /// `None` when this tokenizer's vocabulary cannot be read as bytes (then grammars are
+    /// not supported).
+    fn compiler(&self) -> Option<&Compiler> {
+        self.compiler
+            .get_or_init(|| {
+                // The end id only matters to the shards; any id serves for validation.
+                let vocab = self.tokenizer.get_vocab_size(true);
+                match Compiler::new(&self.tokenizer, vocab, &[0]) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "structured output is not available");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
 }
 
 /// Pending jobs per worker before `validate` waits (back-pressure on tokenization).
@@ -136,6 +170,10 @@ impl Validation {
             config: Arc::new(config),
             workers: Arc::new(workers),
             next_worker: Arc::new(AtomicUsize::new(0)),
+            grammars: Arc::new(Grammars {
+                tokenizer,
+                compiler: OnceLock::new(),
+            }),
         })
     }
 
@@ -185,9 +223,10 @@ impl Validation {
         }
         let max_new_tokens =
             check_lengths(&self.config, input_ids.len(), parameters.max_new_tokens)?;
-        if parameters.grammar.is_some() {
-            return Err(ValidationError::Grammar);
-        }
+        let grammar = match &parameters.grammar {
+            Some(value) => Some(self.compile_grammar(value).await?),
+            None => None,
+        };
         if parameters.adapter_id.is_some() {
             return Err(ValidationError::Adapter);
         }
@@ -198,7 +237,10 @@ impl Validation {
         Ok(ValidGenerateRequest {
             request: ValidRequest {
                 input_ids,
-                parameters: checked.parameters,
+                parameters: ValidParameters {
+                    grammar,
+                    ..checked.parameters
+                },
                 stopping: ValidStoppingParameters {
                     max_new_tokens,
                     stop_sequences: parameters.stop.clone(),
@@ -210,6 +252,40 @@ impl Validation {
             input_length,
             best_of: checked.best_of,
         })
+    }
+}
+
+impl Validation {
+    /// TGI's `parameters.grammar`, compiled against the vocabulary on a blocking thread (a
+    /// large schema takes milliseconds), so a bad one is refused before it is queued.
+    async fn compile_grammar(
+        &self,
+        value: &serde_json::Value,
+    ) -> Result<ValidGrammar, ValidationError> {
+        let grammar = Grammar::from_tgi(value).map_err(grammar_error)?;
+        let grammars = self.grammars.clone();
+        let compiled = grammar.clone();
+        tokio::task::spawn_blocking(move || {
+            let compiler = grammars.compiler().ok_or(ValidationError::Grammar)?;
+            compiler.compile(&compiled).map_err(grammar_error)?;
+            Ok::<_, ValidationError>(())
+        })
+        .await
+        .map_err(|_| ValidationError::Grammar)??;
+        let (kind, text) = grammar.wire();
+        let kind = match kind {
+            GrammarKind::Json => GrammarType::Json,
+            GrammarKind::Regex => GrammarType::Regex,
+            GrammarKind::Lark => GrammarType::Lark,
+        };
+        Ok(ValidGrammar { kind, text })
+    }
+}
+
+fn grammar_error(e: GrammarError) -> ValidationError {
+    match e {
+        GrammarError::Invalid(msg) => ValidationError::InvalidGrammar(msg),
+        GrammarError::NotSupported | GrammarError::Tokenizer(_) => ValidationError::Grammar,
     }
 }
 
@@ -324,6 +400,7 @@ fn check_parameters(
             repetition_penalty,
             frequency_penalty,
             presence_penalty,
+            grammar: None,
         },
         top_n_tokens,
         best_of,
@@ -660,6 +737,7 @@ mod tests {
             "`inputs` must have less than 10 tokens. Given: 11"
         );
 
+        // A word-level vocabulary has no byte strings to build token masks from.
         let grammar = GenerateParameters {
             grammar: Some(serde_json::json!({"type": "regex", "value": "a+"})),
             ..Default::default()

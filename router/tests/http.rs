@@ -436,7 +436,7 @@ fn validation_errors_have_tgi_statuses_and_messages() {
                 "`best_of` > 1 is not supported by this server",
             ),
             (
-                json!({"inputs": "a", "parameters": {"grammar": {"type": "regex", "value": "a+"}}}),
+                json!({"inputs": "a", "parameters": {"grammar": {"type": "ebnf", "value": "a"}}}),
                 "grammar is not supported",
             ),
         ];

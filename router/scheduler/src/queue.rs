@@ -201,8 +201,18 @@ impl State {
                     repetition_penalty: r.parameters.repetition_penalty,
                     watermark: false,
                     frequency_penalty: r.parameters.frequency_penalty,
-                    grammar: String::new(),
-                    grammar_type: pb::GrammarType::None as i32,
+                    grammar: r
+                        .parameters
+                        .grammar
+                        .as_ref()
+                        .map(|g| g.text.clone())
+                        .unwrap_or_default(),
+                    grammar_type: r
+                        .parameters
+                        .grammar
+                        .as_ref()
+                        .map_or(pb::GrammarType::None, |g| g.kind)
+                        as i32,
                     presence_penalty: r.parameters.presence_penalty,
                 }),
                 stopping_parameters: Some(pb::StoppingCriteriaParameters {
@@ -368,6 +378,7 @@ mod tests {
                 repetition_penalty: 1.0,
                 frequency_penalty: 0.0,
                 presence_penalty: 0.0,
+                grammar: None,
             },
             stopping: ValidStoppingParameters {
                 max_new_tokens,

@@ -18,6 +18,15 @@ pub struct ValidParameters {
     pub repetition_penalty: f32,
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+    /// Structured output: the grammar the generated text must match, as the shards take it.
+    pub grammar: Option<ValidGrammar>,
+}
+
+/// A grammar the router compiled (so it is known to be valid), in its wire form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidGrammar {
+    pub kind: pb::GrammarType,
+    pub text: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

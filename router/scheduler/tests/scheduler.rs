@@ -97,6 +97,7 @@ fn request(input_ids: Vec<u32>, max_new_tokens: u32) -> ValidRequest {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            grammar: None,
         },
         stopping: ValidStoppingParameters {
             max_new_tokens,

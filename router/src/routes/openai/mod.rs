@@ -22,6 +22,7 @@ use crate::types::{
     GenerateParameters, ModelCard, ModelList, OpenAiErrorResponse, StopSpec, TopLogprob, Usage,
 };
 use crate::validation::{random_seed, ValidationError};
+use serde_json::Value;
 use wick_scheduler::request::Token;
 
 mod streaming;
@@ -163,11 +164,10 @@ async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiErro
     if wants_tools {
         return Err(ApiError::ToolsNotSupported);
     }
-    if let Some(format) = &request.response_format {
-        if format.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ValidationError::Grammar.into());
-        }
-    }
+    let grammar = match &request.response_format {
+        Some(format) => response_format_grammar(format)?,
+        None => None,
+    };
     let n = check_n(request.n, 1, state.max_client_batch_size)?;
     let template = state.template.as_ref().as_ref().map_err(|e| e.clone())?;
     let messages: Vec<TemplateMessage> = request
@@ -188,6 +188,7 @@ async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiErro
         max_new_tokens: request.max_completion_tokens.or(request.max_tokens),
         seed: request.seed,
         top_n_tokens: if logprobs { request.top_logprobs } else { None },
+        grammar,
         ..openai_parameters(request.temperature, request.top_p, request.stop.as_ref())
     };
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
@@ -195,6 +196,35 @@ async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiErro
     // The template supplies BOS and friends.
     let admitted = admit_all(&state, &[prompt], n, &parameters, false, request.stream).await?;
     respond(state, job, admitted, request.stream).await
+}
+
+/// OpenAI's `response_format` as TGI's `parameters.grammar`: `text` is none; `json_object`
+/// is any JSON object; `json_schema` is its `schema` (any object when it has none; `strict`
+/// changes nothing: the schema is always enforced). TGI's own forms (`{"type": "json" |
+/// "regex", "value"}`) pass as they are.
+fn response_format_grammar(format: &Value) -> Result<Option<Value>, ApiError> {
+    let any_object = || serde_json::json!({"type": "json", "value": {"type": "object"}});
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") if format.get("value").is_none() => Ok(Some(any_object())),
+        Some("json_schema") if format.get("value").is_none() => {
+            let spec = format.get("json_schema").ok_or_else(|| {
+                ValidationError::InvalidGrammar("`json_schema` is missing".into())
+            })?;
+            match spec.get("schema") {
+                None => Ok(Some(any_object())),
+                Some(schema @ Value::Object(_)) => {
+                    Ok(Some(serde_json::json!({"type": "json", "value": schema})))
+                }
+                Some(_) => Err(ValidationError::InvalidGrammar(
+                    "`json_schema.schema` must be an object".into(),
+                )
+                .into()),
+            }
+        }
+        Some(_) if format.get("value").is_some() => Ok(Some(format.clone())),
+        _ => Err(ValidationError::Grammar.into()),
+    }
 }
 
 async fn complete(state: AppState, request: CompletionRequest) -> Result<Response, ApiError> {
