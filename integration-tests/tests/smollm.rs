@@ -71,6 +71,59 @@ async fn answers_the_capital_of_france(shards: &str) {
         let kernel = info["kernels"][format].as_str().unwrap_or_default();
         assert!(kernel.starts_with("wick "), "{format}: {info}");
     }
+    answers_in_json(&wick).await;
+}
+
+/// Structured output on the real model, as OpenAI's SDK asks for it (`chat.completions.parse`
+/// sends a `json_schema` response format): the answer is an instance of the schema, and
+/// any-object JSON mode gives a JSON object.
+async fn answers_in_json(wick: &Wick) {
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "title": "City"},
+            "country": {"type": "string", "title": "Country"},
+            "population": {"type": "integer", "title": "Population"}
+        },
+        "required": ["city", "country", "population"],
+        "title": "City",
+        "additionalProperties": false
+    });
+    let formats = [
+        json!({"type": "json_schema", "json_schema": {"name": "City", "schema": schema, "strict": true}}),
+        json!({"type": "json_object"}),
+    ];
+    for format in formats {
+        let response: serde_json::Value = reqwest::Client::new()
+            .post(wick.url("/v1/chat/completions"))
+            .json(&json!({
+                "model": "tgi",
+                "messages": [{"role": "user", "content": "Describe Paris as JSON: city, country and population."}],
+                "max_tokens": 64,
+                "temperature": 0.0,
+                "response_format": format,
+            }))
+            .send()
+            .await
+            .expect("a response")
+            .json()
+            .await
+            .expect("a JSON body");
+        let choice = &response["choices"][0];
+        assert_eq!(choice["finish_reason"], "stop", "{response}");
+        let content = choice["message"]["content"].as_str().unwrap_or_default();
+        let value: serde_json::Value =
+            serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {response}"));
+        assert!(value.is_object(), "{response}");
+        if format["type"] == "json_schema" {
+            assert!(
+                value["city"].is_string() && value["country"].is_string(),
+                "{content}"
+            );
+            assert!(value["population"].is_i64(), "{content}");
+            assert_eq!(value.as_object().map(|o| o.len()), Some(3), "{content}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
