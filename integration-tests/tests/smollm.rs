@@ -13,6 +13,19 @@ fn smollm_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// POSTs `body` to `/v1/chat/completions`; the JSON answer.
+async fn chat(wick: &Wick, body: serde_json::Value) -> serde_json::Value {
+    reqwest::Client::new()
+        .post(wick.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("a response")
+        .json()
+        .await
+        .expect("a JSON body")
+}
+
 /// Serves SmolLM2 with `shards` tensor-parallel shards and asks it for the capital of France.
 async fn answers_the_capital_of_france(shards: &str) {
     let path = smollm_path();
@@ -39,9 +52,9 @@ async fn answers_the_capital_of_france(shards: &str) {
         ],
     );
     wick.wait_healthy().await;
-    let response: serde_json::Value = reqwest::Client::new()
-        .post(wick.url("/v1/chat/completions"))
-        .json(&json!({
+    let response = chat(
+        &wick,
+        json!({
             "model": "tgi",
             "messages": [
                 {"role": "system", "content": "You are a helpful assistant."},
@@ -49,13 +62,9 @@ async fn answers_the_capital_of_france(shards: &str) {
             ],
             "max_tokens": 32,
             "temperature": 0.0,
-        }))
-        .send()
-        .await
-        .expect("a response")
-        .json()
-        .await
-        .expect("a JSON body");
+        }),
+    )
+    .await;
     let content = response["choices"][0]["message"]["content"]
         .as_str()
         .unwrap_or_else(|| panic!("no content in {response}"));
@@ -94,21 +103,13 @@ async fn answers_in_json(wick: &Wick) {
         json!({"type": "json_object"}),
     ];
     for format in formats {
-        let response: serde_json::Value = reqwest::Client::new()
-            .post(wick.url("/v1/chat/completions"))
-            .json(&json!({
+        let response = chat(wick, json!({
                 "model": "tgi",
                 "messages": [{"role": "user", "content": "Describe Paris as JSON: city, country and population."}],
                 "max_tokens": 64,
                 "temperature": 0.0,
                 "response_format": format,
-            }))
-            .send()
-            .await
-            .expect("a response")
-            .json()
-            .await
-            .expect("a JSON body");
+            })).await;
         let choice = &response["choices"][0];
         assert_eq!(choice["finish_reason"], "stop", "{response}");
         let content = choice["message"]["content"].as_str().unwrap_or_default();

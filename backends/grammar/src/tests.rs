@@ -10,12 +10,13 @@ use super::*;
 
 const EOS: u32 = 0;
 
-/// A byte-level BPE tokenizer: `<|endoftext|>` (0), the 256 bytes, and a few merged tokens so
-/// that tokens span several bytes (and several JSON lexemes).
+/// A byte-level BPE tokenizer: `<|endoftext|>` (0), the 256 byte stand-ins, and a few merged
+/// tokens so that tokens span several bytes (and several JSON lexemes).
 fn tokenizer() -> Tokenizer {
-    let chars = byte_chars();
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort_unstable();
     let mut vocab: Vec<(String, u32)> = vec![("<|endoftext|>".into(), EOS)];
-    for c in &chars {
+    for c in alphabet {
         vocab.push((c.to_string(), vocab.len() as u32));
     }
     let merges: Vec<(String, String)> = [("\"", "a"), ("1", "2"), ("\"a", "\""), ("Ġ", "t")]
@@ -43,22 +44,11 @@ fn tokenizer() -> Tokenizer {
     tokenizer
 }
 
-/// GPT-2's printable stand-ins for the 256 bytes.
-fn byte_chars() -> Vec<char> {
-    let printable = |b: u32| {
-        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
-    };
-    let mut shifted = 0;
-    (0u32..256)
-        .map(|b| {
-            if printable(b) {
-                char::from_u32(b).unwrap()
-            } else {
-                shifted += 1;
-                char::from_u32(255 + shifted).unwrap()
-            }
-        })
-        .collect()
+/// The id of a printable ASCII byte's token.
+fn id_of(tokenizer: &Tokenizer, byte: u8) -> u32 {
+    tokenizer
+        .token_to_id(&(byte as char).to_string())
+        .expect("a byte token")
 }
 
 fn compiler(vocab_size: usize) -> (Compiler, Tokenizer) {
@@ -241,8 +231,9 @@ fn bad_grammars_are_refused() {
 #[test]
 fn other_end_ids_stand_for_the_grammar_end() {
     let tokenizer = tokenizer();
-    // Byte 'x' (id 1 + 'x') plays a second end id.
-    let second = 1 + b'x' as u32;
+    // Byte 'x' plays a second end id.
+    let second = id_of(&tokenizer, b'x');
+    let a = id_of(&tokenizer, b'a');
     let compiler = Compiler::new(&tokenizer, 261, &[EOS, second]).unwrap();
     let mut c = compiler.compile(&Grammar::Regex("a+".into())).unwrap();
     let mut logits = vec![0.0; 261];
@@ -251,7 +242,7 @@ fn other_end_ids_stand_for_the_grammar_end() {
         logits[second as usize].is_infinite(),
         "not yet: the grammar needs its 'a'"
     );
-    c.accept(1 + b'a' as u32).unwrap();
+    c.accept(a).unwrap();
     let mut logits = vec![0.0; 261];
     assert!(c.mask_logits(&mut logits));
     assert!(logits[second as usize] == 0.0 && logits[EOS as usize] == 0.0);
@@ -259,9 +250,9 @@ fn other_end_ids_stand_for_the_grammar_end() {
     assert!(c.is_finished());
     // A grammar that cannot go on ends without an end token.
     let mut c = compiler.compile(&Grammar::Regex("ab".into())).unwrap();
-    c.accept(1 + b'a' as u32).unwrap();
+    c.accept(a).unwrap();
     assert!(!c.is_finished());
-    c.accept(1 + b'b' as u32).unwrap();
+    c.accept(id_of(&tokenizer, b'b')).unwrap();
     assert!(c.is_finished());
     assert!(!c.mask_logits(&mut logits));
 }
