@@ -321,6 +321,100 @@ async fn check_structured_output(client: &reqwest::Client, wick: &Wick) {
     assert!(message.contains("grammar is not valid"), "{body}");
 }
 
+/// OpenAI tool calling on the tiny model: whatever its noise, a required or named call parses
+/// and its arguments match the function's schema, whole or streamed as deltas.
+async fn check_tools(client: &reqwest::Client, wick: &Wick) {
+    let tools = json!([
+        {"type": "function", "function": {"name": "set_item", "description": "Stores an item",
+            "parameters": item_schema()}},
+        {"type": "function", "function": {"name": "ping"}}
+    ]);
+    let named = json!({"type": "function", "function": {"name": "set_item"}});
+    for choice in [json!("required"), named] {
+        let request = json!({
+            "model": "tgi",
+            "messages": [{"role": "user", "content": "Store an item"}],
+            "max_tokens": 200,
+            "temperature": 0.0,
+            "tools": tools,
+            "tool_choice": choice,
+            "parallel_tool_calls": false,
+        });
+        let out = post_json(client, wick, "/v1/chat/completions", request.clone()).await;
+        let choice_out = &out["choices"][0];
+        assert_eq!(choice_out["finish_reason"], "tool_calls", "{out}");
+        assert!(choice_out["message"]["content"].is_null(), "{out}");
+        let calls = choice_out["message"]["tool_calls"]
+            .as_array()
+            .expect("tool_calls");
+        assert_eq!(calls.len(), 1, "{out}");
+        assert_eq!(calls[0]["type"], "function");
+        assert!(
+            calls[0]["id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{out}"
+        );
+        let name = calls[0]["function"]["name"].as_str().expect("name");
+        let arguments = calls[0]["function"]["arguments"]
+            .as_str()
+            .expect("arguments");
+        match name {
+            "set_item" => check_item(arguments),
+            "ping" => assert_eq!(arguments, "{}", "{out}"),
+            other => panic!("unknown function {other}: {out}"),
+        }
+        if choice != "required" {
+            assert_eq!(name, "set_item", "{out}");
+        }
+
+        let mut stream_request = request;
+        stream_request["stream"] = json!(true);
+        let events = post_sse(client, wick, "/v1/chat/completions", stream_request).await;
+        let mut streamed_name = None;
+        let mut streamed_arguments = String::new();
+        let mut finish = None;
+        for event in events.iter().filter(|e| *e != "[DONE]") {
+            let chunk: Json = serde_json::from_str(event).expect("a JSON chunk");
+            let choice = &chunk["choices"][0];
+            for call in choice["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                assert_eq!(call["index"], 0, "{chunk}");
+                if let Some(n) = call["function"]["name"].as_str() {
+                    assert!(streamed_name.is_none(), "the name comes once: {chunk}");
+                    assert!(
+                        call["id"].is_string() && call["type"] == "function",
+                        "{chunk}"
+                    );
+                    streamed_name = Some(n.to_string());
+                }
+                streamed_arguments.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
+            }
+            if let Some(f) = choice["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+        assert_eq!(finish.as_deref(), Some("tool_calls"), "{events:?}");
+        assert_eq!(streamed_name.as_deref(), Some(name), "{events:?}");
+        let streamed: Json = serde_json::from_str(&streamed_arguments).expect("JSON arguments");
+        let whole: Json = serde_json::from_str(arguments).unwrap();
+        assert_eq!(streamed, whole, "greedy: streamed and whole calls agree");
+    }
+
+    let unknown = json!({
+        "model": "tgi",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "nope"}},
+    });
+    let response = post(client, wick, "/v1/chat/completions", unknown).await;
+    assert_eq!(response.status(), 422);
+    let body: Json = response.json().await.expect("a JSON error");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Tool with name nope not found"), "{body}");
+}
+
 /// Every route of the HTTP API, as the checks above.
 async fn check_every_route(client: &reqwest::Client, wick: &Wick) {
     let text = check_generate(client, wick).await;
@@ -328,6 +422,7 @@ async fn check_every_route(client: &reqwest::Client, wick: &Wick) {
     check_chat(client, wick).await;
     check_completions(client, wick).await;
     check_structured_output(client, wick).await;
+    check_tools(client, wick).await;
     check_validation_error(client, wick).await;
     check_health_and_metrics(client, wick).await;
 }

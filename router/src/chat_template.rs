@@ -15,12 +15,17 @@ pub enum TemplateError {
 }
 
 /// One message as the template sees it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub struct TemplateMessage {
     pub role: String,
     pub content: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An assistant turn's calls, in OpenAI's shape (`function.arguments` a JSON string).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -29,6 +34,8 @@ struct Context<'a> {
     bos_token: Option<&'a str>,
     eos_token: Option<&'a str>,
     add_generation_prompt: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a [serde_json::Value]>,
 }
 
 const TEMPLATE_NAME: &str = "chat";
@@ -38,6 +45,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The template renders a `tools` variable (Hugging Face's convention for tool use).
+    knows_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -56,6 +65,7 @@ impl ChatTemplate {
         bos_token: Option<String>,
         eos_token: Option<String>,
     ) -> Result<Self, TemplateError> {
+        let knows_tools = source.contains("tools");
         let source = source
             .replace("[::-1]", "|reverse")
             .replace("{% generation %}", "")
@@ -72,12 +82,27 @@ impl ChatTemplate {
             env,
             bos_token,
             eos_token,
+            knows_tools,
         })
+    }
+
+    /// Whether the template shows the model a `tools` list itself.
+    pub fn knows_tools(&self) -> bool {
+        self.knows_tools
     }
 
     /// Renders the prompt with `add_generation_prompt=true`. When the last message is the
     /// assistant's, the text is cut right after its content so the model continues it.
     pub fn apply(&self, messages: &[TemplateMessage]) -> Result<String, TemplateError> {
+        self.apply_with_tools(messages, None)
+    }
+
+    /// [`ChatTemplate::apply`] with the request's tools as the template's `tools`.
+    pub fn apply_with_tools(
+        &self,
+        messages: &[TemplateMessage],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, TemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -88,6 +113,7 @@ impl ChatTemplate {
                 bos_token: self.bos_token.as_deref(),
                 eos_token: self.eos_token.as_deref(),
                 add_generation_prompt: true,
+                tools,
             }))
             .map_err(|e| TemplateError::Render(render_error_text(&e)))?;
         match messages.last() {
@@ -219,7 +245,7 @@ mod tests {
         TemplateMessage {
             role: role.into(),
             content: content.into(),
-            name: None,
+            ..Default::default()
         }
     }
 

@@ -53,8 +53,8 @@ pub enum ApiError {
     N(usize, usize),
     #[error("Suffix is not supported and can be achieved by preprocessing the prompt.")]
     SuffixNotSupported,
-    #[error("Tool error: tool calling is not supported by this server")]
-    ToolsNotSupported,
+    #[error("Tool error: {0}")]
+    Tool(String),
     /// A request body axum could not accept (syntax, shape, content type, size).
     #[error("{message}")]
     Body { status: StatusCode, message: String },
@@ -71,7 +71,7 @@ impl ApiError {
             | ApiError::BatchSizeExceeded(_)
             | ApiError::N(..)
             | ApiError::SuffixNotSupported
-            | ApiError::ToolsNotSupported => StatusCode::UNPROCESSABLE_ENTITY,
+            | ApiError::Tool(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Infer(e) => match e {
                 InferError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
                 InferError::GenerationError(_) => StatusCode::FAILED_DEPENDENCY,
@@ -96,7 +96,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BatchSizeExceeded(_) => "batch size exceeded",
             ApiError::SuffixNotSupported => "suffix not supported",
-            ApiError::ToolsNotSupported => "tool_error",
+            ApiError::Tool(_) => "tool_error",
             ApiError::Body { status, .. } => match *status {
                 StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
                 StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
@@ -114,7 +114,7 @@ impl ApiError {
             | ApiError::N(..)
             | ApiError::BatchSizeExceeded(_)
             | ApiError::SuffixNotSupported
-            | ApiError::ToolsNotSupported => Some("validation"),
+            | ApiError::Tool(_) => Some("validation"),
             ApiError::Template(_) => Some("template"),
             ApiError::Infer(e) => Some(match e {
                 InferError::Overloaded => "overloaded",

@@ -18,16 +18,19 @@ use crate::chat_template::TemplateMessage;
 use crate::error::{ApiError, ApiJson, HttpError};
 use crate::types::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprob, ChatLogprobs,
-    ChatRequest, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, FinishReason,
-    GenerateParameters, ModelCard, ModelList, OpenAiErrorResponse, StopSpec, TopLogprob, Usage,
+    ChatMessage, ChatRequest, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
+    FinishReason, GenerateParameters, ModelCard, ModelList, OpenAiErrorResponse, StopSpec,
+    TopLogprob, Usage,
 };
 use crate::validation::{random_seed, ValidationError};
 use serde_json::Value;
 use wick_scheduler::request::Token;
 
 mod streaming;
+mod tools;
 
 use streaming::{stream_choices, GenState};
+use tools::{parse_calls, CallStream, ToolCalling};
 
 /// The served model.
 #[utoipa::path(
@@ -120,6 +123,8 @@ struct OpenAiReply {
     fingerprint: String,
     /// Choices per prompt.
     n: usize,
+    /// Tool calling is on: answers are read as calls or content.
+    tools: bool,
     stops: Vec<String>,
     logprobs: bool,
     include_usage: bool,
@@ -151,6 +156,7 @@ impl OpenAiReply {
             model: state.model_id().to_string(),
             fingerprint: state.system_fingerprint.to_string(),
             n,
+            tools: false,
             stops: parameters.stop.clone(),
             logprobs,
             include_usage,
@@ -159,27 +165,49 @@ impl OpenAiReply {
 }
 
 async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiError> {
-    let wants_tools = request.tools.as_ref().is_some_and(|t| !t.is_empty())
-        && request.tool_choice.as_ref().and_then(|c| c.as_str()) != Some("none");
-    if wants_tools {
-        return Err(ApiError::ToolsNotSupported);
-    }
-    let grammar = match &request.response_format {
+    let tools = ToolCalling::from_request(
+        request.tools.as_deref(),
+        request.tool_choice.as_ref(),
+        request.parallel_tool_calls,
+    )?;
+    let mut grammar = match &request.response_format {
         Some(format) => response_format_grammar(format)?,
         None => None,
     };
+    if let Some(tools) = &tools {
+        if grammar.is_some() {
+            return Err(ApiError::Tool(
+                "Grammar and tools are mutually exclusive".into(),
+            ));
+        }
+        grammar = Some(tools.grammar());
+    }
     let n = check_n(request.n, 1, state.max_client_batch_size)?;
     let template = state.template.as_ref().as_ref().map_err(|e| e.clone())?;
-    let messages: Vec<TemplateMessage> = request
+    let mut messages: Vec<TemplateMessage> = request
         .messages
         .iter()
-        .map(|m| TemplateMessage {
-            role: m.role.clone(),
-            content: m.content.as_ref().map(|c| c.to_text()).unwrap_or_default(),
-            name: m.name.clone(),
-        })
+        .map(|m| template_message(m, template.knows_tools()))
         .collect();
-    let prompt = template.apply(&messages)?;
+    let template_tools = tools.as_ref().map(ToolCalling::template_tools);
+    if let Some(tools) = tools.as_ref().filter(|_| !template.knows_tools()) {
+        // The template shows no tools itself: tell the model in the system message.
+        let prompt = tools.system_prompt();
+        match messages.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{prompt}", first.content);
+            }
+            _ => messages.insert(
+                0,
+                TemplateMessage {
+                    role: "system".into(),
+                    content: prompt,
+                    ..Default::default()
+                },
+            ),
+        }
+    }
+    let prompt = template.apply_with_tools(&messages, template_tools.as_deref())?;
     let logprobs = request.logprobs.unwrap_or(false);
     let parameters = GenerateParameters {
         frequency_penalty: request.frequency_penalty,
@@ -192,10 +220,48 @@ async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiErro
         ..openai_parameters(request.temperature, request.top_p, request.stop.as_ref())
     };
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-    let job = OpenAiReply::new(&state, Kind::Chat, n, &parameters, logprobs, include_usage);
+    let mut job = OpenAiReply::new(&state, Kind::Chat, n, &parameters, logprobs, include_usage);
+    job.tools = tools.is_some();
     // The template supplies BOS and friends.
     let admitted = admit_all(&state, &[prompt], n, &parameters, false, request.stream).await?;
     respond(state, job, admitted, request.stream).await
+}
+
+/// A request message as the template sees it. A template that knows no tools sees calls as
+/// the text the model writes for them and tool results as a user turn.
+fn template_message(m: &ChatMessage, knows_tools: bool) -> TemplateMessage {
+    let mut content = m.content.as_ref().map(|c| c.to_text()).unwrap_or_default();
+    let calls = m.tool_calls.as_deref().unwrap_or_default();
+    let mut role = m.role.clone();
+    if !knows_tools {
+        for call in calls {
+            let arguments: Value =
+                serde_json::from_str(&call.function.arguments).unwrap_or(Value::Null);
+            // The layout the grammar makes the model write.
+            let name = Value::String(call.function.name.clone());
+            content.push_str(&format!(
+                "{}\n{{\"name\": {name}, \"arguments\": {arguments}}}\n{}",
+                tools::OPEN,
+                tools::CLOSE
+            ));
+        }
+        if role == "tool" {
+            role = "user".into();
+            content = format!("<tool_response>\n{content}\n</tool_response>");
+        }
+    }
+    TemplateMessage {
+        role,
+        content,
+        name: m.name.clone(),
+        tool_calls: (knows_tools && !calls.is_empty()).then(|| {
+            calls
+                .iter()
+                .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
+                .collect()
+        }),
+        tool_call_id: m.tool_call_id.clone(),
+    }
 }
 
 /// OpenAI's `response_format` as TGI's `parameters.grammar`: `text` is none; `json_object`
@@ -334,6 +400,7 @@ async fn respond(
                 text_offset: 0,
                 streamed: String::new(),
                 done: false,
+                calls: job.tools.then(|| CallStream::new(call_id_prefix())),
             });
             streams.push(start(&state, a)?);
         }
@@ -358,35 +425,34 @@ async fn respond(
         );
     }
     let body = match job.kind {
-        Kind::Chat => Json(ChatCompletion {
-            id: job.id,
-            object: "chat.completion".into(),
-            created: job.created,
-            model: job.model,
-            system_fingerprint: job.fingerprint,
-            choices: finished
+        Kind::Chat => {
+            let choices = finished
                 .iter()
                 .enumerate()
-                .map(|(i, f)| ChatChoice {
-                    index: i as u32,
-                    message: AssistantMessage {
-                        role: "assistant".into(),
-                        content: f.generated.text_before_stop().to_string(),
-                    },
-                    logprobs: job.logprobs.then(|| ChatLogprobs {
-                        content: f
-                            .tokens
-                            .iter()
-                            .zip(&f.top_tokens)
-                            .map(|(t, top)| chat_logprob(t, top))
-                            .collect(),
-                    }),
-                    finish_reason: finish_reason(f).into(),
+                .map(|(i, f)| {
+                    let calls = assistant_calls(&job, f);
+                    // Calls cut short by the token limit keep `length`.
+                    let finish = match (&calls, finish_reason(f)) {
+                        (Some(_), "stop") => "tool_calls",
+                        (_, reason) => reason,
+                    };
+                    ChatChoice {
+                        index: i as u32,
+                        message: assistant_message(f, calls),
+                        logprobs: job.logprobs.then(|| ChatLogprobs {
+                            content: f
+                                .tokens
+                                .iter()
+                                .zip(&f.top_tokens)
+                                .map(|(t, top)| chat_logprob(t, top))
+                                .collect(),
+                        }),
+                        finish_reason: finish.into(),
+                    }
                 })
-                .collect(),
-            usage,
-        })
-        .into_response(),
+                .collect();
+            chat_completion(job, choices, usage)
+        }
         Kind::Completion => Json(Completion {
             id: job.id,
             object: "text_completion".into(),
@@ -415,6 +481,50 @@ async fn respond(
         .into_response(),
     };
     Ok((headers, body).into_response())
+}
+
+/// The calls of a finished chat answer, when tools are on and the answer is calls.
+fn assistant_calls(job: &OpenAiReply, f: &Completed) -> Option<Vec<crate::types::ToolCall>> {
+    if !job.tools {
+        return None;
+    }
+    parse_calls(&f.generated.text, &call_id_prefix())
+}
+
+fn chat_completion(job: OpenAiReply, choices: Vec<ChatChoice>, usage: Usage) -> Response {
+    Json(ChatCompletion {
+        id: job.id,
+        object: "chat.completion".into(),
+        created: job.created,
+        model: job.model,
+        system_fingerprint: job.fingerprint,
+        choices,
+        usage,
+    })
+    .into_response()
+}
+
+fn assistant_message(
+    f: &Completed,
+    calls: Option<Vec<crate::types::ToolCall>>,
+) -> AssistantMessage {
+    match calls {
+        Some(calls) => AssistantMessage {
+            role: "assistant".into(),
+            content: None,
+            tool_calls: Some(calls),
+        },
+        None => AssistantMessage {
+            role: "assistant".into(),
+            content: Some(f.generated.text_before_stop().to_string()),
+            tool_calls: None,
+        },
+    }
+}
+
+/// Ids of a response's calls: this prefix and the call's index.
+fn call_id_prefix() -> String {
+    format!("call_{:016x}_", random_seed())
 }
 
 fn finish_reason(f: &Completed) -> &'static str {
@@ -480,6 +590,40 @@ mod tests {
         assert_eq!(sampling(None), (true, None));
         assert_eq!(top_p(Some(1.0)), None);
         assert_eq!(top_p(Some(0.9)), Some(0.9));
+    }
+
+    #[test]
+    fn tool_turns_render_for_templates_without_tools() {
+        let call: ChatMessage = serde_json::from_value(serde_json::json!({
+            "role": "assistant", "content": null,
+            "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": "{\"x\": 1}"}}]
+        }))
+        .unwrap();
+        let plain = template_message(&call, false);
+        assert_eq!(
+            plain.content,
+            "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\":1}}\n</tool_call>"
+        );
+        assert!(plain.tool_calls.is_none());
+        let native = template_message(&call, true);
+        assert_eq!(native.content, "");
+        assert_eq!(native.tool_calls.unwrap()[0]["function"]["name"], "f");
+
+        let result: ChatMessage = serde_json::from_value(serde_json::json!({
+            "role": "tool", "tool_call_id": "c1", "content": "42"
+        }))
+        .unwrap();
+        let plain = template_message(&result, false);
+        assert_eq!(
+            (plain.role.as_str(), plain.content.as_str()),
+            ("user", "<tool_response>\n42\n</tool_response>")
+        );
+        let native = template_message(&result, true);
+        assert_eq!(
+            (native.role.as_str(), native.tool_call_id.as_deref()),
+            ("tool", Some("c1"))
+        );
     }
 
     #[test]

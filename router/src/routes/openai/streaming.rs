@@ -3,6 +3,7 @@
 
 use futures::stream::{self, StreamExt};
 
+use super::tools::CallStream;
 use super::{chat_logprob, push_completion_logprob, Kind, OpenAiReply};
 use crate::error::ApiError;
 use crate::routes::generation::Timings;
@@ -10,7 +11,7 @@ use crate::routes::sse::EventSender;
 use crate::routes::stop::StopFilter;
 use crate::types::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprob, ChatLogprobs, Completion,
-    CompletionChoice, CompletionLogprobs, FinishReason, Usage,
+    CompletionChoice, CompletionLogprobs, FinishReason, ToolCallDelta, Usage,
 };
 use wick_scheduler::infer::EventStream;
 use wick_scheduler::request::{InferError, InferStreamResponse};
@@ -25,6 +26,8 @@ pub(super) struct GenState {
     /// Text of the tokens so far, before stop filtering.
     pub(super) streamed: String,
     pub(super) done: bool,
+    /// With tools: reads the text as content or calls.
+    pub(super) calls: Option<CallStream>,
 }
 
 /// Interleaves the choices' events as they come; ends with the usage chunk (when asked for)
@@ -84,7 +87,7 @@ pub(super) async fn stream_choices(
         }
         gen.streamed.push_str(&piece);
         let mut text = gen.filter.push(&piece);
-        let finish = end.map(|(generated, queued, start)| {
+        let mut finish = end.map(|(generated, queued, start)| {
             text.push_str(&gen.filter.finish());
             gen.done = true;
             let n = generated.generated_tokens;
@@ -94,12 +97,29 @@ pub(super) async fn stream_choices(
                 .openai()
                 .to_string()
         });
+        let mut tool_calls = None;
+        if let Some(calls) = gen.calls.as_mut() {
+            let delta = calls.push(&text);
+            text = delta.content;
+            if finish.is_some() {
+                text.push_str(&calls.finish());
+                if calls.made_calls() && finish.as_deref() == Some("stop") {
+                    finish = Some("tool_calls".into());
+                }
+            }
+            tool_calls = (!delta.tool_calls.is_empty()).then_some(delta.tool_calls);
+            // Text held back while it may still become a call makes no chunk of its own.
+            if text.is_empty() && tool_calls.is_none() && finish.is_none() && !job.logprobs {
+                continue;
+            }
+        }
         let sent = match job.kind {
             Kind::Chat => {
                 tx.json(&chat_chunk(
                     &job,
                     i,
                     text,
+                    tool_calls,
                     job.logprobs.then(|| chat_logprob(&token, &top)),
                     finish,
                 ))
@@ -130,7 +150,7 @@ pub(super) async fn stream_choices(
                 tx.json(&ChatCompletionChunk {
                     choices: vec![],
                     usage: Some(usage),
-                    ..chat_chunk(&job, 0, String::new(), None, None)
+                    ..chat_chunk(&job, 0, String::new(), None, None, None)
                 })
                 .await
             }
@@ -161,9 +181,12 @@ pub(super) fn chat_chunk(
     job: &OpenAiReply,
     index: usize,
     content: String,
+    tool_calls: Option<Vec<ToolCallDelta>>,
     logprob: Option<ChatLogprob>,
     finish_reason: Option<String>,
 ) -> ChatCompletionChunk {
+    // A chunk of calls has no content (OpenAI sends none rather than an empty string).
+    let content = (tool_calls.is_none() || !content.is_empty()).then_some(content);
     ChatCompletionChunk {
         id: job.id.clone(),
         object: "chat.completion.chunk".into(),
@@ -174,7 +197,8 @@ pub(super) fn chat_chunk(
             index: index as u32,
             delta: ChatDelta {
                 role: Some("assistant".into()),
-                content: Some(content),
+                content,
+                tool_calls,
             },
             logprobs: logprob.map(|l| ChatLogprobs { content: vec![l] }),
             finish_reason,
