@@ -281,6 +281,7 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
                         max_new_tokens: args.decode_length,
                         stop_sequences: vec![],
                         ignore_eos_token: true,
+                        min_new_tokens: 0,
                     }),
                     top_n_tokens: args.top_n_tokens.unwrap_or(0),
                     ..Default::default()

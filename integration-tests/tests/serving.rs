@@ -415,6 +415,62 @@ async fn check_tools(client: &reqwest::Client, wick: &Wick) {
     assert!(message.contains("Tool with name nope not found"), "{body}");
 }
 
+/// The OpenAI request fields beyond sampling: `logit_bias`, `min_tokens`, `echo`, `user`.
+async fn check_openai_fields(client: &reqwest::Client, wick: &Wick) {
+    // A +100 bias on one token makes greedy decoding choose only it.
+    let tokenized = post_json(client, wick, "/tokenize", json!({"inputs": "robot"})).await;
+    let id = tokenized[0]["id"].as_u64().expect("a token id");
+    let body = json!({
+        "model": "tgi", "prompt": PROMPT, "max_tokens": 5, "temperature": 0.0,
+        "logit_bias": {id.to_string(): 100}, "user": "someone",
+    });
+    let out = post_json(client, wick, "/v1/completions", body).await;
+    let text = out["choices"][0]["text"].as_str().expect("text");
+    let token = tokenized[0]["text"].as_str().unwrap();
+    assert_eq!(text, token.repeat(5), "{out}");
+
+    // With its end id banned for 12 tokens and a stop sequence it would hit, the answer still
+    // has 12 tokens.
+    let body = json!({
+        "model": "tgi", "prompt": PROMPT, "max_tokens": 12, "min_tokens": 12,
+        "temperature": 0.0, "logit_bias": {id.to_string(): 100}, "stop": [token],
+    });
+    let out = post_json(client, wick, "/v1/completions", body).await;
+    assert_eq!(out["usage"]["completion_tokens"], 12, "{out}");
+
+    // Echo: the prompt comes first, with its own logprobs (the first one null).
+    let body = json!({
+        "model": "tgi", "prompt": PROMPT, "max_tokens": 3, "temperature": 0.0, "echo": true,
+        "logprobs": 1,
+    });
+    let out = post_json(client, wick, "/v1/completions", body).await;
+    let choice = &out["choices"][0];
+    assert!(
+        choice["text"].as_str().unwrap().starts_with(PROMPT),
+        "{out}"
+    );
+    let logprobs = &choice["logprobs"];
+    let prompt_tokens = out["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let completion_tokens = out["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    let tokens: Vec<&str> = logprobs["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), prompt_tokens + completion_tokens, "{out}");
+    assert_eq!(tokens[..prompt_tokens].concat(), PROMPT, "{out}");
+    assert!(logprobs["token_logprobs"][0].is_null(), "{out}");
+    assert!(logprobs["token_logprobs"][1].is_number(), "{out}");
+
+    let bad = json!({"model": "tgi", "prompt": PROMPT, "logit_bias": {"nope": 1}});
+    let response = post(client, wick, "/v1/completions", bad).await;
+    assert!(response.status().is_client_error());
+    let body: Json = response.json().await.expect("a JSON error");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("logit_bias"), "{body}");
+}
+
 /// Every route of the HTTP API, as the checks above.
 async fn check_every_route(client: &reqwest::Client, wick: &Wick) {
     let text = check_generate(client, wick).await;
@@ -423,6 +479,7 @@ async fn check_every_route(client: &reqwest::Client, wick: &Wick) {
     check_completions(client, wick).await;
     check_structured_output(client, wick).await;
     check_tools(client, wick).await;
+    check_openai_fields(client, wick).await;
     check_validation_error(client, wick).await;
     check_health_and_metrics(client, wick).await;
 }

@@ -56,13 +56,23 @@ pub struct GenerateParameters {
     pub seed: Option<u64>,
     #[serde(default)]
     pub top_n_tokens: Option<u32>,
-    /// Constrained generation is not supported: any value is rejected.
+    /// Structured output: `{"type": "json" | "json_object", "value": <JSON schema>}`,
+    /// `{"type": "json_schema", "value": {"schema"}}`, `{"type": "regex", "value": "..."}`, or
+    /// wick's `{"type": "lark", "value": "<Lark grammar>"}`; enforced token by token.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub grammar: Option<serde_json::Value>,
     /// LoRA adapters are not supported: any value is rejected.
     #[serde(default)]
     pub adapter_id: Option<String>,
+    /// wick: no end token and no stop sequence before this many new tokens (vLLM's
+    /// `min_tokens`).
+    #[serde(default)]
+    pub min_new_tokens: Option<u32>,
+    /// wick: OpenAI's `logit_bias`: token id (a string) → a bias in [-100, 100] added to that
+    /// token's logit.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
 }
 
 /// The parameters TGI applies when a request carries no `parameters` object at all
@@ -357,10 +367,15 @@ pub struct ChatRequest {
     /// Keep generating past EOS (vLLM's extension; used by benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
-    /// Accepted and ignored.
+    /// Token id (a string) → a bias in [-100, 100] added to that token's logit.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub logit_bias: Option<serde_json::Value>,
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// No end token and no stop sequence before this many tokens (vLLM's extension).
+    #[serde(default)]
+    pub min_tokens: Option<u32>,
+    /// The end user's id: logged at debug level (it changes nothing in the answer, as at OpenAI).
+    #[serde(default)]
+    pub user: Option<String>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
@@ -578,14 +593,27 @@ pub struct CompletionRequest {
     /// Number of most likely tokens to report per position (0 = only the chosen token).
     #[serde(default)]
     pub logprobs: Option<u32>,
+    /// The answer starts with the prompt (and, with `logprobs`, the prompt's tokens).
+    #[serde(default)]
+    pub echo: bool,
+    /// Token id (a string) → a bias in [-100, 100] added to that token's logit.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// No end token and no stop sequence before this many tokens (vLLM's extension).
+    #[serde(default)]
+    pub min_tokens: Option<u32>,
+    /// The end user's id: logged at debug level (it changes nothing in the answer, as at OpenAI).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// OpenAI's legacy logprobs object.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Null for an echoed prompt's first token (nothing predicts it).
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<std::collections::BTreeMap<String, f32>>>,
     pub text_offset: Vec<usize>,
 }
 

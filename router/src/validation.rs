@@ -82,6 +82,10 @@ pub enum ValidationError {
     Grammar,
     #[error("grammar is not valid: {0}")]
     InvalidGrammar(String),
+    #[error("`logit_bias`: {0}")]
+    LogitBias(String),
+    #[error("`min_new_tokens` must be <= `max_new_tokens`. Given: {0} and {1}")]
+    MinNewTokens(u32, u32),
     #[error("adapters are not supported")]
     Adapter,
     /// The tokenizer pool is gone (shutdown).
@@ -223,6 +227,19 @@ impl Validation {
         }
         let max_new_tokens =
             check_lengths(&self.config, input_ids.len(), parameters.max_new_tokens)?;
+        let min_new_tokens = parameters.min_new_tokens.unwrap_or(0);
+        if min_new_tokens > max_new_tokens {
+            return Err(ValidationError::MinNewTokens(
+                min_new_tokens,
+                max_new_tokens,
+            ));
+        }
+        let logit_bias = match &parameters.logit_bias {
+            Some(bias) => {
+                check_logit_bias(bias, self.grammars.tokenizer.get_vocab_size(true) as u32)?
+            }
+            None => Vec::new(),
+        };
         let grammar = match &parameters.grammar {
             Some(value) => Some(self.compile_grammar(value).await?),
             None => None,
@@ -239,12 +256,14 @@ impl Validation {
                 input_ids,
                 parameters: ValidParameters {
                     grammar,
+                    logit_bias,
                     ..checked.parameters
                 },
                 stopping: ValidStoppingParameters {
                     max_new_tokens,
                     stop_sequences: parameters.stop.clone(),
                     ignore_eos_token: parameters.ignore_eos,
+                    min_new_tokens,
                 },
                 top_n_tokens: checked.top_n_tokens,
                 decoder_input_details: parameters.decoder_input_details,
@@ -280,6 +299,32 @@ impl Validation {
         };
         Ok(ValidGrammar { kind, text })
     }
+}
+
+/// OpenAI's rules: keys are token ids of the vocabulary, biases within [-100, 100].
+fn check_logit_bias(
+    bias: &std::collections::BTreeMap<String, f32>,
+    vocab: u32,
+) -> Result<Vec<(u32, f32)>, ValidationError> {
+    bias.iter()
+        .map(|(key, &b)| {
+            let id: u32 = key
+                .trim()
+                .parse()
+                .map_err(|_| ValidationError::LogitBias(format!("{key:?} is not a token id")))?;
+            if id >= vocab {
+                return Err(ValidationError::LogitBias(format!(
+                    "token id {id} is not in the vocabulary ({vocab} tokens)"
+                )));
+            }
+            if !(-100.0..=100.0).contains(&b) {
+                return Err(ValidationError::LogitBias(format!(
+                    "the bias of token {id} must be >= -100 and <= 100. Given: {b}"
+                )));
+            }
+            Ok((id, b))
+        })
+        .collect()
 }
 
 fn grammar_error(e: GrammarError) -> ValidationError {
@@ -401,6 +446,7 @@ fn check_parameters(
             frequency_penalty,
             presence_penalty,
             grammar: None,
+            logit_bias: Vec::new(),
         },
         top_n_tokens,
         best_of,
@@ -712,6 +758,30 @@ mod tests {
         let mut t = Tokenizer::new(model);
         t.with_pre_tokenizer(Some(Whitespace {}));
         t
+    }
+
+    #[test]
+    fn logit_bias_keys_and_values_are_checked() {
+        let bias = |pairs: &[(&str, f32)]| {
+            let map = pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            check_logit_bias(&map, 10)
+        };
+        assert_eq!(
+            bias(&[("3", -100.0), ("9", 2.5)]),
+            Ok(vec![(3, -100.0), (9, 2.5)])
+        );
+        assert_eq!(
+            bias(&[("x", 1.0)]).unwrap_err().to_string(),
+            "`logit_bias`: \"x\" is not a token id"
+        );
+        assert_eq!(
+            bias(&[("10", 1.0)]).unwrap_err().to_string(),
+            "`logit_bias`: token id 10 is not in the vocabulary (10 tokens)"
+        );
+        assert_eq!(
+            bias(&[("1", 101.0)]).unwrap_err().to_string(),
+            "`logit_bias`: the bias of token 1 must be >= -100 and <= 100. Given: 101"
+        );
     }
 
     #[tokio::test]

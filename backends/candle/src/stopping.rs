@@ -8,6 +8,8 @@ pub struct StoppingParams {
     pub max_new_tokens: u32,
     pub stop_sequences: Vec<String>,
     pub ignore_eos: bool,
+    /// Before this many tokens, no end id may be chosen and no stop sequence ends the output.
+    pub min_new_tokens: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,10 +65,15 @@ impl StopCriteria {
     /// Order: EOS id (unless `ignore_eos`), stop sequence, then `max_new_tokens`.
     pub fn check(&mut self, token: u32, new_text: &str) -> Option<FinishReason> {
         self.generated = self.generated.saturating_add(1);
-        if !self.params.ignore_eos && self.eos_token_ids.contains(&token) {
+        let early = self.generated <= self.params.min_new_tokens;
+        if !self.params.ignore_eos && !early && self.eos_token_ids.contains(&token) {
             return Some(FinishReason::EosToken);
         }
-        if self.longest_stop > 0 && !new_text.is_empty() {
+        if early && self.longest_stop > 0 {
+            // A stop sequence may still end in a later token, once past the minimum.
+            self.tail.push_str(new_text);
+            self.trim_tail();
+        } else if self.longest_stop > 0 && !new_text.is_empty() {
             self.tail.push_str(new_text);
             // The earliest match in the tail (several stop sequences may end in this token).
             let earliest = self
@@ -103,6 +110,15 @@ impl StopCriteria {
         // The whole output decoded at once may differ from the token-by-token text it was
         // matched on (special tokens dropped, decoder clean-up): the last occurrence then.
         text.rfind(stop.as_str())
+    }
+
+    /// The end ids the next token may not be (none once `min_new_tokens` are made).
+    pub fn banned_ids(&self) -> &[u32] {
+        if self.generated < self.params.min_new_tokens {
+            &self.eos_token_ids
+        } else {
+            &[]
+        }
     }
 
     /// Tokens checked so far (each call of [`StopCriteria::check`] is one generated token).
@@ -192,8 +208,43 @@ mod tests {
             max_new_tokens,
             stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
             ignore_eos,
+            min_new_tokens: 0,
         };
         StopCriteria::new(params, eos)
+    }
+
+    #[test]
+    fn nothing_ends_the_output_before_min_new_tokens() {
+        let mut c = StopCriteria::new(
+            StoppingParams {
+                max_new_tokens: 10,
+                stop_sequences: vec!["END".into()],
+                ignore_eos: false,
+                min_new_tokens: 3,
+            },
+            &[7, 8],
+        );
+        assert_eq!(c.banned_ids(), &[7, 8]);
+        assert_eq!(c.check(7, ""), None, "an end id before the minimum");
+        assert_eq!(c.check(1, "EN"), None);
+        assert_eq!(c.banned_ids(), &[7, 8]);
+        assert_eq!(
+            c.check(1, "D"),
+            None,
+            "a stop sequence completed before the minimum"
+        );
+        assert_eq!(c.banned_ids(), &[] as &[u32]);
+        assert_eq!(c.check(1, " END"), Some(FinishReason::StopSequence));
+        let mut c = StopCriteria::new(
+            StoppingParams {
+                max_new_tokens: 10,
+                min_new_tokens: 1,
+                ..Default::default()
+            },
+            &[7],
+        );
+        assert_eq!(c.check(2, ""), None);
+        assert_eq!(c.check(7, ""), Some(FinishReason::EosToken));
     }
 
     #[test]

@@ -73,6 +73,7 @@ pub fn request(
             max_new_tokens,
             stop_sequences: Vec::new(),
             ignore_eos: true,
+            min_new_tokens: 0,
         },
         prefill_logprobs: false,
         top_n_tokens: 0,

@@ -149,6 +149,7 @@ impl Infer {
                 max_new_tokens: 1,
                 stop_sequences: Vec::new(),
                 ignore_eos_token: false,
+                min_new_tokens: 0,
             }),
             blocks: vec![0],
             ..Default::default()

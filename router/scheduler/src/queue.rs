@@ -214,11 +214,13 @@ impl State {
                         .map_or(pb::GrammarType::None, |g| g.kind)
                         as i32,
                     presence_penalty: r.parameters.presence_penalty,
+                    logit_bias: r.parameters.logit_bias.iter().copied().collect(),
                 }),
                 stopping_parameters: Some(pb::StoppingCriteriaParameters {
                     max_new_tokens: r.stopping.max_new_tokens,
                     stop_sequences: r.stopping.stop_sequences.clone(),
                     ignore_eos_token: r.stopping.ignore_eos_token,
+                    min_new_tokens: r.stopping.min_new_tokens,
                 }),
                 prefill_logprobs: r.decoder_input_details,
                 top_n_tokens: r.top_n_tokens,
@@ -379,11 +381,13 @@ mod tests {
                 frequency_penalty: 0.0,
                 presence_penalty: 0.0,
                 grammar: None,
+                logit_bias: Vec::new(),
             },
             stopping: ValidStoppingParameters {
                 max_new_tokens,
                 stop_sequences: Vec::new(),
                 ignore_eos_token: false,
+                min_new_tokens: 0,
             },
             top_n_tokens: 0,
             decoder_input_details: false,

@@ -20,6 +20,8 @@ pub struct ValidParameters {
     pub presence_penalty: f32,
     /// Structured output: the grammar the generated text must match, as the shards take it.
     pub grammar: Option<ValidGrammar>,
+    /// Added to these tokens' logits (OpenAI's `logit_bias`), ids checked against the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// A grammar the router compiled (so it is known to be valid), in its wire form.
@@ -34,6 +36,8 @@ pub struct ValidStoppingParameters {
     pub max_new_tokens: u32,
     pub stop_sequences: Vec<String>,
     pub ignore_eos_token: bool,
+    /// No end token and no stop sequence before this many new tokens.
+    pub min_new_tokens: u32,
 }
 
 /// A request that passed validation: tokenized, truncated, limits checked.

@@ -205,6 +205,7 @@ fn warmup_request(
                 max_new_tokens,
                 stop_sequences: Vec::new(),
                 ignore_eos_token: true,
+                min_new_tokens: 0,
             }),
             prefill_logprobs: true,
             top_n_tokens: 20,

@@ -98,11 +98,13 @@ fn request(input_ids: Vec<u32>, max_new_tokens: u32) -> ValidRequest {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             grammar: None,
+            logit_bias: Vec::new(),
         },
         stopping: ValidStoppingParameters {
             max_new_tokens,
             stop_sequences: Vec::new(),
             ignore_eos_token: true,
+            min_new_tokens: 0,
         },
         top_n_tokens: 0,
         decoder_input_details: false,

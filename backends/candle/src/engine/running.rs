@@ -235,11 +235,17 @@ impl TokenText<'_> {
             return Ok(None);
         }
         let last = &rows[(plan.rows - 1) * vocab..];
-        let sampled = match r.constraint.as_mut() {
-            Some(constraint) => {
-                // Logprobs are those of the distribution the grammar leaves.
-                r.masked.clear();
-                r.masked.extend_from_slice(last);
+        let banned = r.stop.banned_ids();
+        let sampled = if r.constraint.is_some() || !banned.is_empty() {
+            // Logprobs are those of the distribution the grammar and `min_new_tokens` leave.
+            r.masked.clear();
+            r.masked.extend_from_slice(last);
+            for &id in banned {
+                if let Some(l) = r.masked.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            if let Some(constraint) = r.constraint.as_mut() {
                 if !constraint.mask_logits(&mut r.masked) {
                     // A live grammar always allows a token; should it not, the request ends.
                     r.masked.fill(f32::NEG_INFINITY);
@@ -247,9 +253,10 @@ impl TokenText<'_> {
                         *l = 0.0;
                     }
                 }
-                r.sampler.next(&r.masked, r.top_n)
             }
-            None => r.sampler.next(last, r.top_n),
+            r.sampler.next(&r.masked, r.top_n)
+        } else {
+            r.sampler.next(last, r.top_n)
         };
         r.all_ids.push(sampled.id);
         let text = r

@@ -2,7 +2,7 @@
 //! logprobs of the chosen token and of the top-n alternatives.
 //!
 //! The order of the logits processors follows Hugging Face `generate` (and so TGI and vLLM):
-//! repetition penalty, frequency and presence penalties, then either greedy argmax or
+//! logit bias, repetition penalty, frequency and presence penalties, then either greedy argmax or
 //! temperature → top-k → top-p → typical-p → a draw from the renormalised distribution.
 //!
 //! A request's random stream depends only on its seed: each [`Sampler`] owns a xoshiro256**
@@ -34,6 +34,8 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+    /// Added to these tokens' logits first (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -48,6 +50,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -217,15 +220,22 @@ impl Sampler {
     }
 
     fn penalties_active(&self) -> bool {
-        repetition_active(self.params.repetition_penalty)
+        !self.params.logit_bias.is_empty()
+            || repetition_active(self.params.repetition_penalty)
             || self.params.frequency_penalty != 0.0
             || self.params.presence_penalty != 0.0
     }
 
-    /// Repetition (HF: divide positive logits, multiply negative ones), then frequency and
-    /// presence (OpenAI: subtract `freq * count + presence` for generated tokens). Only tokens
-    /// already seen are touched.
+    /// The logit bias (OpenAI: added as given), then repetition (HF: divide positive logits,
+    /// multiply negative ones), then frequency and presence (OpenAI: subtract `freq * count +
+    /// presence` for generated tokens). Only the biased tokens and those already seen are
+    /// touched.
     fn apply_penalties(&self, logits: &mut [f32]) {
+        for &(t, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
         let rep = self.params.repetition_penalty;
         if repetition_active(rep) {
             for &t in &self.seen {

@@ -500,3 +500,24 @@ fn vocabulary_passes_give_the_same_bits_at_every_level() {
         }
     }
 }
+
+#[test]
+fn logit_bias_is_added_before_choosing() {
+    let logits = random_logits(50, 3);
+    let argmax = first_index_of(&logits, max_of(&logits));
+    let target = (argmax + 7) % 50;
+    let mut forced = Sampler::new(
+        SamplingParams {
+            logit_bias: vec![(target, 100.0), (argmax, -100.0), (1000, 5.0)],
+            ..greedy()
+        },
+        &[],
+    );
+    let s = forced.next(&logits, 0);
+    assert_eq!(s.id, target);
+    // Logprobs are those of the biased distribution.
+    let mut biased = logits.clone();
+    biased[target as usize] += 100.0;
+    biased[argmax as usize] -= 100.0;
+    assert!((s.logprob - log_softmax(&biased)[target as usize]).abs() < 1e-4);
+}

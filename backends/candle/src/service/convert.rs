@@ -37,6 +37,12 @@ pub(super) fn sampling_params(p: Option<pb::NextTokenChooserParameters>) -> Samp
         repetition_penalty: or_one(p.repetition_penalty),
         frequency_penalty: p.frequency_penalty,
         presence_penalty: p.presence_penalty,
+        // Sorted: the bias is applied in a fixed order whatever the map's.
+        logit_bias: {
+            let mut bias: Vec<(u32, f32)> = p.logit_bias.into_iter().collect();
+            bias.sort_unstable_by_key(|&(id, _)| id);
+            bias
+        },
     }
 }
 
@@ -55,6 +61,7 @@ pub(super) fn new_request(r: pb::Request) -> Result<NewRequest, EngineError> {
             max_new_tokens: stopping.max_new_tokens,
             stop_sequences: stopping.stop_sequences,
             ignore_eos: stopping.ignore_eos_token,
+            min_new_tokens: stopping.min_new_tokens,
         },
         prefill_logprobs: r.prefill_logprobs,
         top_n_tokens: r.top_n_tokens,

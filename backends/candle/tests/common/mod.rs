@@ -65,6 +65,7 @@ pub fn request(id: u64, input_ids: Vec<u32>, max_new_tokens: u32) -> pb::Request
             max_new_tokens,
             stop_sequences: Vec::new(),
             ignore_eos_token: true,
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -125,6 +125,8 @@ struct OpenAiReply {
     n: usize,
     /// Tool calling is on: answers are read as calls or content.
     tools: bool,
+    /// `/v1/completions` with `echo`: the prompts, each answer starts with its own.
+    echo: Vec<String>,
     stops: Vec<String>,
     logprobs: bool,
     include_usage: bool,
@@ -157,6 +159,7 @@ impl OpenAiReply {
             fingerprint: state.system_fingerprint.to_string(),
             n,
             tools: false,
+            echo: Vec::new(),
             stops: parameters.stop.clone(),
             logprobs,
             include_usage,
@@ -165,6 +168,9 @@ impl OpenAiReply {
 }
 
 async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiError> {
+    if let Some(user) = &request.user {
+        tracing::debug!(user, "chat completion");
+    }
     let tools = ToolCalling::from_request(
         request.tools.as_deref(),
         request.tool_choice.as_ref(),
@@ -217,6 +223,8 @@ async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiErro
         seed: request.seed,
         top_n_tokens: if logprobs { request.top_logprobs } else { None },
         grammar,
+        min_new_tokens: request.min_tokens,
+        logit_bias: request.logit_bias.clone(),
         ..openai_parameters(request.temperature, request.top_p, request.stop.as_ref())
     };
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
@@ -294,6 +302,9 @@ fn response_format_grammar(format: &Value) -> Result<Option<Value>, ApiError> {
 }
 
 async fn complete(state: AppState, request: CompletionRequest) -> Result<Response, ApiError> {
+    if let Some(user) = &request.user {
+        tracing::debug!(user, "completion");
+    }
     if request.suffix.is_some() {
         return Err(ApiError::SuffixNotSupported);
     }
@@ -305,6 +316,13 @@ async fn complete(state: AppState, request: CompletionRequest) -> Result<Respons
         return Err(ValidationError::EmptyInput.into());
     }
     let n = check_n(request.n, prompts.len(), state.max_client_batch_size)?;
+    let logprobs = request.logprobs.is_some();
+    if request.echo && logprobs && request.stream {
+        return Err(ApiError::Body {
+            status: axum::http::StatusCode::BAD_REQUEST,
+            message: "`echo` with `logprobs` is not supported when streaming".into(),
+        });
+    }
     let parameters = GenerateParameters {
         repetition_penalty: request.repetition_penalty,
         frequency_penalty: request.frequency_penalty,
@@ -313,11 +331,14 @@ async fn complete(state: AppState, request: CompletionRequest) -> Result<Respons
         max_new_tokens: request.max_tokens,
         seed: request.seed,
         top_n_tokens: request.logprobs,
+        // The echoed prompt's own logprobs.
+        decoder_input_details: request.echo && logprobs,
+        min_new_tokens: request.min_tokens,
+        logit_bias: request.logit_bias.clone(),
         ..openai_parameters(request.temperature, request.top_p, request.stop.as_ref())
     };
     let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-    let logprobs = request.logprobs.is_some();
-    let job = OpenAiReply::new(
+    let mut job = OpenAiReply::new(
         &state,
         Kind::Completion,
         n,
@@ -325,6 +346,9 @@ async fn complete(state: AppState, request: CompletionRequest) -> Result<Respons
         logprobs,
         include_usage,
     );
+    if request.echo {
+        job.echo = prompts.clone();
+    }
     let admitted = admit_all(&state, &prompts, n, &parameters, true, request.stream).await?;
     respond(state, job, admitted, request.stream).await
 }
@@ -401,6 +425,7 @@ async fn respond(
                 streamed: String::new(),
                 done: false,
                 calls: job.tools.then(|| CallStream::new(call_id_prefix())),
+                echo: Some(echoed(&job, gens.len()).to_string()).filter(|e| !e.is_empty()),
             });
             streams.push(start(&state, a)?);
         }
@@ -453,21 +478,19 @@ async fn respond(
                 .collect();
             chat_completion(job, choices, usage)
         }
-        Kind::Completion => Json(Completion {
-            id: job.id,
-            object: "text_completion".into(),
-            created: job.created,
-            model: job.model,
-            system_fingerprint: job.fingerprint,
-            choices: finished
+        Kind::Completion => {
+            let choices: Vec<CompletionChoice> = finished
                 .iter()
                 .enumerate()
                 .map(|(i, f)| CompletionChoice {
                     index: i as u32,
-                    text: f.generated.text_before_stop().to_string(),
+                    text: format!("{}{}", echoed(&job, i), f.generated.text_before_stop()),
                     logprobs: job.logprobs.then(|| {
                         let mut lp = CompletionLogprobs::default();
                         let mut offset = 0;
+                        if !job.echo.is_empty() {
+                            push_prompt_logprobs(&mut lp, &f.prefill, &mut offset);
+                        }
                         for (t, top) in f.tokens.iter().zip(&f.top_tokens) {
                             push_completion_logprob(&mut lp, t, top, &mut offset);
                         }
@@ -475,10 +498,18 @@ async fn respond(
                     }),
                     finish_reason: Some(finish_reason(f).into()),
                 })
-                .collect(),
-            usage: Some(usage),
-        })
-        .into_response(),
+                .collect();
+            Json(Completion {
+                id: job.id,
+                object: "text_completion".into(),
+                created: job.created,
+                model: job.model,
+                system_fingerprint: job.fingerprint,
+                choices,
+                usage: Some(usage),
+            })
+            .into_response()
+        }
     };
     Ok((headers, body).into_response())
 }
@@ -560,6 +591,27 @@ fn chat_logprob(token: &Token, top: &[Token]) -> ChatLogprob {
     }
 }
 
+/// The prompt choice `i` echoes (empty without `echo`).
+fn echoed(job: &OpenAiReply, i: usize) -> &str {
+    job.echo
+        .get(i / job.n.max(1))
+        .map(String::as_str)
+        .unwrap_or_default()
+}
+
+/// An echoed prompt's tokens: their own logprobs (the first one has none), no alternatives.
+fn push_prompt_logprobs(lp: &mut CompletionLogprobs, prompt: &[Token], offset: &mut usize) {
+    for (i, t) in prompt.iter().enumerate() {
+        let known = i > 0 && t.logprob.is_finite();
+        lp.tokens.push(t.text.clone());
+        lp.token_logprobs.push(known.then_some(t.logprob));
+        lp.top_logprobs
+            .push(known.then(|| [(t.text.clone(), t.logprob)].into_iter().collect()));
+        lp.text_offset.push(*offset);
+        *offset += t.text.len();
+    }
+}
+
 fn push_completion_logprob(
     lp: &mut CompletionLogprobs,
     token: &Token,
@@ -567,9 +619,10 @@ fn push_completion_logprob(
     offset: &mut usize,
 ) {
     lp.tokens.push(token.text.clone());
-    lp.token_logprobs.push(token.logprob);
-    lp.top_logprobs
-        .push(top.iter().map(|t| (t.text.clone(), t.logprob)).collect());
+    lp.token_logprobs.push(Some(token.logprob));
+    lp.top_logprobs.push(Some(
+        top.iter().map(|t| (t.text.clone(), t.logprob)).collect(),
+    ));
     lp.text_offset.push(*offset);
     *offset += token.text.len();
 }

@@ -28,6 +28,8 @@ pub(super) struct GenState {
     pub(super) done: bool,
     /// With tools: reads the text as content or calls.
     pub(super) calls: Option<CallStream>,
+    /// `echo`: the prompt, sent ahead of the first piece.
+    pub(super) echo: Option<String>,
 }
 
 /// Interleaves the choices' events as they come; ends with the usage chunk (when asked for)
@@ -87,6 +89,9 @@ pub(super) async fn stream_choices(
         }
         gen.streamed.push_str(&piece);
         let mut text = gen.filter.push(&piece);
+        if let Some(prompt) = gen.echo.take() {
+            text.insert_str(0, &prompt);
+        }
         let mut finish = end.map(|(generated, queued, start)| {
             text.push_str(&gen.filter.finish());
             gen.done = true;
