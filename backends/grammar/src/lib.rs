@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 use tokenizers::Tokenizer;
@@ -166,6 +166,8 @@ impl Compiler {
         let mut factory =
             ParserFactory::new_simple(&env).map_err(|e| GrammarError::Tokenizer(e.to_string()))?;
         factory.quiet();
+        // Errors name the problem, not the whole grammar and parser state.
+        factory.limits_mut().verbose_errors = false;
         Ok(Self {
             factory: Arc::new(factory),
             eos: eos
@@ -203,14 +205,25 @@ pub struct Constraint {
     grammar_eos: u32,
 }
 
+/// The tokens a grammar allows next, computed ahead of the logits it applies to.
+pub struct Mask(SimpleVob);
+
 impl Constraint {
     /// Sets every logit the grammar does not allow next to -inf; the model's end ids count
     /// as allowed wherever the grammar may end. False when the grammar allows nothing (it
     /// ended or failed): the request has to stop.
     pub fn mask_logits(&mut self, logits: &mut [f32]) -> bool {
-        let Ok(mut mask) = self.matcher.compute_mask() else {
-            return false;
-        };
+        match self.compute_mask() {
+            Some(mask) => mask.apply(logits),
+            None => false,
+        }
+    }
+
+    /// What [`Constraint::mask_logits`] would apply, computed now (it depends only on the
+    /// tokens accepted so far, so it can run while the model computes the logits). `None`
+    /// when the grammar allows nothing.
+    pub fn compute_mask(&mut self) -> Option<Mask> {
+        let mut mask = self.matcher.compute_mask().ok()?;
         if mask.is_allowed(self.grammar_eos) {
             for &id in self.eos.iter() {
                 if (id as usize) < mask.len() {
@@ -218,6 +231,14 @@ impl Constraint {
                 }
             }
         }
+        Some(Mask(mask))
+    }
+}
+
+impl Mask {
+    /// Sets every logit the mask does not allow to -inf; false when it allows none.
+    pub fn apply(&self, logits: &mut [f32]) -> bool {
+        let mask = &self.0;
         let mut any = false;
         let words = mask.as_slice();
         for (chunk, &bits) in logits.chunks_mut(32).zip(words) {
@@ -240,7 +261,9 @@ impl Constraint {
         }
         any
     }
+}
 
+impl Constraint {
     /// Moves past `token`, which the last mask allowed. An end id ends the grammar.
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
         let token = if self.eos.contains(&token) {

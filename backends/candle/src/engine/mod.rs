@@ -23,7 +23,7 @@ use wick_model::config::ModelConfig;
 mod running;
 mod types;
 
-use running::{BatchState, RequestState};
+use running::{BatchState, GrammarState, RequestState};
 pub use types::{
     CachedBatchInfo, Finished, Generation, NewRequest, StepOutput, TokenOut, WarmupInfo,
     WarmupLimits,
@@ -462,7 +462,7 @@ impl Engine {
             },
             top_n: r.top_n_tokens as usize,
             seed,
-            constraint,
+            grammar: constraint.map(GrammarState::prefetch),
             masked: Vec::new(),
         }
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::Device;
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
-use wick_grammar::Constraint;
+use wick_grammar::{Constraint, Mask};
 
 use super::{Engine, EngineError, Finished, Generation, Result, StepOutput, TokenOut};
 use crate::linear::host_f32;
@@ -34,9 +34,55 @@ pub(super) struct RequestState {
     pub(super) top_n: usize,
     pub(super) seed: Option<u64>,
     /// Structured output: which tokens the request's grammar allows next.
-    pub(super) constraint: Option<Constraint>,
+    pub(super) grammar: Option<GrammarState>,
     /// Scratch: the last logits row with the grammar's mask applied.
     pub(super) masked: Vec<f32>,
+}
+
+/// A request's grammar between steps. After each token its next mask is computed on a thread
+/// of its own, while the shard answers the step and runs the next forward pass (the mask
+/// depends only on the tokens accepted so far), so sampling seldom waits for it.
+pub(super) enum GrammarState {
+    Ready(Constraint),
+    Masking(std::thread::JoinHandle<Option<(Constraint, Option<Mask>)>>),
+    /// The mask thread failed: the request ends.
+    Failed,
+}
+
+impl GrammarState {
+    /// Starts computing the next mask.
+    pub(super) fn prefetch(constraint: Constraint) -> Self {
+        let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(constraint)));
+        let shared = cell.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wick-grammar".into())
+            .spawn(move || {
+                let mut c = shared.lock().ok()?.take()?;
+                let mask = c.compute_mask();
+                Some((c, mask))
+            });
+        match spawned {
+            Ok(handle) => GrammarState::Masking(handle),
+            // No thread to be had (the constraint is still in the cell): the mask is
+            // computed when it is needed.
+            Err(_) => match cell.lock().ok().and_then(|mut c| c.take()) {
+                Some(c) => GrammarState::Ready(c),
+                None => GrammarState::Failed,
+            },
+        }
+    }
+
+    /// The constraint and the mask of its next token (`None`: the grammar allows nothing).
+    fn take(self) -> Option<(Constraint, Option<Mask>)> {
+        match self {
+            GrammarState::Ready(mut c) => {
+                let mask = c.compute_mask();
+                Some((c, mask))
+            }
+            GrammarState::Masking(handle) => handle.join().ok().flatten(),
+            GrammarState::Failed => None,
+        }
+    }
 }
 
 impl RequestState {
@@ -236,7 +282,9 @@ impl TokenText<'_> {
         }
         let last = &rows[(plan.rows - 1) * vocab..];
         let banned = r.stop.banned_ids();
-        let sampled = if r.constraint.is_some() || !banned.is_empty() {
+        // `None` inside: the grammar allows nothing (or its mask thread failed).
+        let grammar = r.grammar.take().map(GrammarState::take);
+        let sampled = if grammar.is_some() || !banned.is_empty() {
             // Logprobs are those of the distribution the grammar and `min_new_tokens` leave.
             r.masked.clear();
             r.masked.extend_from_slice(last);
@@ -245,8 +293,12 @@ impl TokenText<'_> {
                     *l = f32::NEG_INFINITY;
                 }
             }
-            if let Some(constraint) = r.constraint.as_mut() {
-                if !constraint.mask_logits(&mut r.masked) {
+            if let Some(grammar) = &grammar {
+                let allowed = match grammar {
+                    Some((_, Some(mask))) => mask.apply(&mut r.masked),
+                    _ => false,
+                };
+                if !allowed {
                     // A live grammar always allows a token; should it not, the request ends.
                     r.masked.fill(f32::NEG_INFINITY);
                     if let Some(l) = r.masked.get_mut(self.eos as usize) {
@@ -264,12 +316,21 @@ impl TokenText<'_> {
             .next_text(self.tokenizer, &r.all_ids)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let mut reason = r.stop.check(sampled.id, &text);
-        if let Some(constraint) = r.constraint.as_mut() {
+        if let Some(grammar) = grammar {
             // The grammar is complete (nothing may follow) or cannot go on: the output ends
             // here, as if the model had chosen its end token.
-            let accepted = constraint.accept(sampled.id);
-            if reason.is_none() && (accepted.is_err() || constraint.is_finished()) {
-                reason = Some(FinishReason::EosToken);
+            let live = grammar.and_then(|(mut constraint, _)| {
+                let accepted = constraint.accept(sampled.id).is_ok();
+                (accepted && !constraint.is_finished()).then_some(constraint)
+            });
+            match live {
+                Some(constraint) if reason.is_none() => {
+                    r.grammar = Some(GrammarState::prefetch(constraint));
+                }
+                Some(_) => {}
+                None => {
+                    reason.get_or_insert(FinishReason::EosToken);
+                }
             }
         }
         let prefill = if was_prompt && r.prefill_logprobs {
