@@ -43,7 +43,7 @@ pub(super) struct RequestState {
 /// of its own, while the shard answers the step and runs the next forward pass (the mask
 /// depends only on the tokens accepted so far), so sampling seldom waits for it.
 pub(super) enum GrammarState {
-    Ready(Constraint),
+    Ready(Box<Constraint>),
     Masking(std::thread::JoinHandle<Option<(Constraint, Option<Mask>)>>),
     /// The mask thread failed: the request ends.
     Failed,
@@ -66,7 +66,7 @@ impl GrammarState {
             // No thread to be had (the constraint is still in the cell): the mask is
             // computed when it is needed.
             Err(_) => match cell.lock().ok().and_then(|mut c| c.take()) {
-                Some(c) => GrammarState::Ready(c),
+                Some(c) => GrammarState::Ready(Box::new(c)),
                 None => GrammarState::Failed,
             },
         }
@@ -77,7 +77,7 @@ impl GrammarState {
         match self {
             GrammarState::Ready(mut c) => {
                 let mask = c.compute_mask();
-                Some((c, mask))
+                Some((*c, mask))
             }
             GrammarState::Masking(handle) => handle.join().ok().flatten(),
             GrammarState::Failed => None,
