@@ -8,7 +8,8 @@ use crate::types::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, ContentPart, Details, ErrorResponse,
     FinishReason, GenerateParameters, GenerateRequest, GenerateResponse, ImageUrl, Info,
     MessageContent, ModelCard, ModelList, OpenAiError, OpenAiErrorResponse, PrefillToken, Prompt,
-    SimpleToken, StopSpec, StreamDetails, StreamOptions, StreamResponse, Token, TopLogprob, Usage,
+    SimpleToken, StopSpec, StreamDetails, StreamOptions, StreamResponse, Token, ToolCall,
+    ToolCallDelta, ToolFunction, ToolFunctionDelta, TopLogprob, Usage,
 };
 
 /// wick-router's API.
@@ -33,7 +34,8 @@ use crate::types::{
         MessageContent, ContentPart, ImageUrl, StopSpec, StreamOptions, ChatCompletion,
         ChatChoice, AssistantMessage, ChatLogprobs, ChatLogprob, TopLogprob,
         ChatCompletionChunk, ChatChunkChoice, ChatDelta, CompletionRequest, Prompt,
-        Completion, CompletionChoice, CompletionLogprobs, Usage, ModelList, ModelCard,
+        Completion, CompletionChoice, CompletionLogprobs, Usage, ModelList, ModelCard, ToolCall,
+        ToolFunction, ToolCallDelta, ToolFunctionDelta,
     )),
     tags(
         (name = "Text Generation Inference", description = "TGI's native API"),
