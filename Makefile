@@ -3,7 +3,7 @@
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 PORT ?= 3000
 
-.PHONY: serve test model build fmt lint
+.PHONY: serve test model build fmt lint client-check
 
 model:
 	scripts/fetch-model.sh
@@ -18,9 +18,15 @@ test: model
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
+	scripts/client-check.sh
 
 fmt:
 	cargo fmt --all
 
 lint:
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# The OpenAI SDK and huggingface_hub against a served default model (part of `make test`).
+client-check: model
+	cargo build --bin wick --bin wick-router --bin wick-shard
+	scripts/client-check.sh
