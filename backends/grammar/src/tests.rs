@@ -256,3 +256,15 @@ fn other_end_ids_stand_for_the_grammar_end() {
     assert!(c.is_finished());
     assert!(!c.mask_logits(&mut logits));
 }
+
+#[test]
+fn an_oversized_grammar_is_refused() {
+    // llguidance's limits bound the work a grammar may cost before its first token.
+    let (compiler, _) = compiler(261);
+    let values: Vec<String> = (0..200_000).map(|i| format!("v{i}")).collect();
+    match compiler.compile(&Grammar::JsonSchema(json!({"enum": values}))) {
+        Err(GrammarError::Invalid(msg)) => assert!(msg.contains("too big"), "{msg}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("compiled"),
+    }
+}
