@@ -92,7 +92,11 @@ pub fn parse_line(raw: &str, stream: Stream) -> Line {
         .map(json_text)
         .unwrap_or_default()
         .to_string();
-    for (key, value) in fields {
+    // Sorted by key: the same text whether or not serde_json keeps insertion order (a feature
+    // another crate of the workspace may switch on).
+    let mut sorted: Vec<_> = fields.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    for (key, value) in sorted {
         if matches!(
             key.as_str(),
             "message" | "level" | "timestamp" | "target" | "fields" | "span" | "spans"
@@ -171,7 +175,7 @@ mod tests {
             Stream::Stdout,
         );
         assert_eq!(line.level, Level::WARN);
-        // serde_json keeps keys sorted.
+        // Fields in key order.
         assert_eq!(line.text, "slow model=m rank=0");
     }
 
