@@ -10,39 +10,51 @@ use utoipa::ToSchema;
 pub struct GenerateParameters {
     /// Generate `best_of` sequences and return the one with the highest logprob (only 1 is served).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub best_of: Option<usize>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub temperature: Option<f32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<f32>,
     /// OpenAI-style: subtract `frequency_penalty × count` from a generated token's logit.
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
     /// OpenAI-style: subtract `presence_penalty` once from every token already generated
     /// (an extension of TGI's parameters, used by the OpenAI routes).
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
     /// Keep generating past the model's EOS tokens (an extension, as vLLM's `ignore_eos`;
     /// benchmarks use it to fix the output length).
     #[serde(default)]
     pub ignore_eos: bool,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub top_k: Option<i32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     pub top_p: Option<f32>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     pub typical_p: Option<f32>,
     #[serde(default)]
     pub do_sample: bool,
+    /// At least 1; prompt + `max_new_tokens` within the deployment's `max_total_tokens`
+    /// (`/info`), else 422.
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub max_new_tokens: Option<u32>,
     /// Prepend the prompt to the generated text.
     #[serde(default)]
     pub return_full_text: Option<bool>,
     #[serde(default)]
     pub stop: Vec<String>,
-    /// Keep only the last `truncate` prompt tokens.
+    /// Keep only the last `truncate` prompt tokens (at most `max_input_tokens`, else 422).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub truncate: Option<usize>,
     /// Accepted for compatibility; watermarking is not implemented.
     #[serde(default)]
@@ -91,7 +103,7 @@ fn default_true() -> bool {
 /// Body of `/generate`, `/generate_stream` and `/tokenize`.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 pub struct GenerateRequest {
-    #[schema(example = "My name is Olivier and I")]
+    #[schema(example = "My name is Olivier and I", min_length = 1)]
     pub inputs: String,
     #[serde(default = "default_parameters")]
     pub parameters: GenerateParameters,
@@ -101,9 +113,19 @@ pub struct GenerateRequest {
     pub add_special_tokens: bool,
 }
 
+/// Body of `/tokenize`. TGI's clients send a whole generate request: its other fields are not
+/// read.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct TokenizeRequest {
+    pub inputs: String,
+    #[serde(default = "default_true")]
+    pub add_special_tokens: bool,
+}
+
 /// Body of `POST /`: a generate request that may ask for a stream.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompatGenerateRequest {
+    #[schema(min_length = 1)]
     pub inputs: String,
     #[serde(default = "default_parameters")]
     pub parameters: GenerateParameters,
@@ -266,6 +288,15 @@ pub struct Info {
     /// The grammar types `parameters.grammar` takes (structured output; OpenAI's
     /// `response_format` maps onto `json`).
     pub grammar_types: Vec<String>,
+}
+
+/// One server-sent event of `/generate_stream` (and of `/` with `stream: true`): a token event,
+/// or an error event (the HTTP status is already 200 when a stream fails).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StreamEvent {
+    Token(StreamResponse),
+    Error(ErrorResponse),
 }
 
 /// One prompt token of `/tokenize`, with byte offsets into `inputs`.
@@ -573,8 +604,9 @@ pub struct CompletionRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub seed: Option<u64>,
-    /// Not supported: any value is rejected.
+    /// Not supported: any value but null is rejected.
     #[serde(default)]
+    #[schema(value_type = Option<()>)]
     pub suffix: Option<String>,
     #[serde(default)]
     pub repetition_penalty: Option<f32>,

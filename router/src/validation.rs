@@ -522,6 +522,64 @@ mod tests {
         check_parameters(&config(), "hello", &p, false)
     }
 
+    /// The bounds the OpenAPI document states for `GenerateParameters` are the validator's: a
+    /// value just outside is refused, one just inside accepted, and the document agrees.
+    #[test]
+    fn documented_bounds_are_the_validators() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(crate::routes::docs::ApiDoc::openapi()).unwrap();
+        let props = &doc["components"]["schemas"]["GenerateParameters"]["properties"];
+        let within = |schema: &serde_json::Value, v: f64| {
+            let bound = |k: &str| schema[k].as_f64();
+            bound("minimum").is_none_or(|b| v >= b)
+                && bound("maximum").is_none_or(|b| v <= b)
+                && bound("exclusiveMinimum").is_none_or(|b| v > b)
+                && bound("exclusiveMaximum").is_none_or(|b| v < b)
+        };
+        let cases = [
+            ("temperature", 0.0, 0.01),
+            ("repetition_penalty", 0.0, 0.01),
+            ("top_p", 1.0, 0.99),
+            ("top_p", 0.0, 0.01),
+            ("typical_p", 1.0, 0.99),
+            ("typical_p", 0.0, 0.01),
+            ("frequency_penalty", 2.01, 2.0),
+            ("frequency_penalty", -2.01, -2.0),
+            ("presence_penalty", 2.01, 2.0),
+            ("presence_penalty", -2.01, -2.0),
+            ("top_k", 0.0, 1.0),
+            ("max_new_tokens", 0.0, 1.0),
+        ];
+        for (field, bad, good) in cases {
+            let schema = &props[field];
+            assert!(
+                !within(schema, bad),
+                "{field}: {bad} is documented as valid: {schema}"
+            );
+            assert!(
+                within(schema, good),
+                "{field}: {good} is documented as invalid: {schema}"
+            );
+            let p = |v: f64| {
+                let v = if field == "top_k" || field == "max_new_tokens" {
+                    serde_json::json!(v as i64)
+                } else {
+                    serde_json::json!(v)
+                };
+                serde_json::from_value::<GenerateParameters>(serde_json::json!({ field: v }))
+                    .unwrap()
+            };
+            assert!(
+                check(p(bad)).is_err(),
+                "{field}: {bad} passes the validator"
+            );
+            assert!(
+                check(p(good)).is_ok(),
+                "{field}: {good} fails the validator"
+            );
+        }
+    }
+
     fn err(p: GenerateParameters) -> String {
         match check(p) {
             Ok(_) => panic!("expected an error"),

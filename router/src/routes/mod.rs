@@ -1,7 +1,7 @@
 //! The route table. Generation routes sit behind the API key (when one is set); health, info,
 //! metrics and the docs stay open.
 
-mod docs;
+pub(crate) mod docs;
 mod generation;
 mod info;
 mod native;
@@ -16,7 +16,6 @@ use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use docs::ApiDoc;
@@ -67,6 +66,6 @@ pub fn router(state: AppState, api_key: Option<ApiKey>) -> Router {
         .route("/info", get(info::info))
         .route("/metrics", get(info::metrics))
         .route("/v1/models", get(openai::models));
-    let docs = SwaggerUi::new("/docs").url("/api-doc/openapi.json", ApiDoc::openapi());
+    let docs = SwaggerUi::new("/docs").url("/api-doc/openapi.json", docs::document());
     generation.merge(open).with_state(state).merge(docs)
 }

@@ -12,7 +12,7 @@ use super::AppState;
 use crate::error::{ApiError, ApiJson, HttpError};
 use crate::types::{
     CompatGenerateRequest, Details, ErrorResponse, FinishReason, GenerateRequest, GenerateResponse,
-    PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token,
+    PrefillToken, SimpleToken, StreamDetails, StreamEvent, StreamResponse, Token, TokenizeRequest,
 };
 use wick_scheduler::request::{InferError, InferStreamResponse};
 
@@ -24,9 +24,12 @@ use wick_scheduler::request::{InferError, InferStreamResponse};
     request_body = GenerateRequest,
     responses(
         (status = 200, description = "Generated Text", body = GenerateResponse),
+        (status = 400, description = "Body is not valid JSON or not of this shape", body = ErrorResponse),
+        (status = 413, description = "Body larger than --payload-limit", body = ErrorResponse),
+        (status = 415, description = "No `Content-Type: application/json`", body = ErrorResponse),
+        (status = 422, description = "Input validation error", body = ErrorResponse),
         (status = 424, description = "Generation Error", body = ErrorResponse),
         (status = 429, description = "Model is overloaded", body = ErrorResponse),
-        (status = 422, description = "Input validation error", body = ErrorResponse),
     )
 )]
 pub(crate) async fn generate(
@@ -46,7 +49,11 @@ pub(crate) async fn generate(
     tag = "Text Generation Inference",
     request_body = GenerateRequest,
     responses(
-        (status = 200, description = "Generated Text", body = StreamResponse, content_type = "text/event-stream"),
+        (status = 200, description = "Server-sent events: tokens, then the final event; a validation or generation error arrives as an error event", body = StreamEvent, content_type = "text/event-stream"),
+        (status = 422, description = "Body of the wrong shape (a field of the wrong type)", body = ErrorResponse),
+        (status = 400, description = "Body is not valid JSON or not of this shape", body = ErrorResponse),
+        (status = 413, description = "Body larger than --payload-limit", body = ErrorResponse),
+        (status = 415, description = "No `Content-Type: application/json`", body = ErrorResponse),
     )
 )]
 pub(crate) async fn generate_stream(
@@ -64,8 +71,16 @@ pub(crate) async fn generate_stream(
     tag = "Text Generation Inference",
     request_body = CompatGenerateRequest,
     responses(
-        (status = 200, description = "Generated Text", body = Vec<GenerateResponse>),
+        (status = 200, description = "Generated Text (one element), or server-sent events with `stream: true`", content(
+            (Vec<GenerateResponse> = "application/json"),
+            (StreamEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Body is not valid JSON or not of this shape", body = ErrorResponse),
+        (status = 413, description = "Body larger than --payload-limit", body = ErrorResponse),
+        (status = 415, description = "No `Content-Type: application/json`", body = ErrorResponse),
         (status = 422, description = "Input validation error", body = ErrorResponse),
+        (status = 424, description = "Generation Error", body = ErrorResponse),
+        (status = 429, description = "Model is overloaded", body = ErrorResponse),
     )
 )]
 pub(crate) async fn compat_generate(
@@ -94,12 +109,18 @@ pub(crate) async fn compat_generate(
     post,
     path = "/tokenize",
     tag = "Text Generation Inference",
-    request_body = GenerateRequest,
-    responses((status = 200, description = "Tokenized ids", body = Vec<SimpleToken>))
+    request_body = TokenizeRequest,
+    responses(
+        (status = 200, description = "Tokenized ids", body = Vec<SimpleToken>),
+        (status = 400, description = "Body is not valid JSON or not of this shape", body = ErrorResponse),
+        (status = 413, description = "Body larger than --payload-limit", body = ErrorResponse),
+        (status = 415, description = "No `Content-Type: application/json`", body = ErrorResponse),
+        (status = 422, description = "Input validation error", body = ErrorResponse),
+    )
 )]
 pub(crate) async fn tokenize(
     State(state): State<AppState>,
-    ApiJson(request): ApiJson<GenerateRequest>,
+    ApiJson(request): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Vec<SimpleToken>>, HttpError> {
     let encoding = state
         .validation

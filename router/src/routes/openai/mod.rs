@@ -59,9 +59,15 @@ pub(crate) async fn models(State(state): State<AppState>) -> Json<ModelList> {
     tag = "OpenAI",
     request_body = ChatRequest,
     responses(
-        (status = 200, description = "Chat completion", body = ChatCompletion),
-        (status = 200, description = "Chat completion stream", body = ChatCompletionChunk, content_type = "text/event-stream"),
+        (status = 200, description = "Chat completion, or with `stream: true` server-sent events: chunks, then `[DONE]` (an error arrives as an error event)", content(
+            (ChatCompletion = "application/json"),
+            (ChatCompletionChunk = "text/event-stream"),
+        )),
+        (status = 400, description = "Body is not valid JSON or not of this shape", body = OpenAiErrorResponse),
+        (status = 413, description = "Body larger than --payload-limit", body = OpenAiErrorResponse),
+        (status = 415, description = "No `Content-Type: application/json`", body = OpenAiErrorResponse),
         (status = 422, description = "Input validation error", body = OpenAiErrorResponse),
+        (status = 424, description = "Generation error", body = OpenAiErrorResponse),
         (status = 429, description = "Model is overloaded", body = OpenAiErrorResponse),
     )
 )]
@@ -79,9 +85,15 @@ pub(crate) async fn chat_completions(
     tag = "OpenAI",
     request_body = CompletionRequest,
     responses(
-        (status = 200, description = "Completion", body = Completion),
-        (status = 200, description = "Completion stream", body = Completion, content_type = "text/event-stream"),
+        (status = 200, description = "Completion, or with `stream: true` server-sent events: chunks, then `[DONE]` (an error arrives as an error event)", content(
+            (Completion = "application/json"),
+            (Completion = "text/event-stream"),
+        )),
+        (status = 400, description = "Body is not valid JSON or not of this shape", body = OpenAiErrorResponse),
+        (status = 413, description = "Body larger than --payload-limit", body = OpenAiErrorResponse),
+        (status = 415, description = "No `Content-Type: application/json`", body = OpenAiErrorResponse),
         (status = 422, description = "Input validation error", body = OpenAiErrorResponse),
+        (status = 424, description = "Generation error", body = OpenAiErrorResponse),
         (status = 429, description = "Model is overloaded", body = OpenAiErrorResponse),
     )
 )]
