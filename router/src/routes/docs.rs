@@ -108,7 +108,10 @@ mod tests {
                 };
                 // Each event: `data` holds JSON of the payload's schema (or `[DONE]`).
                 let data = &sse["schema"]["properties"]["data"]["anyOf"];
-                assert_eq!(data[0]["contentMediaType"], "application/json", "{path} {status}");
+                assert_eq!(
+                    data[0]["contentMediaType"], "application/json",
+                    "{path} {status}"
+                );
                 assert!(data[0]["contentSchema"].is_object(), "{path} {status}");
             }
         }
