@@ -74,8 +74,9 @@ pub struct GenerateParameters {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub grammar: Option<serde_json::Value>,
-    /// LoRA adapters are not supported: any value is rejected.
+    /// LoRA adapters are not supported: any value but null is rejected.
     #[serde(default)]
+    #[schema(value_type = Option<()>)]
     pub adapter_id: Option<String>,
     /// wick: no end token and no stop sequence before this many new tokens (vLLM's
     /// `min_tokens`).
@@ -392,8 +393,10 @@ pub struct ChatRequest {
     pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
     /// Keep generating past EOS (vLLM's extension; used by benchmarks).
     #[serde(default)]
@@ -609,10 +612,13 @@ pub struct CompletionRequest {
     #[schema(value_type = Option<()>)]
     pub suffix: Option<String>,
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
     /// Keep generating past EOS (vLLM's extension; used by benchmarks).
     #[serde(default)]

@@ -24,6 +24,7 @@ use crate::types::{
         super::openai::completions,
         super::openai::models,
         super::info::health,
+        super::info::root_health,
         super::info::info,
         super::info::metrics,
     ),
@@ -45,12 +46,103 @@ use crate::types::{
 )]
 pub struct ApiDoc;
 
-/// The document as served: [`ApiDoc`] with every `text/event-stream` body described as its
-/// events (OpenAPI's reading of a stream: each event an object whose `data` holds JSON of the
+/// This deployment's limits, which the document states as bounds.
+pub(crate) struct Limits {
+    pub validation: crate::validation::ValidationConfig,
+    pub max_client_batch_size: usize,
+}
+
+/// The document as served: [`ApiDoc`] with this deployment's limits as bounds (so a request
+/// the schema accepts is refused only for a limit no schema can state: prompt plus new tokens
+/// within `max_total_tokens`), and every `text/event-stream` body described as its events
+/// (OpenAPI's reading of a stream: each event an object whose `data` holds JSON of the
 /// documented schema, or OpenAI's closing `[DONE]`).
-pub(crate) fn document() -> utoipa::openapi::OpenApi {
+pub(crate) fn document(limits: &Limits) -> utoipa::openapi::OpenApi {
     use utoipa::openapi::RefOr;
     let mut doc = ApiDoc::openapi();
+    if let Some(components) = doc.components.as_mut() {
+        let v = &limits.validation;
+        let new_tokens = v.max_total_tokens.saturating_sub(1) as f64;
+        let bounds: [(&str, &str, &str, f64); 11] = [
+            (
+                "GenerateParameters",
+                "best_of",
+                "maximum",
+                v.max_best_of as f64,
+            ),
+            (
+                "GenerateParameters",
+                "top_n_tokens",
+                "maximum",
+                v.max_top_n_tokens as f64,
+            ),
+            (
+                "GenerateParameters",
+                "stop",
+                "maxItems",
+                v.max_stop_sequences as f64,
+            ),
+            (
+                "GenerateParameters",
+                "max_new_tokens",
+                "maximum",
+                new_tokens,
+            ),
+            (
+                "GenerateParameters",
+                "truncate",
+                "maximum",
+                v.max_input_tokens as f64,
+            ),
+            (
+                "ChatRequest",
+                "n",
+                "maximum",
+                limits.max_client_batch_size as f64,
+            ),
+            (
+                "ChatRequest",
+                "top_logprobs",
+                "maximum",
+                v.max_top_n_tokens as f64,
+            ),
+            ("ChatRequest", "max_tokens", "maximum", new_tokens),
+            (
+                "CompletionRequest",
+                "n",
+                "maximum",
+                limits.max_client_batch_size as f64,
+            ),
+            (
+                "CompletionRequest",
+                "logprobs",
+                "maximum",
+                v.max_top_n_tokens as f64,
+            ),
+            ("CompletionRequest", "max_tokens", "maximum", new_tokens),
+        ];
+        for (schema, field, keyword, value) in bounds {
+            let Some(RefOr::T(utoipa::openapi::Schema::Object(object))) =
+                components.schemas.get_mut(schema)
+            else {
+                continue;
+            };
+            use utoipa::openapi::Schema;
+            match object.properties.get_mut(field) {
+                Some(RefOr::T(Schema::Array(array))) if keyword == "maxItems" => {
+                    array.max_items = Some(value as usize);
+                }
+                Some(RefOr::T(Schema::Object(property))) => {
+                    // Integer bounds as integers: a float bound makes generators send `1.0`.
+                    property.maximum = Some(utoipa::Number::UInt(value as usize));
+                    if field == "n" {
+                        property.minimum = Some(utoipa::Number::UInt(1));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
     for item in doc.paths.paths.values_mut() {
         for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
             for response in operation.responses.responses.values_mut() {
@@ -92,7 +184,22 @@ mod tests {
 
     #[test]
     fn every_post_route_documents_its_errors_and_both_bodies() {
-        let doc = serde_json::to_value(document()).unwrap();
+        let limits = Limits {
+            validation: crate::validation::ValidationConfig {
+                max_best_of: 2,
+                max_stop_sequences: 4,
+                max_top_n_tokens: 5,
+                max_input_tokens: 10,
+                max_total_tokens: 16,
+                workers: 1,
+            },
+            max_client_batch_size: 4,
+        };
+        let doc = serde_json::to_value(document(&limits)).unwrap();
+        let generate = &doc["components"]["schemas"]["GenerateParameters"]["properties"];
+        assert_eq!(generate["best_of"]["maximum"], 2);
+        assert_eq!(generate["stop"]["maxItems"], 4);
+        assert_eq!(generate["max_new_tokens"]["maximum"], 15);
         let paths = doc["paths"].as_object().unwrap();
         for (path, item) in paths {
             let Some(post) = item.get("post") else {

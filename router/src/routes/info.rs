@@ -21,6 +21,24 @@ use crate::types::{ErrorResponse, Info};
     )
 )]
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
+    health_of(&state).await
+}
+
+/// `GET /`: the health check (TGI answers `/` like `/health`).
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "Text Generation Inference",
+    responses(
+        (status = 200, description = "Everything is working fine"),
+        (status = 503, description = "Text generation inference is down", body = ErrorResponse),
+    )
+)]
+pub(crate) async fn root_health(State(state): State<AppState>) -> Response {
+    health_of(&state).await
+}
+
+async fn health_of(state: &AppState) -> Response {
     if state.infer.health().await {
         StatusCode::OK.into_response()
     } else {

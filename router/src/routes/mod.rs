@@ -60,12 +60,16 @@ pub fn router(state: AppState, api_key: Option<ApiKey>) -> Router {
         generation = generation.layer(middleware::from_fn_with_state(key, require_api_key));
     }
     let open = Router::new()
-        .route("/", get(info::health))
+        .route("/", get(info::root_health))
         .route("/health", get(info::health))
         .route("/ping", get(info::health))
         .route("/info", get(info::info))
         .route("/metrics", get(info::metrics))
         .route("/v1/models", get(openai::models));
-    let docs = SwaggerUi::new("/docs").url("/api-doc/openapi.json", docs::document());
+    let limits = docs::Limits {
+        validation: state.validation.config().clone(),
+        max_client_batch_size: state.max_client_batch_size,
+    };
+    let docs = SwaggerUi::new("/docs").url("/api-doc/openapi.json", docs::document(&limits));
     generation.merge(open).with_state(state).merge(docs)
 }
