@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use tokenizers::Tokenizer;
-use wick_grammar::{Compiler, Constraint};
+use wick_grammar::Compiler;
 
 use crate::kv_cache::{KvCache, KvStore};
 use crate::model::{LlamaModel, StepProfile};
@@ -23,7 +23,7 @@ use wick_model::config::ModelConfig;
 mod running;
 mod types;
 
-use running::{BatchState, GrammarState, RequestState};
+use running::{BatchState, PendingMask, RequestState};
 pub use types::{
     CachedBatchInfo, Finished, Generation, NewRequest, StepOutput, TokenOut, WarmupInfo,
     WarmupLimits,
@@ -126,6 +126,13 @@ impl EngineOptions {
     }
 }
 
+/// What requests with a grammar need: the compiler, and one thread their masks are computed on
+/// between steps (off the compute pool, whose threads run the forward pass).
+struct Grammars {
+    compiler: Compiler,
+    thread: rayon::ThreadPool,
+}
+
 /// Batches keyed by id over one model and one paged KV cache.
 pub struct Engine {
     model: Box<dyn StepModel>,
@@ -135,8 +142,8 @@ pub struct Engine {
     kv: Box<dyn KvStore>,
     block_size: usize,
     batches: HashMap<u64, BatchState>,
-    /// Compiles requests' grammars; built with the first request that has one.
-    grammars: Option<Compiler>,
+    /// Structured output; set up with the first request that has a grammar.
+    grammars: Option<Grammars>,
 }
 
 impl Engine {
@@ -418,7 +425,7 @@ impl Engine {
 
     /// The request's grammar compiled for this model (the router compiled it too, to refuse a
     /// bad one before queueing it, so a failure here is a router/shard mismatch).
-    fn constraint(&mut self, r: &NewRequest) -> Result<Option<Constraint>> {
+    fn constraint(&mut self, r: &NewRequest) -> Result<Option<PendingMask>> {
         let Some(grammar) = &r.grammar else {
             return Ok(None);
         };
@@ -432,14 +439,25 @@ impl Engine {
                 &self.config.eos_token_ids,
             )
             .map_err(invalid)?;
-            self.grammars = Some(compiler);
+            let thread = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|_| "wick-grammar".into())
+                // A mask that panics drops its sender: that request ends, the shard goes on.
+                .panic_handler(|_| tracing::error!("a grammar mask panicked"))
+                .build()
+                .map_err(|e| EngineError::InvalidRequest(format!("grammar thread: {e}")))?;
+            self.grammars = Some(Grammars { compiler, thread });
         }
-        let compiler = self.grammars.as_ref().expect("built above");
-        compiler.compile(grammar).map(Some).map_err(invalid)
+        let grammars = self.grammars.as_ref().expect("built above");
+        grammars
+            .compiler
+            .compile(grammar)
+            .map(|c| Some(PendingMask::start(&grammars.thread, c)))
+            .map_err(invalid)
     }
 
     /// Builds the running state of a validated request.
-    fn admit(&self, r: NewRequest, constraint: Option<Constraint>) -> RequestState {
+    fn admit(&self, r: NewRequest, grammar: Option<PendingMask>) -> RequestState {
         let prompt_len = r.input_ids.len();
         let seed = r.sampling.do_sample.then_some(r.sampling.seed);
         let sampler = Sampler::new(r.sampling, &r.input_ids);
@@ -462,7 +480,7 @@ impl Engine {
             },
             top_n: r.top_n_tokens as usize,
             seed,
-            grammar: constraint.map(GrammarState::prefetch),
+            grammar,
             masked: Vec::new(),
         }
     }

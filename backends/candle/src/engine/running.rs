@@ -2,6 +2,7 @@
 //! tokens into one forward pass, then sample, detokenize and check stop rules per request).
 
 use std::collections::HashSet;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use candle_core::Device;
@@ -34,54 +35,31 @@ pub(super) struct RequestState {
     pub(super) top_n: usize,
     pub(super) seed: Option<u64>,
     /// Structured output: which tokens the request's grammar allows next.
-    pub(super) grammar: Option<GrammarState>,
+    pub(super) grammar: Option<PendingMask>,
     /// Scratch: the last logits row with the grammar's mask applied.
     pub(super) masked: Vec<f32>,
 }
 
-/// A request's grammar between steps. After each token its next mask is computed on a thread
-/// of its own, while the shard answers the step and runs the next forward pass (the mask
-/// depends only on the tokens accepted so far), so sampling seldom waits for it.
-pub(super) enum GrammarState {
-    Ready(Box<Constraint>),
-    Masking(std::thread::JoinHandle<Option<(Constraint, Option<Mask>)>>),
-    /// The mask thread failed: the request ends.
-    Failed,
-}
+/// A request's grammar between steps: its next mask being computed on the engine's grammar
+/// thread, right after its previous token, while the shard answers the step and runs the next
+/// forward pass (the mask depends only on the tokens accepted so far), so sampling seldom waits.
+pub(super) struct PendingMask(mpsc::Receiver<(Constraint, Option<Mask>)>);
 
-impl GrammarState {
-    /// Starts computing the next mask.
-    pub(super) fn prefetch(constraint: Constraint) -> Self {
-        let cell = std::sync::Arc::new(std::sync::Mutex::new(Some(constraint)));
-        let shared = cell.clone();
-        let spawned = std::thread::Builder::new()
-            .name("wick-grammar".into())
-            .spawn(move || {
-                let mut c = shared.lock().ok()?.take()?;
-                let mask = c.compute_mask();
-                Some((c, mask))
-            });
-        match spawned {
-            Ok(handle) => GrammarState::Masking(handle),
-            // No thread to be had (the constraint is still in the cell): the mask is
-            // computed when it is needed.
-            Err(_) => match cell.lock().ok().and_then(|mut c| c.take()) {
-                Some(c) => GrammarState::Ready(Box::new(c)),
-                None => GrammarState::Failed,
-            },
-        }
+impl PendingMask {
+    /// Queues `constraint`'s next mask on `thread`.
+    pub(super) fn start(thread: &rayon::ThreadPool, mut constraint: Constraint) -> Self {
+        let (tx, rx) = mpsc::sync_channel(1);
+        thread.spawn(move || {
+            let mask = constraint.compute_mask();
+            let _ = tx.send((constraint, mask));
+        });
+        PendingMask(rx)
     }
 
-    /// The constraint and the mask of its next token (`None`: the grammar allows nothing).
-    fn take(self) -> Option<(Constraint, Option<Mask>)> {
-        match self {
-            GrammarState::Ready(mut c) => {
-                let mask = c.compute_mask();
-                Some((*c, mask))
-            }
-            GrammarState::Masking(handle) => handle.join().ok().flatten(),
-            GrammarState::Failed => None,
-        }
+    /// The constraint and its next token's mask (`None` inside: the grammar allows nothing);
+    /// `None` if the grammar thread failed.
+    fn wait(self) -> Option<(Constraint, Option<Mask>)> {
+        self.0.recv().ok()
     }
 }
 
@@ -224,6 +202,7 @@ impl Engine {
             tokenizer: &self.tokenizer,
             special_ids: &self.special_ids,
             eos: self.config.eos_token_ids.first().copied().unwrap_or(0),
+            grammar_thread: self.grammars.as_ref().map(|g| &g.thread),
         };
         let generations = state
             .requests
@@ -250,6 +229,8 @@ struct TokenText<'a> {
     special_ids: &'a HashSet<u32>,
     /// The model's first end id: what a request whose grammar allows nothing produces.
     eos: u32,
+    /// Where grammars compute their next masks (there once a request had a grammar).
+    grammar_thread: Option<&'a rayon::ThreadPool>,
 }
 
 impl TokenText<'_> {
@@ -283,7 +264,7 @@ impl TokenText<'_> {
         let last = &rows[(plan.rows - 1) * vocab..];
         let banned = r.stop.banned_ids();
         // `None` inside: the grammar allows nothing (or its mask thread failed).
-        let grammar = r.grammar.take().map(GrammarState::take);
+        let grammar = r.grammar.take().map(PendingMask::wait);
         let sampled = if grammar.is_some() || !banned.is_empty() {
             // Logprobs are those of the distribution the grammar and `min_new_tokens` leave.
             r.masked.clear();
@@ -323,12 +304,12 @@ impl TokenText<'_> {
                 let accepted = constraint.accept(sampled.id).is_ok();
                 (accepted && !constraint.is_finished()).then_some(constraint)
             });
-            match live {
-                Some(constraint) if reason.is_none() => {
-                    r.grammar = Some(GrammarState::prefetch(constraint));
+            match (live, self.grammar_thread) {
+                (Some(constraint), Some(thread)) if reason.is_none() => {
+                    r.grammar = Some(PendingMask::start(thread, constraint));
                 }
-                Some(_) => {}
-                None => {
+                (Some(_), _) if reason.is_some() => {}
+                _ => {
                     reason.get_or_insert(FinishReason::EosToken);
                 }
             }

@@ -212,13 +212,12 @@ pub(crate) fn parse_calls(text: &str, id_prefix: &str) -> Option<Vec<ToolCall>> 
     }
     let mut calls = Vec::new();
     while let Some(after) = rest.strip_prefix(OPEN) {
-        let Some(call) = after
-            .find(CLOSE)
-            .and_then(|end| serde_json::from_str::<Value>(after[..end].trim()).ok())
-        else {
+        let Some(end) = after.find(CLOSE) else {
             break;
         };
-        let end = after.find(CLOSE).unwrap_or_default();
+        let Ok(call) = serde_json::from_str::<Value>(after[..end].trim()) else {
+            break;
+        };
         let Some(name) = call.get("name").and_then(Value::as_str).map(str::to_string) else {
             break;
         };
