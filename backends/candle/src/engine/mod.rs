@@ -53,6 +53,18 @@ pub trait StepModel: Send {
     fn failure(&self) -> Option<String> {
         None
     }
+
+    /// Tensor parallel: how many ranks run this model, and which one this is. Only rank 0
+    /// samples; the others take its tokens through [`StepModel::share_ids`].
+    fn ranks(&self) -> (usize, usize) {
+        (0, 1)
+    }
+
+    /// Rank 0's `ids` on every rank; every rank passes as many values (the others' are
+    /// placeholders). A whole model returns them as they are.
+    fn share_ids(&self, ids: &[u32]) -> candle_core::Result<Vec<u32>> {
+        Ok(ids.to_vec())
+    }
 }
 
 impl StepModel for LlamaModel {
@@ -82,6 +94,14 @@ impl StepModel for LlamaModel {
 
     fn failure(&self) -> Option<String> {
         self.parallel_failure()
+    }
+
+    fn ranks(&self) -> (usize, usize) {
+        LlamaModel::ranks(self)
+    }
+
+    fn share_ids(&self, ids: &[u32]) -> candle_core::Result<Vec<u32>> {
+        LlamaModel::share_ids(self, ids)
     }
 }
 
@@ -429,6 +449,10 @@ impl Engine {
         let Some(grammar) = &r.grammar else {
             return Ok(None);
         };
+        if self.model.ranks().0 > 0 {
+            // Only rank 0 samples (see `StepModel::ranks`).
+            return Ok(None);
+        }
         let invalid = |e: wick_grammar::GrammarError| {
             EngineError::InvalidRequest(format!("request {}: {e}", r.id))
         };

@@ -104,18 +104,13 @@ impl Engine {
         concat_ns: Option<u64>,
     ) -> Result<StepOutput> {
         let result = self.step(state);
-        let (generations, forward_ns, profile, decode_ns) = match result {
+        let (generations, finished, forward_ns, profile, decode_ns) = match result {
             Ok(r) => r,
             Err(e) => {
                 self.batches.insert(id, std::mem::take(state));
                 return Err(e);
             }
         };
-        let finished: HashSet<u64> = generations
-            .iter()
-            .filter(|g| g.finished.is_some())
-            .map(|g| g.request_id)
-            .collect();
         state.requests.retain(|r| !finished.contains(&r.id));
         let batch = if state.requests.is_empty() {
             None
@@ -136,7 +131,9 @@ impl Engine {
     }
 
     /// One packed forward pass over every request, then sampling for those that produce a token.
-    fn step(&mut self, state: &mut BatchState) -> Result<(Vec<Generation>, u64, StepProfile, u64)> {
+    /// Returns the generations (none on a tensor-parallel rank other than 0) and the ids of the
+    /// requests that finished.
+    fn step(&mut self, state: &mut BatchState) -> Result<StepDone> {
         let forward_start = Instant::now();
         let total: usize = state.requests.iter().map(|r| r.next_tokens()).sum();
         let mut tokens = Vec::with_capacity(total);
@@ -188,12 +185,46 @@ impl Engine {
         let forward_ns = forward_start.elapsed().as_nanos() as u64;
 
         let decode_start = Instant::now();
+        let (rank, ranks) = self.model.ranks();
+        let (generations, finished) = if rank > 0 {
+            (Vec::new(), self.follow(state, &plans)?)
+        } else {
+            let generations = self.sample(state, &plans, logits, vocab);
+            if ranks > 1 {
+                self.lead(state, &plans, generations.as_deref())?;
+            }
+            let generations = generations?;
+            let finished = generations
+                .iter()
+                .filter(|g| g.finished.is_some())
+                .map(|g| g.request_id)
+                .collect();
+            (generations, finished)
+        };
+        Ok((
+            generations,
+            finished,
+            forward_ns,
+            profile,
+            decode_start.elapsed().as_nanos() as u64,
+        ))
+    }
+
+    /// Samples, detokenizes and checks the stop rules of every request whose rows end its
+    /// prompt or decode.
+    fn sample(
+        &self,
+        state: &mut BatchState,
+        plans: &[StepPlan],
+        logits: &[f32],
+        vocab: usize,
+    ) -> Result<Vec<Generation>> {
         // Each request's rows of the logits (plans hold consecutive rows, in order), so the
         // requests sample, detokenize and check their stops in parallel: each one's result
         // depends on its own rows and state only.
         let mut rest = logits;
         let mut request_rows = Vec::with_capacity(plans.len());
-        for plan in &plans {
+        for plan in plans {
             let (mine, tail) = rest.split_at(plan.rows * vocab);
             request_rows.push(mine);
             rest = tail;
@@ -204,7 +235,7 @@ impl Engine {
             eos: self.config.eos_token_ids.first().copied().unwrap_or(0),
             grammar_thread: self.grammars.as_ref().map(|g| &g.thread),
         };
-        let generations = state
+        Ok(state
             .requests
             .par_iter_mut()
             .zip(plans.par_iter())
@@ -213,14 +244,76 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .flatten()
-            .collect();
-        Ok((
-            generations,
-            forward_ns,
-            profile,
-            decode_start.elapsed().as_nanos() as u64,
-        ))
+            .collect())
     }
+
+    /// Rank 0 of several: sends the other ranks what it sampled. The message is
+    /// `[ok, (token, finished) for each request that produced one, in batch order]`, the same
+    /// length on every rank (each knows from its own state which requests produce a token);
+    /// `ok` is 0 when rank 0's step failed after the forward pass, so the others fail it too.
+    fn lead(
+        &self,
+        state: &BatchState,
+        plans: &[StepPlan],
+        generations: std::result::Result<&[Generation], &EngineError>,
+    ) -> Result<()> {
+        let producing = producing(state, plans);
+        let mut message = vec![0; 1 + 2 * producing];
+        if let Ok(generations) = generations {
+            message[0] = 1;
+            for (pair, g) in message[1..].chunks_mut(2).zip(generations) {
+                pair[0] = g.token.id;
+                pair[1] = u32::from(g.finished.is_some());
+            }
+        }
+        self.model.share_ids(&message)?;
+        Ok(())
+    }
+
+    /// A rank other than 0: records this step's positions and takes rank 0's tokens (see
+    /// [`Engine::lead`]) instead of sampling. Returns the ids of the requests that finished.
+    fn follow(&self, state: &mut BatchState, plans: &[StepPlan]) -> Result<HashSet<u64>> {
+        let producing = producing(state, plans);
+        let message = self.model.share_ids(&vec![0; 1 + 2 * producing])?;
+        if message.first() != Some(&1) {
+            return Err(EngineError::Model(candle_core::Error::Msg(
+                "rank 0 failed this step after the forward pass".into(),
+            )));
+        }
+        let mut shared = message[1..].chunks(2);
+        let mut finished = HashSet::new();
+        for (r, plan) in state.requests.iter_mut().zip(plans) {
+            r.computed = plan.from + plan.len;
+            if plan.rows == 0 || r.in_prompt() {
+                continue;
+            }
+            let Some(&[id, done]) = shared.next() else {
+                return Err(EngineError::Model(candle_core::Error::Msg(
+                    "rank 0's tokens are fewer than this rank's requests".into(),
+                )));
+            };
+            r.all_ids.push(id);
+            if done == 1 {
+                finished.insert(r.id);
+            }
+        }
+        Ok(finished)
+    }
+}
+
+/// What a step returns: rank 0's generations, the finished request ids, the forward pass's
+/// time and profile, and the sampling time.
+type StepDone = (Vec<Generation>, HashSet<u64>, u64, StepProfile, u64);
+
+/// How many requests of `state` produce a token this step (their rows end the prompt or
+/// decode), read before or after the step records its positions.
+fn producing(state: &BatchState, plans: &[StepPlan]) -> usize {
+    state
+        .requests
+        .iter()
+        .zip(plans)
+        .filter(|(r, plan)| plan.rows > 0 && plan.from + plan.len >= r.prompt_len)
+        .count()
 }
 
 /// What turning a request's logits into its next token needs from the engine.

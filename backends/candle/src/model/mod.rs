@@ -227,6 +227,36 @@ impl LlamaModel {
         }
     }
 
+    /// This rank and the number of ranks under tensor parallelism (`(0, 1)` for a whole
+    /// model).
+    pub fn ranks(&self) -> (usize, usize) {
+        self.comm
+            .as_ref()
+            .map_or((0, 1), |c| (c.rank(), c.world_size()))
+    }
+
+    /// Rank 0's `ids` on every rank (a whole model returns them as they are). Every rank passes
+    /// the same number of values; the others' are ignored. They travel as f32 through the
+    /// logits' all-gather, so each must be below 2^24 (exact in f32).
+    pub fn share_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        let Some(comm) = &self.comm else {
+            return Ok(ids.to_vec());
+        };
+        const EXACT: u32 = 1 << 24;
+        if let Some(bad) = ids.iter().find(|&&v| v >= EXACT) {
+            bail!("shared value {bad} is not exact in f32");
+        }
+        let n = ids.len();
+        let values: Vec<f32> = ids.iter().map(|&v| v as f32).collect();
+        let part = Tensor::from_vec(values, (1, n), &self.device)?;
+        let gathered = comm.all_gather(&part)?.narrow(1, 0, n)?;
+        let values = gathered
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        Ok(values.into_iter().map(|v| v as u32).collect())
+    }
+
     /// Why tensor parallelism stopped working, once it has: the ranks are then out of step for
     /// good and the shard should stop.
     pub fn parallel_failure(&self) -> Option<String> {

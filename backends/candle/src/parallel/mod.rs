@@ -3,10 +3,11 @@
 //!
 //! Each rank holds a contiguous range of the attention heads (q/k/v rows, o_proj columns), of
 //! the MLP's intermediate features (gate/up rows, down_proj columns) and of the vocabulary
-//! (embedding and lm_head rows). A step then needs three kinds of exchange: an all-reduce (sum)
-//! after the embedding lookup, after each o_proj and after each down_proj, and an all-gather of
-//! the logits. Every rank ends a step with the same logits bit for bit, so every rank samples the
-//! same token with the same seeded sampler and the ranks stay in lock-step.
+//! (embedding and lm_head rows). A step then needs four kinds of exchange: an all-reduce (sum)
+//! after the embedding lookup, after each o_proj and after each down_proj, an all-gather of the
+//! logits, and rank 0's sampled tokens sent to the others (through the same all-gather): only
+//! rank 0 samples, detokenizes and checks stop rules (its answer is the one the router reads);
+//! the other ranks take its tokens, so they stay in lock-step without that work.
 
 use std::ops::Range;
 
