@@ -5,11 +5,12 @@
 //! sequence's positions `max(0, p + 1 - window) ..= p`, read through the sequence's block table.
 //! Nothing is concatenated into the cache: the cost of a step is linear in the context it reads.
 //!
-//! Two kernels, both reading the cache in place: decode tokens and short chunks go through
-//! wick's decode attention kernel ([`wick_kernels::attend`], one call per (token, kv head)); a
-//! sequence with at least [`CHUNK_MIN_TOKENS`] tokens in the step (a prefill chunk) goes
-//! through its chunk kernel ([`wick_kernels::attend_chunk`], 16 tokens per tile, so each K/V
-//! row read serves 16 tokens of every head of its group).
+//! Two kernels, both reading the cache in place: generated tokens go through wick's decode
+//! attention kernel ([`wick_kernels::attend`], one call per (token, kv head)); prompt tokens,
+//! however few, through its chunk kernel ([`wick_kernels::attend_chunk`], 16 tokens per tile,
+//! so each K/V row read serves 16 tokens of every head of its group). The two do not give the
+//! same bits, so which one computes a position must not depend on the step: a prompt whose
+//! prefix was cached, or that was split into chunks, gets the same results as in one piece.
 
 use candle_core::{bail, Result};
 use rayon::prelude::*;
@@ -218,15 +219,12 @@ pub fn split_rope(
     Ok(())
 }
 
-/// A sequence with at least this many tokens in a step takes the chunk kernel.
-pub const CHUNK_MIN_TOKENS: usize = 16;
-
 /// Attention of every packed query token over its own sequence's cached K/V.
 ///
 /// `q` is `[tokens, num_heads * head_dim]`, `out` the same shape; the step's K/V must already be
 /// written (see [`write_kv`]) and the step checked with [`validate_step`]. Sequences with
-/// [`CHUNK_MIN_TOKENS`] or more tokens run through the chunk kernel; the other tokens are split
-/// over (token, kv head) pairs; either way the query heads that share a kv head read each K/V
+/// prompt tokens run through the chunk kernel (see [`SeqSpan::prompt`]); generated tokens are
+/// split over (token, kv head) pairs; either way the query heads that share a kv head read each K/V
 /// row once.
 pub fn paged_attention<T: KvElement>(
     q: &[f32],
@@ -289,7 +287,7 @@ struct Job<'a, 's, T> {
     window: usize,
 }
 
-/// Every prefill chunk of the step (sequences with [`CHUNK_MIN_TOKENS`] or more tokens) through
+/// Every prefill chunk of the step (the sequences computing prompt tokens) through
 /// wick's chunk kernel, reading the cache in place: one work item per (tile of
 /// [`CHUNK_TILE`] tokens, kv head), all of them in parallel, each into its own rows of
 /// results that are then copied to the tokens' columns of `out`.
@@ -304,7 +302,7 @@ fn chunk_attention<T: KvElement>(job: &Job<'_, '_, T>, out: &mut [f32]) {
     };
     // (sequence, first token of the tile within it, tokens, kv head)
     let mut items = Vec::new();
-    for seq in job.seqs.iter().filter(|s| s.len >= CHUNK_MIN_TOKENS) {
+    for seq in job.seqs.iter().filter(|s| s.prompt) {
         for t in (0..seq.len).step_by(CHUNK_TILE) {
             let n = CHUNK_TILE.min(seq.len - t);
             items.extend((0..params.num_kv_heads).map(|g| (seq, t, n, g)));
@@ -360,7 +358,7 @@ fn attend<T: KvElement>(
         out.fill(0.0);
         return;
     };
-    if seq.len >= CHUNK_MIN_TOKENS {
+    if seq.prompt {
         return; // chunk_attention wrote it.
     }
     let p = job.positions[t] as usize;
@@ -479,6 +477,7 @@ mod tests {
                 len: 1,
                 context_len: 1,
                 block_table: &table,
+                prompt: true,
             },
         );
         validate_step(&s.positions, &s.seqs, 2, 2).unwrap();
@@ -504,6 +503,7 @@ mod tests {
                 len: 3,
                 context_len: 3,
                 block_table: &table,
+                prompt: true,
             },
         );
         validate_step(&s.positions, &s.seqs, 2, 2).unwrap();
@@ -528,6 +528,7 @@ mod tests {
             len: 1,
             context_len: 1,
             block_table: &table,
+            prompt: false,
         }];
         assert!(validate_step(&[0], &seqs, 4, 2).is_ok());
         // A block outside the cache.

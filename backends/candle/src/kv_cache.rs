@@ -232,6 +232,7 @@ mod tests {
                 len: 1,
                 context_len: 1,
                 block_table: &table,
+                prompt: false,
             }],
             logit_rows: vec![0],
         };

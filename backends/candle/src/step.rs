@@ -23,6 +23,11 @@ pub struct SeqSpan<'a> {
     pub context_len: usize,
     /// Its KV blocks, in order: position `p` lives in block `block_table[p / block_size]`.
     pub block_table: &'a [u32],
+    /// Its tokens are prompt tokens (else one generated token). Prompt positions always take
+    /// the chunk attention kernel and generated ones the decode kernel, whatever the step's
+    /// size, so a position's result does not depend on how its prompt was split into chunks
+    /// or how much of it the prefix cache held.
+    pub prompt: bool,
 }
 
 impl SeqSpan<'_> {

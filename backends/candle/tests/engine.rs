@@ -490,3 +490,34 @@ fn warmup_reports_limits_and_leaves_nothing_behind() {
     ));
     assert_no_leak(&engine);
 }
+
+/// The router's prefix cache hands a new request blocks whose first `cache_len` positions are
+/// computed already. Its tokens and logprobs must be those of the whole prompt computed at
+/// once, bit for bit, however much was cached (here 16, 32 and 36 of 37 prompt tokens), with
+/// dense and with quantized weights (8-bit activations turn any difference into a visible one).
+#[test]
+fn a_cached_prefix_gives_the_bits_of_the_whole_prompt() {
+    use wick_backend_candle::weights::{LoadOptions, Quantize};
+    let bits = |gens: &[Generation]| -> Vec<(u32, u32)> {
+        gens.iter()
+            .map(|g| (g.token.id, g.token.logprob.to_bits()))
+            .collect()
+    };
+    for quantize in [None, Some(Quantize::Q8_0), Some(Quantize::Q4_0)] {
+        let mut engine = engine_with(&LoadOptions {
+            quantize,
+            ..LoadOptions::default()
+        });
+        let p = prompt(37, 5);
+        let whole = bits(&run_alone(&mut engine, request(1, p.clone(), 6, greedy())));
+        for cached in [16, 32, 36] {
+            let mut r = request(2, p.clone(), 6, greedy());
+            // Request 1's blocks: its prompt's K/V are there.
+            r.blocks = blocks_of(1, p.len() + 5);
+            r.cache_len = cached;
+            let got = bits(&run_alone(&mut engine, r));
+            assert_eq!(got, whole, "{quantize:?}, {cached} prompt tokens cached");
+        }
+        assert_no_leak(&engine);
+    }
+}

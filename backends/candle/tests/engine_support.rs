@@ -17,11 +17,16 @@ pub const NUM_BLOCKS: usize = 256;
 pub const BLOCKS_PER_ID: usize = 16;
 
 pub fn engine() -> Engine {
+    engine_with(&LoadOptions::default())
+}
+
+/// The tiny model's engine with its weights loaded by `options` (e.g. quantized).
+pub fn engine_with(options: &LoadOptions) -> Engine {
     let spec = TinyModelSpec::llama();
     let vocab = tiny_vocab_size();
     let config = spec.config(vocab);
     let weights = WeightStore::Tensors(tiny_weights(&spec, vocab));
-    let model = LlamaModel::load(&config, &weights, &LoadOptions::default()).unwrap();
+    let model = LlamaModel::load(&config, &weights, options).unwrap();
     Engine::new(
         Box::new(model),
         config,

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral, qwen2, qwen3};
-use wick_backend_candle::attention::CHUNK_MIN_TOKENS;
 use wick_backend_candle::kv_cache::KvCache;
 use wick_backend_candle::model::LlamaModel;
 use wick_backend_candle::step::{SeqSpan, StepInput};
@@ -381,6 +380,7 @@ fn step(
             len: new.len(),
             context_len: seq.cached + new.len(),
             block_table: &seq.block_table,
+            prompt: new.len() > 1,
         });
     }
     let input = StepInput {
@@ -651,13 +651,12 @@ fn chunked_prefill_matches_single_prefill() {
     let mut once = pool.seq(prompt.len(), 4);
     let single = step(&model, &mut cache, &mut [(&mut once, &prompt, Want::Last)]).remove(0);
 
-    // Three chunks, each packed with a decode step of another sequence; the middle one takes
-    // the chunk kernel over a cached prefix, the others the per-token loop.
+    // Three chunks of different sizes, each packed with a decode step of another sequence,
+    // the later ones over a cached prefix.
     let mut chunked = pool.seq(prompt.len(), 4);
     let mut neighbour = pool.seq(other.len(), 4);
     let mut last = vec![];
     let chunks = [0..5, 5..25, 25..33];
-    assert!(chunks[1].len() >= CHUNK_MIN_TOKENS && chunks[2].len() < CHUNK_MIN_TOKENS);
     for (i, range) in chunks.into_iter().enumerate() {
         let out = step(
             &model,
@@ -689,6 +688,7 @@ fn inconsistent_steps_are_rejected_without_panicking() {
             len: 1,
             context_len: 2,
             block_table: table,
+            prompt: false,
         }],
         logit_rows: vec![0],
     };

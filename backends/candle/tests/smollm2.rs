@@ -204,6 +204,7 @@ fn prefill_logits(
             len: n,
             context_len: n,
             block_table: blocks,
+            prompt: true,
         }],
         logit_rows: (0..n as u32).collect(),
     };

@@ -98,6 +98,7 @@ fn run(model: &LlamaModel, prompts: &[Vec<u32>], forced: Option<&[Vec<u32>]>) ->
                 len: new.len(),
                 context_len: seq.len(),
                 block_table: &tables[s],
+                prompt: step == 0,
             });
             last_rows.push(input.logit_rows.len() - 1);
         }

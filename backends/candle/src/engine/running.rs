@@ -166,6 +166,7 @@ impl Engine {
                 len,
                 context_len: from + len,
                 block_table: &r.blocks,
+                prompt: r.in_prompt(),
             });
         }
         let input = StepInput {
