@@ -36,6 +36,11 @@ pub trait Backend: Send + Sync {
 
     /// Whether the backend can generate now.
     fn health(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+
+    /// Concurrency permits held now: requests admitted and not yet answered or dropped.
+    fn requests_in_flight(&self) -> usize {
+        0
+    }
 }
 
 impl Backend for Infer {
@@ -84,6 +89,11 @@ impl Backend for Infer {
     fn health(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         Box::pin(Infer::health(self))
     }
+
+    fn requests_in_flight(&self) -> usize {
+        self.max_concurrent_requests
+            .saturating_sub(self.permits.available_permits())
+    }
 }
 
 /// Request and batch id of the health check's liveness prefill; it writes into the reserved
@@ -98,6 +108,7 @@ pub struct Infer {
     /// Wakes the batching loop when a request is queued.
     notifier: Arc<Notify>,
     permits: Arc<Semaphore>,
+    max_concurrent_requests: usize,
     /// False after a shard error, until a health check proves a forward pass works again.
     backend_health: Arc<AtomicBool>,
     client: ShardedClient,
@@ -120,6 +131,7 @@ impl Infer {
             queue,
             notifier,
             permits: Arc::new(Semaphore::new(max_concurrent_requests)),
+            max_concurrent_requests,
             backend_health,
             client,
             allocator,

@@ -38,6 +38,8 @@ pub const PREFIX_CACHE_HIT_TOKENS: &str = "wick_prefix_cache_hit_tokens_total";
 pub const PREFIX_CACHE_PROMPT_TOKENS: &str = "wick_prefix_cache_prompt_tokens_total";
 pub const KV_BLOCKS_FREE: &str = "wick_kv_blocks_free";
 pub const KV_BLOCKS_USED: &str = "wick_kv_blocks_used";
+/// Concurrency permits held (admitted requests not yet answered or dropped), read at scrape.
+pub const REQUESTS_IN_FLIGHT: &str = "wick_requests_in_flight";
 
 /// Registers the help text of every metric (Prometheus `# HELP` lines); call once after the
 /// recorder is installed.
@@ -171,4 +173,9 @@ pub fn describe() {
     );
     describe_gauge!(KV_BLOCKS_FREE, Unit::Count, "KV cache blocks free");
     describe_gauge!(KV_BLOCKS_USED, Unit::Count, "KV cache blocks in use");
+    describe_gauge!(
+        REQUESTS_IN_FLIGHT,
+        Unit::Count,
+        "Requests holding a concurrency permit (admitted, not yet answered or dropped)"
+    );
 }

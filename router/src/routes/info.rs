@@ -65,6 +65,8 @@ pub(crate) async fn info(State(state): State<AppState>) -> Json<Info> {
     responses((status = 200, description = "Prometheus Metrics", body = String))
 )]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    ::metrics::gauge!(wick_scheduler::metrics::REQUESTS_IN_FLIGHT)
+        .set(state.infer.requests_in_flight() as f64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.prometheus.render(),
