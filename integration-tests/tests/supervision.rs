@@ -1,6 +1,6 @@
 //! The launcher's supervision with the real children: SIGTERM during a stream stops everything
-//! cleanly; a shard that dies, or a tensor-parallel rank that hangs, takes the deployment down
-//! with a non-zero exit that names it.
+//! cleanly; a shard that dies or hangs, or a tensor-parallel rank that hangs, takes the
+//! deployment down with a non-zero exit that names it.
 
 mod common;
 
@@ -59,6 +59,34 @@ async fn killed_shard_takes_the_deployment_down() {
     assert!(
         log.contains("shard-0 exited unexpectedly"),
         "the dead shard is not named:\n{log}"
+    );
+    assert!(!wick.shard_socket().exists(), "{log}");
+    assert_eq!(wick.processes_left(), Vec::<i32>::new(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_shard_is_killed_and_named_and_its_request_fails() {
+    let mut wick = Wick::start_tiny(&["--shard-health-timeout", "2"]);
+    wick.wait_healthy().await;
+    let shard = wick
+        .child_pid("shard-0")
+        .unwrap_or_else(|| panic!("no shard pid in the log:\n{}", wick.log()));
+    send_signal(shard, libc::SIGSTOP);
+    // Without the health watch this request would wait for the stopped shard forever.
+    let response = reqwest::Client::new()
+        .post(wick.url("/generate"))
+        .json(&json!({"inputs": "Hello", "parameters": {"max_new_tokens": 4}}))
+        .send()
+        .await;
+    if let Ok(response) = response {
+        assert!(!response.status().is_success(), "{}", response.status());
+    }
+    let status = wick.wait_exit().await;
+    let log = wick.log();
+    assert!(!status.success(), "wick exited with success:\n{log}");
+    assert!(
+        log.contains("shard-0 did not answer its health check"),
+        "the hung shard is not named:\n{log}"
     );
     assert!(!wick.shard_socket().exists(), "{log}");
     assert_eq!(wick.processes_left(), Vec::<i32>::new(), "{log}");

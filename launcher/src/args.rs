@@ -190,6 +190,12 @@ pub struct Args {
     /// launcher gives up.
     #[arg(long, env = "SHARD_READY_TIMEOUT", default_value_t = 600)]
     pub shard_ready_timeout: u64,
+
+    /// Seconds a running shard may go without answering its health check (probed every
+    /// second, answered off the compute threads, so a long step does not delay it) before it
+    /// is taken for hung: it is killed and the deployment stops with an error naming it.
+    #[arg(long, env = "SHARD_HEALTH_TIMEOUT", default_value_t = 30)]
+    pub shard_health_timeout: u64,
 }
 
 /// `--quantize` values (the shard's names).
@@ -300,6 +306,9 @@ impl Args {
         if self.num_shard == 0 {
             bail!("--num-shard must be at least 1");
         }
+        if self.shard_health_timeout == 0 {
+            bail!("--shard-health-timeout must be at least 1 second");
+        }
         if !(self.collective_timeout.is_finite() && self.collective_timeout > 0.0) {
             bail!("--collective-timeout must be a positive number of seconds");
         }
@@ -342,6 +351,10 @@ impl Args {
 
     pub fn shard_ready_timeout(&self) -> Duration {
         Duration::from_secs(self.shard_ready_timeout)
+    }
+
+    pub fn shard_health_timeout(&self) -> Duration {
+        Duration::from_secs(self.shard_health_timeout)
     }
 }
 

@@ -19,6 +19,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const WAIT_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// One health probe's budget: a loading shard has no socket yet, a ready one answers at once.
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often running shards are probed for liveness.
+const HEALTH_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 pub const SHARD_BINARY: &str = "wick-shard";
 pub const ROUTER_BINARY: &str = "wick-router";
@@ -191,6 +193,9 @@ pub enum Stop {
         status: ExitStatus,
         tail: Vec<String>,
     },
+    /// A running shard stopped answering its health check (stopped, deadlocked): it has been
+    /// killed, and everything goes down as for a death.
+    Hung { name: String, silent: Duration },
     /// Startup failed (a binary missing, a shard never ready).
     Failed(anyhow::Error),
 }
@@ -238,6 +243,7 @@ impl Fleet {
             args.port
         );
         let mut tick = tokio::time::interval(POLL_INTERVAL);
+        let mut watch = HealthWatch::start(&self.sockets, args.shard_health_timeout());
         loop {
             tokio::select! {
                 name = signals.recv() => return Stop::Signal(name),
@@ -245,6 +251,20 @@ impl Fleet {
                     if let Some(stop) = self.check_children().await {
                         return stop;
                     }
+                }
+                Some((rank, silent)) = watch.hung.recv() => {
+                    // A death found first is the better news (a dead shard also stops
+                    // answering).
+                    if let Some(stop) = self.check_children().await {
+                        return stop;
+                    }
+                    // SIGKILL works on a stopped process too; the router's calls to it then
+                    // fail at once and its clients get an error instead of waiting.
+                    self.shards[rank].kill_now();
+                    return Stop::Hung {
+                        name: format!("shard-{rank}"),
+                        silent,
+                    };
                 }
             }
         }
@@ -362,6 +382,49 @@ fn log_exit(child: &ManagedChild, status: Option<ExitStatus>) {
     match status {
         Some(status) => tracing::info!("{} stopped ({status})", child.name),
         None => tracing::warn!("{}: exit status unknown", child.name),
+    }
+}
+
+/// Liveness probes of the running shards, one task per shard; a shard silent for the timeout
+/// is reported once on `hung`. Dropping the watch stops the probes.
+struct HealthWatch {
+    hung: tokio::sync::mpsc::Receiver<(usize, Duration)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl HealthWatch {
+    fn start(sockets: &[PathBuf], timeout: Duration) -> Self {
+        let (tx, hung) = tokio::sync::mpsc::channel(sockets.len().max(1));
+        let tasks = sockets
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(rank, socket)| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut last_answer = Instant::now();
+                    loop {
+                        let probe = tokio::time::timeout(timeout, probe_health(&socket)).await;
+                        if matches!(probe, Ok(Ok(()))) {
+                            last_answer = Instant::now();
+                        } else if last_answer.elapsed() >= timeout {
+                            let _ = tx.send((rank, last_answer.elapsed())).await;
+                            return;
+                        }
+                        tokio::time::sleep(HEALTH_WATCH_INTERVAL).await;
+                    }
+                })
+            })
+            .collect();
+        Self { hung, tasks }
+    }
+}
+
+impl Drop for HealthWatch {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 

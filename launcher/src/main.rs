@@ -88,6 +88,13 @@ async fn serve(args: Args, model_path: std::path::PathBuf) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+        Stop::Hung { name, silent } => {
+            tracing::error!(
+                "{name} did not answer its health check for {:.1}s (hung); it was killed, shutting down",
+                silent.as_secs_f64()
+            );
+            ExitCode::FAILURE
+        }
         Stop::Failed(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
@@ -96,7 +103,7 @@ async fn serve(args: Args, model_path: std::path::PathBuf) -> ExitCode {
     fleet
         .shutdown(args.graceful_termination_timeout(), &mut signals)
         .await;
-    if let Stop::ChildDied { name, .. } = &stop {
+    if let Stop::ChildDied { name, .. } | Stop::Hung { name, .. } = &stop {
         tracing::error!("{name} failed; every process is stopped");
     } else {
         tracing::info!("every process is stopped");
