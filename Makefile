@@ -3,7 +3,7 @@
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 PORT ?= 3000
 
-.PHONY: serve test model build fmt lint client-check
+.PHONY: serve test model build fmt lint client-check stress
 
 model:
 	scripts/fetch-model.sh
@@ -30,3 +30,8 @@ lint:
 client-check: model
 	cargo build --bin wick --bin wick-router --bin wick-shard
 	scripts/client-check.sh
+
+# The full reliability suite against the default model (README, "Reliability"); `make test`
+# runs its short version on a tiny model.
+stress: model build
+	./target/release/wick-bench stress --model-id $(MODEL)

@@ -14,6 +14,7 @@ mod serve;
 mod shard;
 mod sse;
 mod stats;
+mod stress;
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,9 @@ enum Command {
     /// The decode attention kernel alone: µs per layer and KV GB/s by batch, context and KV
     /// cache type.
     Attention(attention::AttentionArgs),
+    /// A real `wick` under load, faults and hostile input: one line of figures per scenario
+    /// (exits non-zero when a scenario finds a problem).
+    Stress(stress::StressArgs),
     /// Write a random-weight GGUF of a real model's shape (e.g. Llama-3.2-1B) with another
     /// GGUF's tokenizer, loadable by wick and llama.cpp alike.
     MakeModel(model_gen::MakeModelArgs),
@@ -99,6 +103,13 @@ async fn main() -> anyhow::Result<()> {
             if let Some(path) = cli.json {
                 write_json(&path, &report)?;
             }
+        }
+        Command::Stress(args) => {
+            let report = stress::run(args).await?;
+            if let Some(path) = cli.json {
+                write_json(&path, &report)?;
+            }
+            anyhow::ensure!(report.ok(), "a stress scenario found problems (see above)");
         }
         Command::MakeModel(args) => model_gen::run(args)?,
         Command::Compare { a, b } => {
