@@ -114,6 +114,18 @@ fn smollm2_config() {
     assert_eq!(c.eos_token_ids, vec![2]);
     assert_eq!(c.bos_token_id, Some(1));
     assert_eq!(c.rms_norm_eps, 1e-5);
+
+    // Sizes no model has fail with their name, before anything is sized by them.
+    for (key, value) in [
+        ("max_position_embeddings", json!(1u64 << 40)),
+        ("hidden_size", json!(0)),
+        ("vocab_size", json!(u64::MAX)),
+    ] {
+        let mut bad = config.clone();
+        bad[key] = value;
+        let e = ModelConfig::from_hf(&bad, None).unwrap_err().to_string();
+        assert!(e.contains(key), "{key}: {e}");
+    }
 }
 
 fn mistral_7b_v01() -> serde_json::Value {

@@ -168,7 +168,7 @@ impl ModelConfig {
             },
         };
 
-        Ok(Self {
+        Self {
             architecture,
             vocab_size: req("vocab_size")?,
             hidden_size,
@@ -196,7 +196,8 @@ impl ModelConfig {
             sliding_window,
             bos_token_id,
             eos_token_ids,
-        })
+        }
+        .checked()
     }
 
     /// Reads the hyper-parameters from a GGUF file's metadata (llama.cpp key names).
@@ -301,7 +302,7 @@ impl ModelConfig {
             .transpose()?
             .map(|id| id as u32);
 
-        Ok(Self {
+        Self {
             architecture,
             vocab_size,
             hidden_size,
@@ -321,7 +322,36 @@ impl ModelConfig {
             sliding_window: None,
             bos_token_id,
             eos_token_ids,
-        })
+        }
+        .checked()
+    }
+
+    /// Fails on sizes no model has: a corrupt or hostile config must not size the buffers
+    /// built from it (rope tables, weights, the KV cache) or overflow their products.
+    fn checked(self) -> Result<Self> {
+        let sizes = [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
+        ];
+        for (name, value, most) in sizes {
+            if value == 0 || value > most {
+                bail!("config {name} = {value} is out of range (1..={most})");
+            }
+        }
+        if self.sliding_window == Some(0) {
+            bail!("config sliding_window must be at least 1");
+        }
+        Ok(self)
     }
 }
 

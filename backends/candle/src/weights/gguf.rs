@@ -25,13 +25,7 @@ impl GgufWeights {
             .ok_or_else(|| err(format!("missing tensor {name} (GGUF `{gguf_name}`)")))?;
         let dims = info.shape.dims().to_vec();
         let dtype = info.ggml_dtype;
-        let elems: usize = dims.iter().product();
-        if !elems.is_multiple_of(dtype.block_size()) {
-            return Err(err(format!(
-                "GGUF tensor {gguf_name}: {elems} elements do not fill {dtype:?} blocks"
-            )));
-        }
-        let size = elems / dtype.block_size() * dtype.type_size();
+        let size = tensor_bytes(&gguf_name, info).map_err(|e| err(e.to_string()))?;
         let mut bytes = vec![0u8; size];
         {
             let mut file = self
@@ -67,6 +61,33 @@ impl GgufWeights {
             _ => Ok(Stored::Quantized(q)),
         }
     }
+}
+
+/// The bytes tensor `name` takes in the file, checked: a corrupt shape fails here rather than
+/// overflowing or sizing an allocation.
+pub(super) fn tensor_bytes(name: &str, info: &gguf_file::TensorInfo) -> anyhow::Result<usize> {
+    let dtype = info.ggml_dtype;
+    let elems = info
+        .shape
+        .dims()
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            anyhow::anyhow!("GGUF tensor {name}: its shape {:?} overflows", info.shape)
+        })?;
+    if elems == 0 {
+        // (Also keeps an empty buffer's dangling pointer away from candle's typed views.)
+        anyhow::bail!(
+            "GGUF tensor {name} has no elements (shape {:?})",
+            info.shape
+        );
+    }
+    if !elems.is_multiple_of(dtype.block_size()) {
+        anyhow::bail!("GGUF tensor {name}: {elems} elements do not fill {dtype:?} blocks");
+    }
+    (elems / dtype.block_size())
+        .checked_mul(dtype.type_size())
+        .ok_or_else(|| anyhow::anyhow!("GGUF tensor {name}: its size overflows"))
 }
 
 /// For each Hugging Face row of a q or k projection, the GGUF row that holds it.

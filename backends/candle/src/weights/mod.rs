@@ -237,10 +237,29 @@ impl WeightStore {
     /// Opens a GGUF file; returns the store and the file's metadata (for the config and the
     /// tokenizer).
     pub fn from_gguf_file(path: &Path) -> anyhow::Result<(Self, gguf_file::Content)> {
+        // wick's own reader first: it bounds every string, array and count by what the file
+        // holds, so a corrupt header fails here instead of sizing an allocation in candle's.
+        wick_model::gguf::Header::read_file(path)?;
         let mut file =
             File::open(path).with_context(|| format!("opening GGUF file {}", path.display()))?;
         let content = gguf_file::Content::read(&mut file)
             .with_context(|| format!("reading GGUF header of {}", path.display()))?;
+        let file_len = file.metadata()?.len();
+        for (name, info) in &content.tensor_infos {
+            let size = gguf::tensor_bytes(name, info)? as u64;
+            let end = content
+                .tensor_data_offset
+                .checked_add(info.offset)
+                .and_then(|start| start.checked_add(size));
+            if end.is_none_or(|end| end > file_len) {
+                anyhow::bail!(
+                    "GGUF tensor {name} ({size} bytes at offset {}) lies past the end of {} \
+                     ({file_len} bytes): the file is truncated or corrupt",
+                    info.offset,
+                    path.display()
+                );
+            }
+        }
         let infos = content
             .tensor_infos
             .iter()
