@@ -58,6 +58,9 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// Most steps (minijinja's fuel) one rendering may take.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     /// Compiles `source` (after TGI's rewrites of Python-only syntax).
     pub fn new(
@@ -73,6 +76,10 @@ impl ChatTemplate {
             .replace("{%- generation %}", "")
             .replace("{%- endgeneration %}", "");
         let mut env = Environment::new();
+        // A template that loops without end (or nearly) fails instead of holding a
+        // validation worker: real templates take well under a million steps even for
+        // thousands of messages.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);

@@ -993,3 +993,241 @@ fn the_http_edge_answers_for_any_backend() {
         assert_eq!(body["error"]["message"], "Model is overloaded");
     });
 }
+
+/// SplitMix64, for the fuzz test's deterministic cases.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// A value a hostile client might put anywhere.
+fn nasty(rng: &mut Rng) -> Value {
+    let deep = (0..64).fold(json!(1), |v, _| json!([v]));
+    let palette = [
+        Value::Null,
+        json!(true),
+        json!(-1),
+        json!(0),
+        json!(1),
+        json!(1.5),
+        json!(-0.0),
+        json!(1e308),
+        json!(-1e308),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(4294967296u64),
+        json!(""),
+        json!("NaN"),
+        json!("\u{0}\u{202e}\u{1f4a5}<|im_end|>{{ x }}{% for %}"),
+        json!("x".repeat(20_000)),
+        json!([]),
+        json!({}),
+        json!([1, "a", null]),
+        json!({"role": "user", "content": "hi"}),
+        json!({"type": "text", "text": "hi"}),
+        deep,
+    ];
+    palette[rng.below(palette.len())].clone()
+}
+
+/// One mutation somewhere in `v`: a value replaced, a key removed or added, an array grown.
+fn mutate_json(rng: &mut Rng, v: &mut Value) {
+    // A random node, as a JSON pointer.
+    let mut pointer = String::new();
+    let mut at = &*v;
+    for _ in 0..rng.below(6) {
+        let step = match at {
+            Value::Object(map) if !map.is_empty() => {
+                let key = map.keys().nth(rng.below(map.len())).unwrap();
+                Some((key.replace('~', "~0").replace('/', "~1"), &map[key]))
+            }
+            Value::Array(items) if !items.is_empty() => {
+                let i = rng.below(items.len());
+                Some((i.to_string(), &items[i]))
+            }
+            _ => None,
+        };
+        let Some((part, next)) = step else { break };
+        pointer.push('/');
+        pointer.push_str(&part);
+        at = next;
+    }
+    let node = v
+        .pointer_mut(&pointer)
+        .expect("the pointer was just walked");
+    match (rng.below(4), &mut *node) {
+        (0, Value::Object(map)) if !map.is_empty() => {
+            let key = map.keys().nth(rng.below(map.len())).cloned().unwrap();
+            map.remove(&key);
+        }
+        (1, Value::Object(map)) => {
+            let keys = [
+                "stream", "n", "best_of", "grammar", "tools", "unknown", "messages",
+            ];
+            map.insert(keys[rng.below(keys.len())].into(), nasty(rng));
+        }
+        (2, Value::Array(items)) if !items.is_empty() => {
+            let item = items[rng.below(items.len())].clone();
+            for _ in 0..rng.below(100) {
+                items.push(item.clone());
+            }
+        }
+        _ => *node = nasty(rng),
+    }
+}
+
+/// Thousands of mutated request bodies on every generation route: each gets an answer in its
+/// route's shape (a 4xx with the error shape, or a well-formed 200), never a 5xx, and the
+/// server serves a normal request afterwards. `WICK_FUZZ_CASES` raises the count (default 1500).
+#[test]
+fn mutated_requests_get_clear_answers_and_never_a_5xx() {
+    run(async {
+        let server = start(|_| {}, |_| {}).await;
+        let seeds: Vec<(&str, Value)> = vec![
+            (
+                "/generate",
+                json!({"inputs": "Hello there", "parameters": {
+                    "max_new_tokens": 4, "temperature": 0.7, "top_k": 5, "top_p": 0.9,
+                    "repetition_penalty": 1.1, "stop": ["x"], "seed": 3, "do_sample": true,
+                    "details": true, "decoder_input_details": true, "top_n_tokens": 2,
+                    "truncate": 10, "return_full_text": false,
+                    "grammar": {"type": "json", "value": {"type": "object"}}}}),
+            ),
+            (
+                "/generate_stream",
+                json!({"inputs": "Hello", "parameters": {"max_new_tokens": 4, "details": true,
+                    "stop": ["a", "b"], "typical_p": 0.5, "frequency_penalty": 0.1}}),
+            ),
+            (
+                "/v1/completions",
+                json!({"model": "m", "prompt": "Hello", "max_tokens": 4, "temperature": 0.5,
+                    "top_p": 0.9, "n": 1, "stop": ["x"], "logprobs": 2, "seed": 1,
+                    "stream": false, "frequency_penalty": 0.1, "presence_penalty": 0.1,
+                    "logit_bias": {"5": 1.0}, "echo": false}),
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"model": "m", "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                        {"role": "assistant", "content": "Hello"},
+                        {"role": "user", "content": "Again"}],
+                    "max_tokens": 4, "temperature": 0.5, "logprobs": true, "top_logprobs": 2,
+                    "stream": true, "response_format": {"type": "json_object"},
+                    "tools": [{"type": "function", "function": {"name": "f", "parameters":
+                        {"type": "object", "properties": {"a": {"type": "integer"}}}}}],
+                    "tool_choice": "auto"}),
+            ),
+            ("/tokenize", json!({"inputs": "Hello"})),
+        ];
+        let cases: usize = std::env::var("WICK_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1500);
+        let mut rng = Rng(0x6874_7470);
+        let mut statuses = std::collections::BTreeMap::new();
+        for case in 0..cases {
+            let (path, seed) = &seeds[rng.below(seeds.len())];
+            let mut body = seed.clone();
+            for _ in 0..1 + rng.below(3) {
+                mutate_json(&mut rng, &mut body);
+            }
+            let text = body.to_string();
+            let r = server
+                .client
+                .post(server.url(path))
+                .header("content-type", "application/json")
+                .body(text.clone())
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("case {case} {path} {text}: {e}"));
+            let status = r.status();
+            *statuses.entry(status.as_u16()).or_insert(0) += 1;
+            let stream = r
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v.to_str().unwrap_or("").starts_with("text/event-stream"));
+            let answer = r
+                .text()
+                .await
+                .unwrap_or_else(|e| panic!("case {case}: {e}"));
+            let context = || {
+                format!(
+                    "case {case} {path} {}: {status} {answer}",
+                    &text[..text.len().min(400)]
+                )
+            };
+            assert!(!status.is_server_error(), "{}", context());
+            if stream {
+                assert!(status.is_success(), "{}", context());
+                for event in answer.split("\n\n").filter(|e| !e.is_empty()) {
+                    let data = event
+                        .strip_prefix("data: ")
+                        .or_else(|| event.strip_prefix("event: error\ndata: "));
+                    let data = data.unwrap_or_else(|| panic!("bad framing: {}", context()));
+                    assert!(
+                        data == "[DONE]" || serde_json::from_str::<Value>(data).is_ok(),
+                        "unparsable event: {}",
+                        context()
+                    );
+                }
+                continue;
+            }
+            let value: Value = serde_json::from_str(&answer)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", context()));
+            if status.is_client_error() {
+                let message = if path.starts_with("/v1/") {
+                    value["error"]["message"].as_str()
+                } else {
+                    value["error"].as_str()
+                };
+                assert!(message.is_some_and(|m| !m.is_empty()), "{}", context());
+            }
+        }
+        eprintln!("{cases} mutated requests, answers by status: {statuses:?}");
+        assert!(statuses.keys().any(|s| *s == 200), "{statuses:?}");
+        assert!(statuses.keys().any(|s| *s >= 400), "{statuses:?}");
+        let (status, out) = server
+            .post_json(
+                "/generate",
+                json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{out}");
+    });
+}
+
+/// A chat template that would loop for ages is cut off by its step budget: the request gets a
+/// 422 naming the template, and the server goes on serving.
+#[test]
+fn a_runaway_chat_template_fails_the_request_not_the_server() {
+    run(async {
+        let looping =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let server = start(|_| {}, |b| b.chat_template = Some(looping.into())).await;
+        let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2});
+        let (status, out) = server.post_json("/v1/chat/completions", chat).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{out}");
+        let message = out["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("fuel"), "{out}");
+        let (status, out) = server
+            .post_json(
+                "/generate",
+                json!({"inputs": "Hi", "parameters": {"max_new_tokens": 2}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{out}");
+    });
+}
