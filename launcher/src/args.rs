@@ -154,7 +154,7 @@ pub struct Args {
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// Origins allowed by CORS (repeat the flag for several); none by default.
+    /// Origins allowed by CORS (repeat the flag for several; `*` for any); none by default.
     #[arg(long, env = "CORS_ALLOW_ORIGIN")]
     pub cors_allow_origin: Vec<String>,
 

@@ -54,8 +54,24 @@ pub fn display_command(program: &Path, args: &[OsString]) -> String {
 
 impl ManagedChild {
     pub fn spawn(name: &str, program: &Path, args: Vec<OsString>) -> Result<Self> {
+        Self::spawn_with_key(name, program, args, None)
+    }
+
+    /// [`ManagedChild::spawn`], handing the child `api_key` in its `API_KEY` variable: not
+    /// on its command line, which every local user can read in `/proc` (`ps`). Without one,
+    /// the child gets no `API_KEY` at all.
+    pub fn spawn_with_key(
+        name: &str,
+        program: &Path,
+        args: Vec<OsString>,
+        api_key: Option<&str>,
+    ) -> Result<Self> {
         tracing::info!("starting {name}: {}", display_command(program, &args));
         let mut command = Command::new(program);
+        match api_key {
+            Some(key) => command.env("API_KEY", key),
+            None => command.env_remove("API_KEY"),
+        };
         command
             .args(&args)
             // Every setting reaches the children as a flag; these variables are the launcher's,

@@ -150,7 +150,6 @@ pub fn router_args(args: &Args) -> Vec<OsString> {
     );
     push(&mut out, "--hostname", &args.hostname);
     push(&mut out, "--port", args.port.to_string());
-    push_opt(&mut out, "--api-key", args.api_key.as_ref());
     for origin in &args.cors_allow_origin {
         push(&mut out, "--cors-allow-origin", origin);
     }
@@ -233,7 +232,8 @@ impl Fleet {
             }
         }
         let router_binary = locate_binary(ROUTER_BINARY);
-        match ManagedChild::spawn("router", &router_binary, router_args(args)) {
+        let key = args.api_key.as_deref();
+        match ManagedChild::spawn_with_key("router", &router_binary, router_args(args), key) {
             Ok(child) => self.router = Some(child),
             Err(e) => return Stop::Failed(e),
         }
@@ -540,12 +540,17 @@ mod tests {
         assert_eq!(value(&out, "--max-total-tokens"), Some("512"));
         assert_eq!(value(&out, "--max-input-tokens"), None);
         assert_eq!(value(&out, "--waiting-served-ratio"), Some("0.3"));
-        assert_eq!(value(&out, "--api-key"), Some("secret"));
+        // The key goes in the router's environment, not on its command line.
+        assert_eq!(value(&out, "--api-key"), None);
+        assert!(!out.iter().any(|a| a.contains("secret")));
         assert_eq!(
             out.iter().filter(|a| *a == "--cors-allow-origin").count(),
             2
         );
-        let shown = crate::child::display_command(Path::new("wick-router"), &router_args(&a));
+        let shown = crate::child::display_command(
+            Path::new("wick-router"),
+            &["--api-key".into(), "secret".into()],
+        );
         assert!(!shown.contains("secret") && shown.contains("<redacted>"));
     }
 }

@@ -96,7 +96,7 @@ struct Args {
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     api_key: Option<String>,
 
-    /// Allowed CORS origin (repeatable); any origin when none is given.
+    /// Allowed CORS origin (repeatable); `*` for any. None by default: CORS is closed.
     #[arg(long, env = "CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     cors_allow_origin: Vec<String>,
 

@@ -188,13 +188,21 @@ pub fn app(
     };
     let api_key = config.server.api_key.as_deref().map(ApiKey::new);
     let router = crate::routes::router(state, api_key)
-        .layer(DefaultBodyLimit::max(config.server.payload_limit))
-        .layer(cors_layer(&config.server.cors_allow_origin)?);
-    Ok(router)
+        .layer(DefaultBodyLimit::max(config.server.payload_limit));
+    Ok(match cors_layer(&config.server.cors_allow_origin)? {
+        Some(cors) => router.layer(cors),
+        None => router,
+    })
 }
 
-fn cors_layer(origins: &[String]) -> anyhow::Result<CorsLayer> {
-    let allow_origin = if origins.is_empty() {
+/// CORS is closed unless origins are given (`*` opens it to any origin): unlike TGI, which
+/// allows any origin by default, a browser page on another site cannot call wick unless the
+/// operator says so.
+fn cors_layer(origins: &[String]) -> anyhow::Result<Option<CorsLayer>> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
         let values = origins
@@ -203,13 +211,15 @@ fn cors_layer(origins: &[String]) -> anyhow::Result<CorsLayer> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         AllowOrigin::list(values)
     };
-    Ok(CorsLayer::new()
-        .allow_methods([Method::GET, Method::POST])
-        .allow_headers([
-            axum::http::header::CONTENT_TYPE,
-            axum::http::header::AUTHORIZATION,
-        ])
-        .allow_origin(allow_origin))
+    Ok(Some(
+        CorsLayer::new()
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                axum::http::header::CONTENT_TYPE,
+                axum::http::header::AUTHORIZATION,
+            ])
+            .allow_origin(allow_origin),
+    ))
 }
 
 /// Serves until `shutdown` resolves; in-flight requests finish first.

@@ -1231,3 +1231,31 @@ fn a_runaway_chat_template_fails_the_request_not_the_server() {
         assert_eq!(status, StatusCode::OK, "{out}");
     });
 }
+
+/// CORS opens only to the origins the operator lists (closed by default: see the security
+/// test of the whole deployment).
+#[test]
+fn cors_allows_only_the_listed_origins() {
+    run(async {
+        let server = start(
+            |c| c.server.cors_allow_origin = vec!["https://app.example".into()],
+            |_| {},
+        )
+        .await;
+        let preflight = |origin: &'static str| {
+            server
+                .client
+                .request(reqwest::Method::OPTIONS, server.url("/generate"))
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .send()
+        };
+        let ok = preflight("https://app.example").await.unwrap();
+        assert_eq!(
+            ok.headers().get("access-control-allow-origin").unwrap(),
+            "https://app.example"
+        );
+        let other = preflight("https://evil.example").await.unwrap();
+        assert!(other.headers().get("access-control-allow-origin").is_none());
+    });
+}
