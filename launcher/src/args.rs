@@ -162,6 +162,11 @@ pub struct Args {
     #[arg(long, env = "PAYLOAD_LIMIT", default_value_t = 2_000_000)]
     pub payload_limit: usize,
 
+    /// Seconds a request may run from its arrival (queue included) before the router cancels
+    /// it with a 504, or an error event on a stream. None by default.
+    #[arg(long, env = "REQUEST_DEADLINE")]
+    pub request_deadline: Option<f64>,
+
     /// Seconds each child gets to exit after SIGTERM (the router drains in-flight requests)
     /// before it is killed.
     #[arg(
@@ -305,6 +310,12 @@ impl Args {
     pub fn validate(&self) -> Result<()> {
         if self.num_shard == 0 {
             bail!("--num-shard must be at least 1");
+        }
+        if self
+            .request_deadline
+            .is_some_and(|s| !(s.is_finite() && s > 0.0))
+        {
+            bail!("--request-deadline must be a positive number of seconds");
         }
         if self.shard_health_timeout == 0 {
             bail!("--shard-health-timeout must be at least 1 second");

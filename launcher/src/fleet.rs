@@ -154,6 +154,7 @@ pub fn router_args(args: &Args) -> Vec<OsString> {
         push(&mut out, "--cors-allow-origin", origin);
     }
     push(&mut out, "--payload-limit", args.payload_limit.to_string());
+    push_opt(&mut out, "--request-deadline", args.request_deadline);
     out.push("--json-output".into());
     out
 }

@@ -78,6 +78,7 @@ impl ApiError {
                 InferError::IncompleteGeneration | InferError::IncompleteGenerationStream => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
+                InferError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             },
             ApiError::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -122,6 +123,7 @@ impl ApiError {
                 InferError::IncompleteGeneration | InferError::IncompleteGenerationStream => {
                     "incomplete"
                 }
+                InferError::DeadlineExceeded(_) => "deadline",
             }),
             ApiError::IncompleteStream => Some("incomplete"),
             ApiError::Unhealthy | ApiError::Unauthorized | ApiError::Body { .. } => None,

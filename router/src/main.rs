@@ -107,6 +107,11 @@ struct Args {
     /// Largest accepted request body in bytes (413 beyond).
     #[arg(long, env = "PAYLOAD_LIMIT", default_value_t = 2_000_000)]
     payload_limit: usize,
+
+    /// Seconds a request may run from its arrival (queue included) before it is cancelled
+    /// with a 504, or an error event on a stream. None by default.
+    #[arg(long, env = "REQUEST_DEADLINE", value_parser = positive_seconds)]
+    request_deadline: Option<std::time::Duration>,
 }
 
 impl Args {
@@ -130,6 +135,7 @@ impl Args {
                 model_id: self.model_id.clone(),
                 api_key: self.api_key.clone(),
                 cors_allow_origin: self.cors_allow_origin.clone(),
+                request_deadline: self.request_deadline,
                 payload_limit: self.payload_limit,
                 max_client_batch_size: self.max_client_batch_size,
                 max_concurrent_requests: self.max_concurrent_requests,
@@ -218,4 +224,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A positive, finite number of seconds.
+fn positive_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let seconds: f64 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(format!("{text:?} is not a positive number of seconds"));
+    }
+    std::time::Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
 }

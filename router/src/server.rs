@@ -28,8 +28,11 @@ pub struct ServerConfig {
     pub model_id: Option<String>,
     /// Requires `Authorization: Bearer <key>` on generation routes.
     pub api_key: Option<String>,
-    /// Allowed CORS origins; empty = any.
+    /// Allowed CORS origins (`*` = any); empty = CORS closed.
     pub cors_allow_origin: Vec<String>,
+    /// Every request is cancelled with a 504 (or an error event) once it has run this long
+    /// from its arrival, queue included; `None` = no deadline.
+    pub request_deadline: Option<std::time::Duration>,
     /// Largest accepted request body, in bytes.
     pub payload_limit: usize,
     /// Most prompts (× `n`) one `/v1/completions` request may carry.
@@ -184,6 +187,7 @@ pub fn app(
         compute_type,
         prometheus,
         max_client_batch_size: config.server.max_client_batch_size,
+        request_deadline: config.server.request_deadline,
         system_fingerprint: Arc::from(format!("{version}-native")),
     };
     let api_key = config.server.api_key.as_deref().map(ApiKey::new);

@@ -63,6 +63,7 @@ fn default_config() -> Config {
             model_id: Some("tiny-llama".into()),
             api_key: None,
             cors_allow_origin: vec![],
+            request_deadline: None,
             payload_limit: 2_000_000,
             max_client_batch_size: 4,
             max_concurrent_requests: 128,
@@ -1257,5 +1258,48 @@ fn cors_allows_only_the_listed_origins() {
         );
         let other = preflight("https://evil.example").await.unwrap();
         assert!(other.headers().get("access-control-allow-origin").is_none());
+    });
+}
+
+/// `--request-deadline`: a request still running when it passes is cancelled, with a 504 in
+/// the route's shape or an error event that ends the stream; its KV blocks come back.
+#[test]
+fn requests_past_the_deadline_are_cancelled_cleanly() {
+    run(async {
+        let server = start(
+            |c| c.server.request_deadline = Some(Duration::from_millis(1)),
+            |_| {},
+        )
+        .await;
+        let long = json!({"inputs": "Hello", "parameters": {"max_new_tokens": 60}});
+        let (status, out) = server.post_json("/generate", long.clone()).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{out}");
+        assert_eq!(out["error_type"], "deadline_exceeded", "{out}");
+        let chat = json!({"model": "m", "max_tokens": 60,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let (status, out) = server.post_json("/v1/chat/completions", chat).await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{out}");
+        assert!(
+            out["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("deadline"),
+            "{out}"
+        );
+        let (status, _, body) = server.post_text("/generate_stream", long).await;
+        assert_eq!(status, StatusCode::OK);
+        let last = sse_payloads(&body).pop().unwrap();
+        assert!(last.contains("deadline"), "{body}");
+        // Nothing is left holding KV blocks or permits.
+        for _ in 0..100 {
+            let metrics = server.get("/metrics").await.text().await.unwrap();
+            if metrics.contains("wick_kv_blocks_used 0")
+                && metrics.contains("wick_requests_in_flight 0")
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("blocks or permits still held after the deadline");
     });
 }

@@ -117,6 +117,10 @@ pub enum InferError {
     IncompleteGeneration,
     #[error("Incomplete generation stream")]
     IncompleteGenerationStream,
+    /// The deployment's `--request-deadline` passed before the request ended; it was
+    /// cancelled.
+    #[error("Request cancelled: it did not finish within the deadline of {0:?}")]
+    DeadlineExceeded(std::time::Duration),
 }
 
 impl InferError {
@@ -127,6 +131,7 @@ impl InferError {
             Self::GenerationError(_) => "generation",
             Self::IncompleteGeneration => "incomplete_generation",
             Self::IncompleteGenerationStream => "incomplete_generation_stream",
+            Self::DeadlineExceeded(_) => "deadline_exceeded",
         }
     }
 }

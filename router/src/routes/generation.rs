@@ -121,11 +121,33 @@ pub(crate) struct Completed {
     pub timings: Timings,
 }
 
-/// Queues an admitted request and returns its event stream.
+/// Queues an admitted request and returns its event stream (ended by the deployment's
+/// deadline, if it has one).
 pub(crate) fn start(state: &AppState, admitted: Permitted) -> Result<EventStream, ApiError> {
-    Ok(state
+    let events = state
         .infer
-        .generate_stream(admitted.permit, admitted.valid.request)?)
+        .generate_stream(admitted.permit, admitted.valid.request)?;
+    Ok(match state.request_deadline {
+        Some(limit) => with_deadline(events, admitted.arrived + limit, limit),
+        None => events,
+    })
+}
+
+/// `events` until `until`: then one `DeadlineExceeded` error and the end (dropping `events`
+/// cancels the request, so its KV blocks and batch slot are freed at the next step).
+fn with_deadline(events: EventStream, until: std::time::Instant, limit: Duration) -> EventStream {
+    let timer = Box::pin(tokio::time::sleep_until(until.into()));
+    Box::pin(futures::stream::unfold(
+        Some((events, timer)),
+        move |state| async move {
+            let (mut events, mut timer) = state?;
+            tokio::select! {
+                biased;
+                item = events.next() => item.map(|item| (item, Some((events, timer)))),
+                _ = &mut timer => Some((Err(InferError::DeadlineExceeded(limit)), None)),
+            }
+        },
+    ))
 }
 
 /// Runs an admitted request to its end.

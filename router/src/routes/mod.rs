@@ -37,6 +37,8 @@ pub struct AppState {
     pub compute_type: HeaderValue,
     pub prometheus: PrometheusHandle,
     pub max_client_batch_size: usize,
+    /// See [`crate::server::ServerConfig::request_deadline`].
+    pub request_deadline: Option<std::time::Duration>,
     /// `{version}-native`, OpenAI's `system_fingerprint`.
     pub system_fingerprint: Arc<str>,
 }
