@@ -391,6 +391,7 @@ pub struct ChatMessage {
 pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
     #[schema(minimum = -2.0, maximum = 2.0)]

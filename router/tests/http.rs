@@ -1233,6 +1233,29 @@ fn a_runaway_chat_template_fails_the_request_not_the_server() {
     });
 }
 
+/// An empty conversation is refused (OpenAI does too); it used to run with only the
+/// template's generation prompt, for as many tokens as the deployment allows.
+#[test]
+fn an_empty_conversation_is_refused() {
+    run(async {
+        let server = start(|_| {}, |_| {}).await;
+        let (status, out) = server
+            .post_json(
+                "/v1/chat/completions",
+                json!({"model": "m", "messages": []}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{out}");
+        assert!(
+            out["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("messages"),
+            "{out}"
+        );
+    });
+}
+
 /// CORS opens only to the origins the operator lists (closed by default: see the security
 /// test of the whole deployment).
 #[test]

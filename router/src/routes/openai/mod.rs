@@ -180,6 +180,14 @@ impl OpenAiReply {
 }
 
 async fn chat(state: AppState, request: ChatRequest) -> Result<Response, ApiError> {
+    if request.messages.is_empty() {
+        // OpenAI refuses an empty conversation too; rendering one would leave the model
+        // only the template's generation prompt.
+        return Err(ApiError::Body {
+            status: axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            message: "`messages` must hold at least one message".into(),
+        });
+    }
     if let Some(user) = &request.user {
         tracing::debug!(user, "chat completion");
     }
