@@ -625,11 +625,10 @@ async fn fault(
         "the log does not name shard-0".into()
     });
     if let Some((_, after)) = exit {
-        report.expect(after <= args.exit_within, || {
+        report.expect(after <= bound, || {
             format!(
-                "wick took {:.2}s to exit (bound {:?})",
+                "wick took {:.2}s to exit (bound {bound:?})",
                 after.as_secs_f64(),
-                args.exit_within
             )
         });
     }
