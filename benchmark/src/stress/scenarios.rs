@@ -197,14 +197,20 @@ async fn stop(report: &mut ScenarioReport, mut server: Server) {
 }
 
 fn leftovers(report: &mut ScenarioReport, server: &Server) {
-    let (processes, sockets) = server.leftovers();
+    let (processes, sockets, shm) = server.leftovers();
     report.figure(
         "left behind",
-        format!("{} processes, {} sockets", processes.len(), sockets.len()),
+        format!(
+            "{} processes, {} sockets, {} shm",
+            processes.len(),
+            sockets.len(),
+            shm.len()
+        ),
     );
-    report.expect(processes.is_empty() && sockets.is_empty(), || {
-        format!("left behind: processes {processes:?}, sockets {sockets:?}")
-    });
+    report.expect(
+        processes.is_empty() && sockets.is_empty() && shm.is_empty(),
+        || format!("left behind: processes {processes:?}, sockets {sockets:?}, shm {shm:?}"),
+    );
 }
 
 /// What one mixed-load request was.

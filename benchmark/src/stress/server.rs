@@ -18,6 +18,8 @@ pub struct Server {
     pub uds: PathBuf,
     log: PathBuf,
     status: Option<ExitStatus>,
+    /// `/dev/shm` before the start, to find shared memory the deployment left behind.
+    shm_before: Vec<std::ffi::OsString>,
     _dir: tempfile::TempDir,
 }
 
@@ -30,6 +32,7 @@ impl Server {
         let uds = dir.path().join("wick");
         let log = dir.path().join("wick.log");
         let out = std::fs::File::create(&log)?;
+        let shm_before = shm_entries();
         let child = Command::new(wick)
             .args(["--model-id", model, "--hostname", "127.0.0.1"])
             .args(["--port", &port.to_string()])
@@ -49,6 +52,7 @@ impl Server {
             uds,
             log,
             status: None,
+            shm_before,
             _dir: dir,
         };
         server.wait_healthy().await?;
@@ -124,8 +128,9 @@ impl Server {
     }
 
     /// Live processes whose command line names this deployment's socket path (the launcher's
-    /// children all do), and the socket files still on disk.
-    pub fn leftovers(&self) -> (Vec<u32>, Vec<PathBuf>) {
+    /// children all do), the socket files still on disk, and `/dev/shm` entries that were not
+    /// there before it started.
+    pub fn leftovers(&self) -> (Vec<u32>, Vec<PathBuf>, Vec<std::ffi::OsString>) {
         let needle = self.uds.display().to_string();
         let processes = processes_mentioning(&needle)
             .into_iter()
@@ -139,7 +144,11 @@ impl Server {
             .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
             .map(|e| e.path())
             .collect();
-        (processes, sockets)
+        let shm = shm_entries()
+            .into_iter()
+            .filter(|e| !self.shm_before.contains(e))
+            .collect();
+        (processes, sockets, shm)
     }
 }
 
@@ -152,6 +161,15 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn shm_entries() -> Vec<std::ffi::OsString> {
+    std::fs::read_dir("/dev/shm")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect()
 }
 
 pub fn send_signal(pid: u32, signal: i32) {
