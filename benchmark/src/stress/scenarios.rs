@@ -425,10 +425,9 @@ async fn mixed(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport>
 async fn start_streams(
     client: &reqwest::Client,
     server: &Server,
-    count: usize,
-    max_tokens: u32,
-    timeout: Duration,
+    args: &StressArgs,
 ) -> (Vec<tokio::task::JoinHandle<Outcome>>, usize) {
+    let (count, max_tokens, timeout) = (args.concurrency, args.fault_tokens, args.request_timeout);
     let base = server.url("");
     let tasks: Vec<_> = (0..count)
         .map(|i| {
@@ -476,19 +475,20 @@ async fn start_streams(
     (tasks, running)
 }
 
+/// How and when `wick` exited, for the report.
+fn exit_figure(exit: Option<(std::process::ExitStatus, Duration)>) -> String {
+    match exit {
+        Some((status, after)) => format!("{status} after {:.2}s", after.as_secs_f64()),
+        None => "none".into(),
+    }
+}
+
 /// SIGTERM under load: in-flight requests finish, new ones are refused, exit 0.
 async fn drain(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport> {
     let mut report = ScenarioReport::new(Scenario::Drain);
     let mut server = Server::start(wick, &args.model_id, &args.wick_args).await?;
     let client = http_client(args)?;
-    let (tasks, running) = start_streams(
-        &client,
-        &server,
-        args.concurrency,
-        args.fault_tokens,
-        args.request_timeout,
-    )
-    .await;
+    let (tasks, running) = start_streams(&client, &server, args).await;
     let signalled = Instant::now();
     server.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -529,13 +529,7 @@ async fn drain(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport>
     report.figure("finished", finished);
     report.figure("cut", cut);
     report.figure("new refused/accepted", format!("{refused}/{accepted}"));
-    report.figure(
-        "exit",
-        match exit {
-            Some((status, after)) => format!("{status} after {:.2}s", after.as_secs_f64()),
-            None => "none".into(),
-        },
-    );
+    report.figure("exit", exit_figure(exit));
     report.expect(running > 0, || "nothing was running at SIGTERM".into());
     report.expect(cut == 0, || format!("{cut} in-flight requests were cut"));
     report.expect(accepted == 0, || {
@@ -570,14 +564,7 @@ async fn fault(
     let shard = server
         .child_pid("shard-0")
         .ok_or_else(|| anyhow::anyhow!("no shard-0 pid in the log:\n{}", server.log()))?;
-    let (tasks, running) = start_streams(
-        &client,
-        &server,
-        args.concurrency,
-        args.fault_tokens,
-        args.request_timeout,
-    )
-    .await;
+    let (tasks, running) = start_streams(&client, &server, args).await;
     let signalled = Instant::now();
     let signal = if scenario == Scenario::Kill {
         libc::SIGKILL
@@ -609,13 +596,7 @@ async fn fault(
         "last client answered after",
         format!("{:.2}s", slowest.as_secs_f64()),
     );
-    report.figure(
-        "exit",
-        match exit {
-            Some((status, after)) => format!("{status} after {:.2}s", after.as_secs_f64()),
-            None => "none".into(),
-        },
-    );
+    report.figure("exit", exit_figure(exit));
     report.expect(running > 0 && finished < args.concurrency, || {
         "nothing was running when the shard was signalled".into()
     });
