@@ -45,7 +45,13 @@ impl EventSender {
     /// Sends `data: <text>`; false when the client is gone or has read nothing for the stall
     /// timeout.
     pub async fn data(&self, text: String) -> bool {
-        let event = Ok(Event::default().data(text));
+        // A reading client leaves room: no timer per token. Only a full buffer waits, and
+        // only that long.
+        let event = match self.tx.try_send(Ok(Event::default().data(text))) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
         match self.tx.send_timeout(event, self.stall).await {
             Ok(()) => true,
             Err(SendTimeoutError::Timeout(_)) => {
