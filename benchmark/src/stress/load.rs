@@ -91,6 +91,31 @@ impl Job {
     }
 }
 
+impl Job {
+    /// Sends this job with `prompt` on its route (see [`send`]).
+    pub async fn run(
+        &self,
+        client: &reqwest::Client,
+        base: &str,
+        prompt: &str,
+        max_tokens: u32,
+        hang_up_after: Option<usize>,
+        timeout: Duration,
+    ) -> Outcome {
+        let body = Payload::Json(self.body(prompt, max_tokens));
+        send(
+            client,
+            base,
+            self.route,
+            self.route.path(),
+            body,
+            hang_up_after,
+            timeout,
+        )
+        .await
+    }
+}
+
 /// How one request ended, seen from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

@@ -78,17 +78,16 @@ async fn references(
     let base = server.url("");
     let mut texts = HashMap::new();
     for job in jobs {
-        let body = job.body(PROMPTS[job.prompt], args.max_tokens);
-        let outcome = send(
-            client,
-            &base,
-            job.route,
-            job.route.path(),
-            Payload::Json(body),
-            None,
-            args.request_timeout,
-        )
-        .await;
+        let outcome = job
+            .run(
+                client,
+                &base,
+                PROMPTS[job.prompt],
+                args.max_tokens,
+                None,
+                args.request_timeout,
+            )
+            .await;
         match outcome {
             Outcome::Completed(text) => {
                 texts.insert(*job, text);
@@ -351,13 +350,11 @@ async fn mixed(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport>
                             Planned::HangUp(_, n) => Some(n),
                             _ => None,
                         };
-                        let body = job.body(PROMPTS[job.prompt], args.max_tokens);
-                        send(
+                        job.run(
                             &client,
                             &base,
-                            job.route,
-                            job.route.path(),
-                            Payload::Json(body),
+                            PROMPTS[job.prompt],
+                            args.max_tokens,
                             hang_up,
                             args.request_timeout,
                         )
@@ -690,17 +687,16 @@ async fn slow(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport> 
             let job = jobs[i % jobs.len()];
             let (client, base) = (client.clone(), base.clone());
             async move {
-                let body = job.body(PROMPTS[job.prompt], args.max_tokens);
-                let outcome = send(
-                    &client,
-                    &base,
-                    job.route,
-                    job.route.path(),
-                    Payload::Json(body),
-                    None,
-                    args.request_timeout,
-                )
-                .await;
+                let outcome = job
+                    .run(
+                        &client,
+                        &base,
+                        PROMPTS[job.prompt],
+                        args.max_tokens,
+                        None,
+                        args.request_timeout,
+                    )
+                    .await;
                 (job, outcome)
             }
         })
@@ -951,17 +947,16 @@ async fn soak(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport> 
                 let mut requests = 0;
                 while start.elapsed() < duration {
                     let job = jobs[rng.next_u64() as usize % jobs.len()];
-                    let body = job.body(PROMPTS[job.prompt], max_tokens);
-                    let outcome = send(
-                        &client,
-                        &base,
-                        job.route,
-                        job.route.path(),
-                        Payload::Json(body),
-                        None,
-                        timeout,
-                    )
-                    .await;
+                    let outcome = job
+                        .run(
+                            &client,
+                            &base,
+                            PROMPTS[job.prompt],
+                            max_tokens,
+                            None,
+                            timeout,
+                        )
+                        .await;
                     tally.count(Planned::Whole(job), outcome, references.get(&job));
                     requests += 1;
                 }
