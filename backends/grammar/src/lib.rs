@@ -70,7 +70,7 @@ impl Grammar {
             (Some("json" | "json_object"), Some(Value::String(text))) => {
                 match serde_json::from_str::<Value>(text) {
                     Ok(schema @ Value::Object(_)) => Ok(Grammar::JsonSchema(schema)),
-                    Ok(_) => Err(GrammarError::NotSupported),
+                    Ok(_) => Err(GrammarError::Invalid("schema is not a JSON object".into())),
                     Err(e) => Err(GrammarError::Invalid(format!("schema is not JSON: {e}"))),
                 }
             }
