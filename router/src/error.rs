@@ -3,14 +3,16 @@
 //! Body rejections (malformed JSON, wrong content type, oversized bodies) go through the same
 //! mapping via [`ApiJson`], never axum's plain-text defaults.
 
+use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 
 use crate::chat_template::TemplateError;
+use crate::types::objects::Object;
 use crate::types::{ErrorResponse, OpenAiError, OpenAiErrorResponse};
 use crate::validation::ValidationError;
 use wick_scheduler::metrics;
@@ -203,7 +205,8 @@ impl IntoResponse for HttpError {
     }
 }
 
-/// `axum::Json` whose rejections answer in the route's JSON error shape.
+/// `axum::Json` whose rejections answer in the route's JSON error shape, and whose body must be
+/// an object (derived structs would also read an array as their fields).
 pub struct ApiJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for ApiJson<T>
@@ -215,11 +218,56 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let api = Api::from_path(req.uri().path());
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::Body {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                message: "Expected request with `Content-Type: application/json`".into(),
+            }
+            .with_api(api));
+        }
+        let bytes = match Bytes::from_request(req, state).await {
+            Ok(bytes) => bytes,
+            Err(rejection) => {
+                let status = rejection.status();
+                let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "Request body is larger than the payload limit".to_string()
+                } else {
+                    rejection.body_text()
+                };
+                return Err(ApiError::Body { status, message }.with_api(api));
+            }
+        };
+        match Json::<Object<T>>::from_bytes(&bytes) {
+            Ok(Json(Object(value))) => Ok(ApiJson(value)),
+            // `[` is refused as an array (a data error) before its end is read: a body that is
+            // not JSON at all is a syntax error (400), whatever its first character.
+            Err(JsonRejection::JsonDataError(_))
+                if serde_json::from_slice::<IgnoredAny>(&bytes).is_err() =>
+            {
+                let rejection =
+                    Json::<IgnoredAny>::from_bytes(&bytes).expect_err("the body is not JSON");
+                Err(body_rejection(rejection).with_api(api))
+            }
             Err(rejection) => Err(body_rejection(rejection).with_api(api)),
         }
     }
+}
+
+/// `application/json` or `application/*+json`, as `axum::Json` asks.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json")
+            || subtype.len() > 5 && subtype[subtype.len() - 5..].eq_ignore_ascii_case("+json"))
 }
 
 fn body_rejection(rejection: JsonRejection) -> ApiError {

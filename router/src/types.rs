@@ -9,43 +9,34 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 pub struct GenerateParameters {
     /// Generate `best_of` sequences and return the one with the highest logprob (only 1 is served).
-    #[serde(default)]
-    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub best_of: Option<usize>,
     #[serde(default)]
-    #[schema(exclusive_minimum = 0.0)]
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     #[serde(default)]
-    #[schema(exclusive_minimum = 0.0)]
-    pub repetition_penalty: Option<f32>,
+    pub repetition_penalty: Option<f64>,
     /// OpenAI-style: subtract `frequency_penalty × count` from a generated token's logit.
     #[serde(default)]
-    #[schema(minimum = -2.0, maximum = 2.0)]
-    pub frequency_penalty: Option<f32>,
+    pub frequency_penalty: Option<f64>,
     /// OpenAI-style: subtract `presence_penalty` once from every token already generated
     /// (an extension of TGI's parameters, used by the OpenAI routes).
     #[serde(default)]
-    #[schema(minimum = -2.0, maximum = 2.0)]
-    pub presence_penalty: Option<f32>,
+    pub presence_penalty: Option<f64>,
     /// Keep generating past the model's EOS tokens (an extension, as vLLM's `ignore_eos`;
     /// benchmarks use it to fix the output length).
     #[serde(default)]
     pub ignore_eos: bool,
-    #[serde(default)]
-    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub top_k: Option<i32>,
     #[serde(default)]
-    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     #[serde(default)]
-    #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
-    pub typical_p: Option<f32>,
+    pub typical_p: Option<f64>,
     #[serde(default)]
     pub do_sample: bool,
     /// At least 1; prompt + `max_new_tokens` within the deployment's `max_total_tokens`
     /// (`/info`), else 422.
-    #[serde(default)]
-    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub max_new_tokens: Option<u32>,
     /// Prepend the prompt to the generated text.
     #[serde(default)]
@@ -53,8 +44,7 @@ pub struct GenerateParameters {
     #[serde(default)]
     pub stop: Vec<String>,
     /// Keep only the last `truncate` prompt tokens (at most `max_input_tokens`, else 422).
-    #[serde(default)]
-    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub truncate: Option<usize>,
     /// Accepted for compatibility; watermarking is not implemented.
     #[serde(default)]
@@ -64,9 +54,9 @@ pub struct GenerateParameters {
     /// Return the prompt tokens with their logprobs.
     #[serde(default)]
     pub decoder_input_details: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub seed: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub top_n_tokens: Option<u32>,
     /// Structured output: `{"type": "json" | "json_object", "value": <JSON schema>}`,
     /// `{"type": "json_schema", "value": {"schema"}}`, `{"type": "regex", "value": "..."}`, or
@@ -79,13 +69,13 @@ pub struct GenerateParameters {
     #[schema(value_type = Option<()>)]
     pub adapter_id: Option<String>,
     /// wick: no end token and no stop sequence before this many new tokens (vLLM's
-    /// `min_tokens`).
-    #[serde(default)]
+    /// `min_tokens`; more than `max_new_tokens` means none before the last).
+    #[serde(default, deserialize_with = "integers::optional")]
     pub min_new_tokens: Option<u32>,
     /// wick: OpenAI's `logit_bias`: token id (a string) → a bias in [-100, 100] added to that
     /// token's logit.
     #[serde(default)]
-    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// The parameters TGI applies when a request carries no `parameters` object at all
@@ -106,7 +96,7 @@ fn default_true() -> bool {
 pub struct GenerateRequest {
     #[schema(example = "My name is Olivier and I", min_length = 1)]
     pub inputs: String,
-    #[serde(default = "default_parameters")]
+    #[serde(default = "default_parameters", deserialize_with = "objects::object")]
     pub parameters: GenerateParameters,
     /// Add the tokenizer's special tokens (BOS) to the prompt; chat requests turn it off
     /// because the template supplies them.
@@ -128,7 +118,7 @@ pub struct TokenizeRequest {
 pub struct CompatGenerateRequest {
     #[schema(min_length = 1)]
     pub inputs: String,
-    #[serde(default = "default_parameters")]
+    #[serde(default = "default_parameters", deserialize_with = "objects::object")]
     pub parameters: GenerateParameters,
     #[serde(default)]
     pub stream: bool,
@@ -339,8 +329,13 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
+    Text {
+        text: String,
+    },
+    ImageUrl {
+        #[serde(deserialize_with = "objects::object")]
+        image_url: ImageUrl,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -352,6 +347,7 @@ pub struct ImageUrl {
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
+    #[serde(deserialize_with = "objects::list_of_objects")]
     Parts(Vec<ContentPart>),
 }
 
@@ -379,7 +375,11 @@ pub struct ChatMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// An assistant turn's calls.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "objects::optional_list_of_objects"
+    )]
     pub tool_calls: Option<Vec<ToolCall>>,
     /// A `tool` turn: the call it answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -392,49 +392,49 @@ pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     #[schema(min_items = 1)]
+    #[serde(deserialize_with = "objects::list_of_objects")]
     pub messages: Vec<ChatMessage>,
     #[serde(default)]
-    #[schema(minimum = -2.0, maximum = 2.0)]
-    pub frequency_penalty: Option<f32>,
+    pub frequency_penalty: Option<f64>,
     #[serde(default)]
-    #[schema(minimum = -2.0, maximum = 2.0)]
-    pub presence_penalty: Option<f32>,
+    pub presence_penalty: Option<f64>,
     /// Keep generating past EOS (vLLM's extension; used by benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
     /// Token id (a string) → a bias in [-100, 100] added to that token's logit.
     #[serde(default)]
-    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
-    /// No end token and no stop sequence before this many tokens (vLLM's extension).
-    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// No end token and no stop sequence before this many tokens (vLLM's extension; more
+    /// than `max_tokens` means none before the last).
+    #[serde(default, deserialize_with = "integers::optional")]
     pub min_tokens: Option<u32>,
     /// The end user's id: logged at debug level (it changes nothing in the answer, as at OpenAI).
     #[serde(default)]
     pub user: Option<String>,
     #[serde(default)]
     pub logprobs: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub top_logprobs: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub max_tokens: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub max_completion_tokens: Option<u32>,
     /// Number of choices to generate.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub n: Option<usize>,
     #[serde(default)]
     pub stop: Option<StopSpec>,
     #[serde(default)]
     pub stream: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects::optional_object")]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub seed: Option<u64>,
     /// 0 means greedy decoding.
     #[serde(default)]
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     #[serde(default)]
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     /// Functions the model may call (`{"type": "function", "function": {"name",
     /// "description", "parameters"}}`); calls are enforced by a grammar, so they always parse.
     #[serde(default)]
@@ -496,6 +496,7 @@ pub struct ToolCall {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: String,
+    #[serde(deserialize_with = "objects::object")]
     pub function: ToolFunction,
 }
 
@@ -596,50 +597,48 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub prompt: Prompt,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub max_tokens: Option<u32>,
     #[serde(default)]
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     #[serde(default)]
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     #[serde(default)]
     pub stream: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects::optional_object")]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub seed: Option<u64>,
     /// Not supported: any value but null is rejected.
     #[serde(default)]
     #[schema(value_type = Option<()>)]
     pub suffix: Option<String>,
     #[serde(default)]
-    #[schema(exclusive_minimum = 0.0)]
-    pub repetition_penalty: Option<f32>,
+    pub repetition_penalty: Option<f64>,
     #[serde(default)]
-    #[schema(minimum = -2.0, maximum = 2.0)]
-    pub frequency_penalty: Option<f32>,
+    pub frequency_penalty: Option<f64>,
     #[serde(default)]
-    #[schema(minimum = -2.0, maximum = 2.0)]
-    pub presence_penalty: Option<f32>,
+    pub presence_penalty: Option<f64>,
     /// Keep generating past EOS (vLLM's extension; used by benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
     #[serde(default)]
     pub stop: Option<StopSpec>,
     /// Number of completions per prompt.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub n: Option<usize>,
     /// Number of most likely tokens to report per position (0 = only the chosen token).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integers::optional")]
     pub logprobs: Option<u32>,
     /// The answer starts with the prompt (and, with `logprobs`, the prompt's tokens).
     #[serde(default)]
     pub echo: bool,
     /// Token id (a string) → a bias in [-100, 100] added to that token's logit.
     #[serde(default)]
-    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
-    /// No end token and no stop sequence before this many tokens (vLLM's extension).
-    #[serde(default)]
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// No end token and no stop sequence before this many tokens (vLLM's extension; more
+    /// than `max_tokens` means none before the last).
+    #[serde(default, deserialize_with = "integers::optional")]
     pub min_tokens: Option<u32>,
     /// The end user's id: logged at debug level (it changes nothing in the answer, as at OpenAI).
     #[serde(default)]
@@ -690,6 +689,112 @@ pub struct ModelCard {
 pub struct ModelList {
     pub object: String,
     pub data: Vec<ModelCard>,
+}
+
+/// Integer request fields also read a number with no fractional part (`1.0`): JSON Schema's
+/// `integer` includes them, and clients that compute a count in floating point send them.
+pub(crate) mod integers {
+    use serde::de::{Deserializer, Error, Unexpected};
+    use serde::Deserialize;
+    use serde_json::Number;
+
+    pub fn optional<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64> + TryFrom<i64>,
+    {
+        let Some(n) = Option::<Number>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let out_of_range = || D::Error::invalid_value(unexpected(&n), &"an integer within range");
+        if let Some(u) = n.as_u64() {
+            return T::try_from(u).map(Some).map_err(|_| out_of_range());
+        }
+        if let Some(i) = n.as_i64() {
+            return T::try_from(i).map(Some).map_err(|_| out_of_range());
+        }
+        match n.as_f64() {
+            // 2^64 itself would saturate to u64::MAX.
+            Some(f) if f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&f) => {
+                T::try_from(f as u64).map(Some).map_err(|_| out_of_range())
+            }
+            Some(f) if f.fract() == 0.0 && f >= i64::MIN as f64 && f < 0.0 => {
+                T::try_from(f as i64).map(Some).map_err(|_| out_of_range())
+            }
+            Some(f) => Err(D::Error::invalid_type(Unexpected::Float(f), &"an integer")),
+            None => Err(out_of_range()),
+        }
+    }
+
+    fn unexpected(n: &Number) -> Unexpected<'static> {
+        if let Some(u) = n.as_u64() {
+            Unexpected::Unsigned(u)
+        } else if let Some(i) = n.as_i64() {
+            Unexpected::Signed(i)
+        } else {
+            Unexpected::Float(n.as_f64().unwrap_or(f64::NAN))
+        }
+    }
+}
+
+/// Request fields that take an object refuse an array: serde's derived structs also read a
+/// JSON array as their fields in order (`"parameters": [null, null]`), which no client means
+/// and the API document does not allow.
+pub(crate) mod objects {
+    use std::marker::PhantomData;
+
+    use serde::de::value::MapAccessDeserializer;
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde::Deserialize;
+
+    /// A `T` read from a JSON object only.
+    pub(crate) struct Object<T>(pub T);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Fields<T>(PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for Fields<T> {
+                type Value = T;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                    T::deserialize(MapAccessDeserializer::new(map))
+                }
+            }
+            d.deserialize_map(Fields(PhantomData)).map(Object)
+        }
+    }
+
+    pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+        Object::deserialize(d).map(|o| o.0)
+    }
+
+    pub fn optional_object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        Ok(Option::<Object<T>>::deserialize(d)?.map(|o| o.0))
+    }
+
+    pub fn list_of_objects<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        let list = Vec::<Object<T>>::deserialize(d)?;
+        Ok(list.into_iter().map(|o| o.0).collect())
+    }
+
+    pub fn optional_list_of_objects<'de, D, T>(d: D) -> Result<Option<Vec<T>>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        let list = Option::<Vec<Object<T>>>::deserialize(d)?;
+        Ok(list.map(|l| l.into_iter().map(|o| o.0).collect()))
+    }
 }
 
 #[cfg(test)]
@@ -752,6 +857,71 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.content.unwrap().to_text(), "see ![](http://x/y.png)");
+    }
+
+    #[test]
+    fn integers_read_integral_floats_only() {
+        let p = |json: &str| serde_json::from_str::<GenerateParameters>(json);
+        assert_eq!(
+            p(r#"{"max_new_tokens": 12.0}"#).unwrap().max_new_tokens,
+            Some(12)
+        );
+        assert_eq!(p(r#"{"seed": 1e3}"#).unwrap().seed, Some(1000));
+        assert_eq!(
+            p(r#"{"seed": 18446744073709551615}"#).unwrap().seed,
+            Some(u64::MAX)
+        );
+        assert_eq!(p(r#"{"top_k": -3.0}"#).unwrap().top_k, Some(-3));
+        assert_eq!(p(r#"{"seed": null}"#).unwrap().seed, None);
+        for bad in [
+            r#"{"max_new_tokens": 1.5}"#,
+            r#"{"max_new_tokens": -1}"#,
+            r#"{"max_new_tokens": 4294967296}"#,
+            r#"{"seed": 1.8446744073709552e19}"#,
+            r#"{"seed": "5"}"#,
+            r#"{"top_k": 2147483648.0}"#,
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn objects_are_not_read_from_arrays() {
+        let generate = [
+            r#"{"inputs":"a","parameters":[null]}"#,
+            r#"{"inputs":"a","parameters":"x"}"#,
+        ];
+        for body in generate {
+            assert!(
+                serde_json::from_str::<GenerateRequest>(body).is_err(),
+                "{body}"
+            );
+            assert!(
+                serde_json::from_str::<CompatGenerateRequest>(body).is_err(),
+                "{body}"
+            );
+        }
+        let chats = [
+            r#"{"messages":[["user","hi"]]}"#,
+            r#"{"messages":[{"role":"user","content":[["text","hi"]]}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":["u"]}]}]}"#,
+            r#"{"messages":[{"role":"user","content":"x"}],"stream_options":[true]}"#,
+            r#"{"messages":[{"role":"assistant","tool_calls":[["a","function",{"name":"f","arguments":"{}"}]]}]}"#,
+            r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"a","type":"function","function":["f","{}"]}]}]}"#,
+        ];
+        for body in chats {
+            assert!(serde_json::from_str::<ChatRequest>(body).is_err(), "{body}");
+        }
+        let completion = r#"{"prompt":"a","stream_options":[false]}"#;
+        assert!(serde_json::from_str::<CompletionRequest>(completion).is_err());
+        // The same values as objects (or null) are read.
+        let ok = r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"u"}}]},{"role":"assistant","tool_calls":[{"id":"a","type":"function","function":{"name":"f","arguments":"{}"}}]}],"stream_options":null}"#;
+        let chat: ChatRequest = serde_json::from_str(ok).unwrap();
+        assert_eq!(chat.messages.len(), 2);
+        assert!(chat.stream_options.is_none());
+        let r: GenerateRequest =
+            serde_json::from_str(r#"{"inputs":"a","parameters":{"top_k":2}}"#).unwrap();
+        assert_eq!(r.parameters.top_k, Some(2));
     }
 
     #[test]

@@ -15,6 +15,92 @@ use wick_scheduler::request::{
     ValidGrammar, ValidParameters, ValidRequest, ValidStoppingParameters,
 };
 
+/// A numeric rule on a request field: the validator checks it and the OpenAPI document states
+/// it (`minimum`, `exclusiveMinimum`, ...), from this one definition.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Range {
+    pub min: Option<f64>,
+    pub min_exclusive: bool,
+    pub max: Option<f64>,
+    pub max_exclusive: bool,
+}
+
+impl Range {
+    const fn new(
+        min: Option<f64>,
+        min_exclusive: bool,
+        max: Option<f64>,
+        max_exclusive: bool,
+    ) -> Self {
+        Range {
+            min,
+            min_exclusive,
+            max,
+            max_exclusive,
+        }
+    }
+
+    /// Whether `v` obeys the rule (NaN never does).
+    pub fn contains(&self, v: f64) -> bool {
+        let above = match self.min {
+            Some(m) if self.min_exclusive => v > m,
+            Some(m) => v >= m,
+            None => !v.is_nan(),
+        };
+        let below = match self.max {
+            Some(m) if self.max_exclusive => v < m,
+            Some(m) => v <= m,
+            None => !v.is_nan(),
+        };
+        above && below
+    }
+
+    /// `v` (which obeys the rule) as the f32 the engine computes with, still obeying it: plain
+    /// rounding would take a positive 1e-50 to 0, 0.999999999 to 1, and 1e300 to infinity.
+    pub fn narrow(&self, v: f64) -> f32 {
+        let mut x = (v as f32).clamp(f32::MIN, f32::MAX);
+        if let Some(m) = self.min {
+            let m = m as f32;
+            if x < m || (self.min_exclusive && x <= m) {
+                x = if self.min_exclusive { m.next_up() } else { m };
+            }
+        }
+        if let Some(m) = self.max {
+            let m = m as f32;
+            if x > m || (self.max_exclusive && x >= m) {
+                x = if self.max_exclusive { m.next_down() } else { m };
+            }
+        }
+        x
+    }
+}
+
+/// A `logit_bias` key: a token id in decimal (the vocabulary bounds it further).
+pub const TOKEN_ID: &str = "^[0-9]+$";
+
+/// The value rules of request fields that do not depend on the deployment (those that do, the
+/// token limits, come from [`ValidationConfig`]).
+pub mod rules {
+    use super::Range;
+
+    /// `temperature`, `repetition_penalty`: strictly positive.
+    pub const POSITIVE: Range = Range::new(Some(0.0), true, None, false);
+    /// `frequency_penalty`, `presence_penalty`: within [-2, 2].
+    pub const PENALTY: Range = Range::new(Some(-2.0), false, Some(2.0), false);
+    /// TGI's `top_p` and `typical_p`: within (0, 1).
+    pub const PROBABILITY: Range = Range::new(Some(0.0), true, Some(1.0), true);
+    /// Counts that must be at least 1: `best_of`, `top_k`, `max_new_tokens`, `truncate`, `n`.
+    pub const AT_LEAST_ONE: Range = Range::new(Some(1.0), false, None, false);
+    /// `best_of`: TGI's rules are checked, but only 1 is served.
+    pub const BEST_OF: Range = Range::new(Some(1.0), false, Some(1.0), false);
+    /// A `logit_bias` value: within [-100, 100].
+    pub const LOGIT_BIAS: Range = Range::new(Some(-100.0), false, Some(100.0), false);
+    /// OpenAI's `temperature`: 0 (greedy) or more.
+    pub const OPENAI_TEMPERATURE: Range = Range::new(Some(0.0), false, None, false);
+    /// OpenAI's `top_p`: within (0, 1], 1 meaning off.
+    pub const OPENAI_TOP_P: Range = Range::new(Some(0.0), true, Some(1.0), false);
+}
+
 /// Validation limits fixed at startup.
 #[derive(Debug, Clone)]
 pub struct ValidationConfig {
@@ -84,8 +170,6 @@ pub enum ValidationError {
     InvalidGrammar(String),
     #[error("`logit_bias`: {0}")]
     LogitBias(String),
-    #[error("`min_new_tokens` must be <= `max_new_tokens`. Given: {0} and {1}")]
-    MinNewTokens(u32, u32),
     #[error("adapters are not supported")]
     Adapter,
     /// The tokenizer pool is gone (shutdown).
@@ -227,13 +311,9 @@ impl Validation {
         }
         let max_new_tokens =
             check_lengths(&self.config, input_ids.len(), parameters.max_new_tokens)?;
-        let min_new_tokens = parameters.min_new_tokens.unwrap_or(0);
-        if min_new_tokens > max_new_tokens {
-            return Err(ValidationError::MinNewTokens(
-                min_new_tokens,
-                max_new_tokens,
-            ));
-        }
+        // More than can be generated means "no end before the last token" (what else could
+        // it mean?), not an error.
+        let min_new_tokens = parameters.min_new_tokens.unwrap_or(0).min(max_new_tokens);
         let logit_bias = match &parameters.logit_bias {
             Some(bias) => {
                 check_logit_bias(bias, self.grammars.tokenizer.get_vocab_size(true) as u32)?
@@ -247,7 +327,7 @@ impl Validation {
         if parameters.adapter_id.is_some() {
             return Err(ValidationError::Adapter);
         }
-        if checked.best_of > 1 {
+        if !rules::BEST_OF.contains(checked.best_of as f64) {
             return Err(ValidationError::BestOfUnsupported);
         }
         let input_length = input_ids.len() as u32;
@@ -301,28 +381,34 @@ impl Validation {
     }
 }
 
-/// OpenAI's rules: keys are token ids of the vocabulary, biases within [-100, 100].
+/// OpenAI's rules: keys are token ids of the vocabulary (decimal digits, [`TOKEN_ID`]), biases
+/// within [-100, 100].
 fn check_logit_bias(
-    bias: &std::collections::BTreeMap<String, f32>,
+    bias: &std::collections::BTreeMap<String, f64>,
     vocab: u32,
 ) -> Result<Vec<(u32, f32)>, ValidationError> {
     bias.iter()
         .map(|(key, &b)| {
-            let id: u32 = key
-                .trim()
-                .parse()
-                .map_err(|_| ValidationError::LogitBias(format!("{key:?} is not a token id")))?;
-            if id >= vocab {
+            if key.is_empty() || !key.bytes().all(|c| c.is_ascii_digit()) {
                 return Err(ValidationError::LogitBias(format!(
-                    "token id {id} is not in the vocabulary ({vocab} tokens)"
+                    "{key:?} is not a token id"
                 )));
             }
-            if !(-100.0..=100.0).contains(&b) {
+            let id = key
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| id < vocab)
+                .ok_or_else(|| {
+                    ValidationError::LogitBias(format!(
+                        "token id {key} is not in the vocabulary ({vocab} tokens)"
+                    ))
+                })?;
+            if !rules::LOGIT_BIAS.contains(b) {
                 return Err(ValidationError::LogitBias(format!(
                     "the bias of token {id} must be >= -100 and <= 100. Given: {b}"
                 )));
             }
-            Ok((id, b))
+            Ok((id, rules::LOGIT_BIAS.narrow(b)))
         })
         .collect()
 }
@@ -366,37 +452,42 @@ fn check_parameters(
         return Err(ValidationError::BestOfSampling);
     }
 
+    use rules::{AT_LEAST_ONE, PENALTY, POSITIVE, PROBABILITY};
     let temperature = p.temperature.unwrap_or(1.0);
-    if temperature <= 0.0 || temperature.is_nan() {
+    if !POSITIVE.contains(temperature) {
         return Err(ValidationError::Temperature);
     }
     let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
-    if repetition_penalty <= 0.0 || repetition_penalty.is_nan() {
+    if !POSITIVE.contains(repetition_penalty) {
         return Err(ValidationError::RepetitionPenalty);
     }
     let frequency_penalty = p.frequency_penalty.unwrap_or(0.0);
-    if !(-2.0..=2.0).contains(&frequency_penalty) {
+    if !PENALTY.contains(frequency_penalty) {
         return Err(ValidationError::FrequencyPenalty);
     }
     let presence_penalty = p.presence_penalty.unwrap_or(0.0);
-    if !(-2.0..=2.0).contains(&presence_penalty) {
+    if !PENALTY.contains(presence_penalty) {
         return Err(ValidationError::PresencePenalty);
     }
     let top_p = match p.top_p {
-        Some(v) if !(v > 0.0 && v < 1.0) => return Err(ValidationError::TopP),
-        Some(v) => v,
+        Some(v) if !PROBABILITY.contains(v) => return Err(ValidationError::TopP),
+        Some(v) => PROBABILITY.narrow(v),
         None => 1.0,
     };
     let typical_p = match p.typical_p {
-        Some(v) if !(v > 0.0 && v < 1.0) => return Err(ValidationError::TypicalP),
-        Some(v) => v,
+        Some(v) if !PROBABILITY.contains(v) => return Err(ValidationError::TypicalP),
+        Some(v) => PROBABILITY.narrow(v),
         None => 1.0,
     };
     let top_k = match p.top_k {
-        Some(v) if v <= 0 => return Err(ValidationError::TopK),
+        Some(v) if !AT_LEAST_ONE.contains(v as f64) => return Err(ValidationError::TopK),
         Some(v) => v as u32,
         None => 0,
     };
+    let temperature = POSITIVE.narrow(temperature);
+    let repetition_penalty = POSITIVE.narrow(repetition_penalty);
+    let frequency_penalty = PENALTY.narrow(frequency_penalty);
+    let presence_penalty = PENALTY.narrow(presence_penalty);
     if p.max_new_tokens == Some(0) {
         return Err(ValidationError::NegativeMaxNewTokens);
     }
@@ -526,8 +617,12 @@ mod tests {
     /// value just outside is refused, one just inside accepted, and the document agrees.
     #[test]
     fn documented_bounds_are_the_validators() {
-        use utoipa::OpenApi;
-        let doc = serde_json::to_value(crate::routes::docs::ApiDoc::openapi()).unwrap();
+        let limits = crate::routes::docs::Limits {
+            validation: config(),
+            max_client_batch_size: 4,
+            api_key: false,
+        };
+        let doc = crate::routes::docs::document(&limits);
         let props = &doc["components"]["schemas"]["GenerateParameters"]["properties"];
         let within = |schema: &serde_json::Value, v: f64| {
             let bound = |k: &str| schema[k].as_f64();
@@ -549,6 +644,15 @@ mod tests {
             ("presence_penalty", -2.01, -2.0),
             ("top_k", 0.0, 1.0),
             ("max_new_tokens", 0.0, 1.0),
+            ("best_of", 2.0, 1.0),
+            ("best_of", 0.0, 1.0),
+            ("truncate", 0.0, 1.0),
+            ("truncate", 11.0, 10.0),
+            ("top_n_tokens", 6.0, 5.0),
+            // Values f32 rounds onto a bound are still inside it.
+            ("temperature", 0.0, 1e-50),
+            ("top_p", 1.0, 0.999_999_999_9),
+            ("typical_p", 0.0, 5e-324),
         ];
         for (field, bad, good) in cases {
             let schema = &props[field];
@@ -561,7 +665,14 @@ mod tests {
                 "{field}: {good} is documented as invalid: {schema}"
             );
             let p = |v: f64| {
-                let v = if field == "top_k" || field == "max_new_tokens" {
+                let integer = [
+                    "top_k",
+                    "max_new_tokens",
+                    "best_of",
+                    "truncate",
+                    "top_n_tokens",
+                ];
+                let v = if integer.contains(&field) {
                     serde_json::json!(v as i64)
                 } else {
                     serde_json::json!(v)
@@ -578,6 +689,30 @@ mod tests {
                 "{field}: {good} fails the validator"
             );
         }
+    }
+
+    #[test]
+    fn narrowing_to_f32_stays_within_the_rule() {
+        use rules::*;
+        let cases = [
+            (POSITIVE, 5e-324),
+            (POSITIVE, 1e300),
+            (PROBABILITY, 0.999_999_999_9),
+            (PROBABILITY, 1e-60),
+            (PENALTY, 2.0),
+            (PENALTY, -2.0),
+            (LOGIT_BIAS, 99.999_999_999),
+            (OPENAI_TOP_P, 1.0),
+        ];
+        for (range, v) in cases {
+            assert!(range.contains(v), "{v}");
+            let x = range.narrow(v);
+            assert!(range.contains(x as f64), "{v} narrowed to {x}");
+            assert!(x.is_finite());
+        }
+        assert_eq!(PENALTY.narrow(1.5), 1.5);
+        assert!(!POSITIVE.contains(f64::NAN));
+        assert!(!PROBABILITY.contains(1.0));
     }
 
     fn err(p: GenerateParameters) -> String {
@@ -820,7 +955,7 @@ mod tests {
 
     #[test]
     fn logit_bias_keys_and_values_are_checked() {
-        let bias = |pairs: &[(&str, f32)]| {
+        let bias = |pairs: &[(&str, f64)]| {
             let map = pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect();
             check_logit_bias(&map, 10)
         };
@@ -831,6 +966,13 @@ mod tests {
         assert_eq!(
             bias(&[("x", 1.0)]).unwrap_err().to_string(),
             "`logit_bias`: \"x\" is not a token id"
+        );
+        for key in ["", " 3", "+3", "-3", "3.0"] {
+            assert!(bias(&[(key, 1.0)]).is_err(), "{key:?}");
+        }
+        assert_eq!(
+            bias(&[("99999999999", 1.0)]).unwrap_err().to_string(),
+            "`logit_bias`: token id 99999999999 is not in the vocabulary (10 tokens)"
         );
         assert_eq!(
             bias(&[("10", 1.0)]).unwrap_err().to_string(),

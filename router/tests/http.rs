@@ -333,7 +333,7 @@ fn native_routes() {
 }
 
 #[test]
-fn generate_stream_framing_and_in_band_errors() {
+fn generate_stream_framing_and_refusals() {
     run(async {
         let s = start(|_| {}, |_| {}).await;
         let request = json!({"inputs": "Once upon a time", "parameters": {"max_new_tokens": 6, "details": true}});
@@ -358,17 +358,19 @@ fn generate_stream_framing_and_in_band_errors() {
         let (_, b) = s.post_json("/generate", request).await;
         assert_eq!(last["generated_text"], b["generated_text"]);
 
-        // Validation errors arrive in-band, as TGI does.
-        let (status, _, body) = s
+        // A refused request gets its HTTP status and TGI's error body before any event (TGI
+        // itself answers 200 and an error event; its clients read both the same way).
+        let (status, headers, body) = s
             .post_text(
                 "/generate_stream",
                 json!({"inputs": "x", "parameters": {"decoder_input_details": true}}),
             )
             .await;
-        assert_eq!(status, StatusCode::OK);
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(headers["content-type"], "application/json");
         assert_eq!(
             body,
-            "data: {\"error\":\"Input validation error: `decoder_input_details` == true is not supported when streaming tokens\",\"error_type\":\"validation\"}\n\n"
+            "{\"error\":\"Input validation error: `decoder_input_details` == true is not supported when streaming tokens\",\"error_type\":\"validation\"}"
         );
     });
 }

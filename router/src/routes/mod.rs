@@ -58,6 +58,7 @@ pub fn router(state: AppState, api_key: Option<ApiKey>) -> Router {
         .route("/tokenize", post(native::tokenize))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions));
+    let keyed = api_key.is_some();
     if let Some(key) = api_key {
         generation = generation.layer(middleware::from_fn_with_state(key, require_api_key));
     }
@@ -71,7 +72,9 @@ pub fn router(state: AppState, api_key: Option<ApiKey>) -> Router {
     let limits = docs::Limits {
         validation: state.validation.config().clone(),
         max_client_batch_size: state.max_client_batch_size,
+        api_key: keyed,
     };
-    let docs = SwaggerUi::new("/docs").url("/api-doc/openapi.json", docs::document(&limits));
+    let docs = SwaggerUi::new("/docs")
+        .external_url_unchecked("/api-doc/openapi.json", docs::document(&limits));
     generation.merge(open).with_state(state).merge(docs)
 }

@@ -42,25 +42,30 @@ pub(crate) async fn generate(
     Ok((headers, Json(body)).into_response())
 }
 
-/// Generate tokens as a stream of server-sent events (no `[DONE]`; errors arrive in-band).
+/// Generate tokens as a stream of server-sent events (no `[DONE]`). A refused request gets its
+/// HTTP status; an error once events have started arrives as an error event.
 #[utoipa::path(
     post,
     path = "/generate_stream",
     tag = "Text Generation Inference",
     request_body = GenerateRequest,
     responses(
-        (status = 200, description = "Server-sent events: tokens, then the final event; a validation or generation error arrives as an error event", body = StreamEvent, content_type = "text/event-stream"),
-        (status = 422, description = "Body of the wrong shape (a field of the wrong type)", body = ErrorResponse),
+        (status = 200, description = "Server-sent events: tokens, then the final event; an error after the first event arrives as an error event", body = StreamEvent, content_type = "text/event-stream"),
         (status = 400, description = "Body is not valid JSON or not of this shape", body = ErrorResponse),
         (status = 413, description = "Body larger than --payload-limit", body = ErrorResponse),
         (status = 415, description = "No `Content-Type: application/json`", body = ErrorResponse),
+        (status = 422, description = "Input validation error", body = ErrorResponse),
+        (status = 424, description = "Generation Error", body = ErrorResponse),
+        (status = 429, description = "Model is overloaded", body = ErrorResponse),
     )
 )]
 pub(crate) async fn generate_stream(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<GenerateRequest>,
-) -> Response {
+) -> Result<Response, HttpError> {
     stream_response(state, request)
+        .await
+        .map_err(HttpError::native)
 }
 
 /// TGI's compat route: like `/generate` but answers a one-element array, or streams when
@@ -96,7 +101,9 @@ pub(crate) async fn compat_generate(
         add_special_tokens: true,
     };
     if stream {
-        return Ok(stream_response(state, request));
+        return stream_response(state, request)
+            .await
+            .map_err(HttpError::native);
     }
     let (headers, body) = generate_one(&state, request)
         .await
@@ -247,37 +254,60 @@ pub(crate) fn timing_headers(
     put("x-generated-tokens", generated_tokens.to_string());
 }
 
-fn stream_response(state: AppState, request: GenerateRequest) -> Response {
+/// Validates and queues the request, then answers with its stream: a request refused
+/// (validation, overload) gets its HTTP status before any event; an error after the first
+/// event arrives in-band.
+async fn stream_response(state: AppState, request: GenerateRequest) -> Result<Response, ApiError> {
+    let admitted = admit(
+        &state,
+        &request.inputs,
+        request.add_special_tokens,
+        &request.parameters,
+        true,
+    )
+    .await?;
+    let admission = Admission {
+        arrived: admitted.arrived,
+        validation_time: admitted.validation_time,
+        input_length: admitted.valid.input_length,
+        do_sample: admitted.valid.request.parameters.do_sample,
+        seed: admitted.valid.request.parameters.seed,
+    };
+    let events = start(&state, admitted)?;
     let (tx, response) = sse::channel(state.compute_type.clone());
     tokio::spawn(async move {
-        if let Err(error) = stream_events(&state, request, &tx).await {
+        if let Err(error) = stream_events(&request, admission, events, &tx).await {
             error.record();
             tx.json(&error.native_body()).await;
         }
     });
-    response
+    Ok(response)
+}
+
+/// What a stream's last event reports about its admission.
+struct Admission {
+    arrived: std::time::Instant,
+    validation_time: std::time::Duration,
+    input_length: u32,
+    do_sample: bool,
+    seed: u64,
 }
 
 /// Sends one event per token; the last carries the text (and details). Returns the error to
 /// report in-band.
 async fn stream_events(
-    state: &AppState,
-    request: GenerateRequest,
+    request: &GenerateRequest,
+    admission: Admission,
+    mut events: wick_scheduler::infer::EventStream,
     tx: &EventSender,
 ) -> Result<(), ApiError> {
     let parameters = &request.parameters;
-    let admitted = admit(
-        state,
-        &request.inputs,
-        request.add_special_tokens,
-        parameters,
-        true,
-    )
-    .await?;
-    let (arrived, validation_time) = (admitted.arrived, admitted.validation_time);
-    let input_length = admitted.valid.input_length;
-    let params = admitted.valid.request.parameters.clone();
-    let mut events = start(state, admitted)?;
+    let Admission {
+        arrived,
+        validation_time,
+        input_length,
+        ..
+    } = admission;
     let mut index = 0u32;
     while let Some(event) = events.next().await {
         match event? {
@@ -313,7 +343,7 @@ async fn stream_events(
                 let details = parameters.details.then(|| StreamDetails {
                     finish_reason: FinishReason::from(generated_text.finish_reason),
                     generated_tokens: generated,
-                    seed: params.do_sample.then_some(params.seed),
+                    seed: admission.do_sample.then_some(admission.seed),
                     input_length,
                 });
                 let event = StreamResponse {

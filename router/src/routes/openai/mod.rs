@@ -108,8 +108,8 @@ pub(crate) async fn completions(
 /// the finish reason and token counts). Temperature 0 means greedy, any other value samples;
 /// `top_p: 1` means "off", which TGI's range check would refuse.
 fn openai_parameters(
-    temperature: Option<f32>,
-    top_p: Option<f32>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
     stop: Option<&StopSpec>,
 ) -> GenerateParameters {
     let (do_sample, temperature) = match temperature {
@@ -302,9 +302,12 @@ fn response_format_grammar(format: &Value) -> Result<Option<Value>, ApiError> {
         Some("text") => Ok(None),
         Some("json_object") if format.get("value").is_none() => Ok(Some(any_object())),
         Some("json_schema") if format.get("value").is_none() => {
-            let spec = format.get("json_schema").ok_or_else(|| {
-                ValidationError::InvalidGrammar("`json_schema` is missing".into())
-            })?;
+            let spec = format
+                .get("json_schema")
+                .filter(|spec| spec.is_object())
+                .ok_or_else(|| {
+                    ValidationError::InvalidGrammar("`json_schema` must be an object".into())
+                })?;
             match spec.get("schema") {
                 None => Ok(Some(any_object())),
                 Some(schema @ Value::Object(_)) => {
@@ -339,7 +342,7 @@ async fn complete(state: AppState, request: CompletionRequest) -> Result<Respons
     let logprobs = request.logprobs.is_some();
     if request.echo && logprobs && request.stream {
         return Err(ApiError::Body {
-            status: axum::http::StatusCode::BAD_REQUEST,
+            status: axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             message: "`echo` with `logprobs` is not supported when streaming".into(),
         });
     }

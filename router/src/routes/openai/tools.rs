@@ -63,7 +63,8 @@ impl ToolCalling {
                 // TGI takes a bare function name.
                 name => Choice::Named(name.to_string()),
             },
-            Some(Value::Object(o)) => {
+            Some(choice @ Value::Object(o)) => {
+                function_type(choice)?;
                 let name = o
                     .get("function")
                     .and_then(|f| f.get("name"))
@@ -163,13 +164,19 @@ impl ToolCalling {
     }
 }
 
+/// A tool's or a named `tool_choice`'s `type`: `function`, or absent.
+fn function_type(v: &Value) -> Result<(), ApiError> {
+    match v.get("type") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(t)) if t == "function" => Ok(()),
+        Some(Value::String(t)) => Err(tool_error(format!("tools of type {t} are not supported"))),
+        Some(_) => Err(tool_error("a tool's `type` must be a string")),
+    }
+}
+
 /// `{"type": "function", "function": {"name", "description"?, "parameters"?}}`.
 fn parse_tool(v: &Value) -> Result<Tool, ApiError> {
-    if let Some(t) = v.get("type").and_then(Value::as_str) {
-        if t != "function" {
-            return Err(tool_error(format!("tools of type {t} are not supported")));
-        }
-    }
+    function_type(v)?;
     let f = v
         .get("function")
         .ok_or_else(|| tool_error("a tool has no `function`"))?;
@@ -193,12 +200,18 @@ fn parse_tool(v: &Value) -> Result<Tool, ApiError> {
         p.entry("additionalProperties")
             .or_insert(Value::Bool(false));
     }
+    let description = match f.get("description") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(d.clone()),
+        Some(_) => {
+            return Err(tool_error(format!(
+                "`{name}`: `description` must be a string"
+            )))
+        }
+    };
     Ok(Tool {
         name: name.to_string(),
-        description: f
-            .get("description")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        description,
         parameters,
     })
 }
