@@ -3,7 +3,7 @@
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 PORT ?= 3000
 
-.PHONY: serve test model build fmt lint client-check stress
+.PHONY: serve test model build fmt lint client-check stress contract
 
 model:
 	scripts/fetch-model.sh
@@ -35,3 +35,9 @@ client-check: model
 # runs its short version on a tiny model.
 stress: model build
 	./target/release/wick-bench stress --model-id $(MODEL)
+
+# The API contract check's longer run (README, "API contract"): schemathesis against the default
+# model, 100 cases per operation, two seeds (about 25 minutes); `make test` runs a short one on
+# a tiny model.
+contract: model build
+	for seed in 1 2; do scripts/contract-check.sh serve 100 $$seed || exit 1; done
