@@ -137,4 +137,15 @@ text = hf.text_generation(
 answer = text.removeprefix("The capital of France is").strip()
 assert answer in ("Paris", "Lyon", "Nice"), text
 print("huggingface_hub grammar:", repr(text))
+
+# A refused stream is an HTTP 422 before any event: the client raises its ValidationError, as
+# it does for TGI's in-band error event.
+from huggingface_hub.errors import ValidationError
+try:
+    for _ in hf.text_generation("Hi", max_new_tokens=3, stream=True, temperature=-1.0):
+        raise AssertionError("a token from a refused stream")
+    raise AssertionError("a refused stream raised nothing")
+except ValidationError as e:
+    assert "temperature" in str(e), e
+print("huggingface_hub refused stream: ValidationError")
 print("all client checks passed")
