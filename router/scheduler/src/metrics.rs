@@ -13,6 +13,8 @@ pub const REQUEST_MEAN_TIME_PER_TOKEN_DURATION: &str = "tgi_request_mean_time_pe
 pub const REQUEST_INPUT_LENGTH: &str = "tgi_request_input_length";
 pub const REQUEST_MAX_NEW_TOKENS: &str = "tgi_request_max_new_tokens";
 pub const REQUEST_GENERATED_TOKENS: &str = "tgi_request_generated_tokens";
+/// From a request's arrival to its first generated token (what a streaming client waits).
+pub const REQUEST_FIRST_TOKEN_DURATION: &str = "wick_request_first_token_duration";
 pub const QUEUE_SIZE: &str = "tgi_queue_size";
 pub const BATCH_CURRENT_SIZE: &str = "tgi_batch_current_size";
 pub const BATCH_CURRENT_MAX_TOKENS: &str = "tgi_batch_current_max_tokens";
@@ -75,6 +77,11 @@ pub fn describe() {
         REQUEST_MEAN_TIME_PER_TOKEN_DURATION,
         Unit::Seconds,
         "Mean time per generated token of a request"
+    );
+    describe_histogram!(
+        REQUEST_FIRST_TOKEN_DURATION,
+        Unit::Seconds,
+        "Time from a request's arrival to its first generated token"
     );
     describe_histogram!(
         REQUEST_INPUT_LENGTH,

@@ -127,10 +127,27 @@ pub(crate) fn start(state: &AppState, admitted: Permitted) -> Result<EventStream
     let events = state
         .infer
         .generate_stream(admitted.permit, admitted.valid.request)?;
+    let events = time_first_token(events, admitted.arrived);
     Ok(match state.request_deadline {
         Some(limit) => with_deadline(events, admitted.arrived + limit, limit),
         None => events,
     })
+}
+
+/// `events`, recording the time from `arrived` to the first generated token as it passes.
+fn time_first_token(events: EventStream, arrived: Instant) -> EventStream {
+    let mut first = true;
+    Box::pin(events.inspect(move |event| {
+        let token = matches!(
+            event,
+            Ok(InferStreamResponse::Intermediate { .. } | InferStreamResponse::End { .. })
+        );
+        if first && token {
+            first = false;
+            ::metrics::histogram!(metrics::REQUEST_FIRST_TOKEN_DURATION)
+                .record(arrived.elapsed().as_secs_f64());
+        }
+    }))
 }
 
 /// `events` until `until`: then one `DeadlineExceeded` error and the end (dropping `events`
