@@ -18,12 +18,13 @@ COPY proto/Cargo.toml proto/build.rs proto/generate.proto proto/
 COPY backends/model/Cargo.toml backends/model/
 COPY backends/kernels/Cargo.toml backends/kernels/
 COPY backends/candle/Cargo.toml backends/candle/
+COPY backends/grammar/Cargo.toml backends/grammar/
 COPY router/Cargo.toml router/
 COPY router/scheduler/Cargo.toml router/scheduler/
 COPY launcher/Cargo.toml launcher/
 COPY benchmark/Cargo.toml benchmark/
 COPY integration-tests/Cargo.toml integration-tests/
-RUN for d in proto backends/model backends/kernels backends/candle router router/scheduler launcher benchmark; do \
+RUN for d in proto backends/model backends/kernels backends/candle backends/grammar router router/scheduler launcher benchmark; do \
         mkdir -p $d/src/bin && echo 'fn main() {}' > $d/src/main.rs && touch $d/src/lib.rs; \
     done \
  && echo 'fn main() {}' > backends/candle/src/bin/wick-shard.rs \
@@ -32,7 +33,8 @@ RUN for d in proto backends/model backends/kernels backends/candle router router
 
 COPY . .
 RUN touch proto/src/lib.rs backends/model/src/lib.rs backends/kernels/src/lib.rs \
-    backends/candle/src/lib.rs router/src/lib.rs router/scheduler/src/lib.rs \
+    backends/candle/src/lib.rs backends/grammar/src/lib.rs router/src/lib.rs \
+    router/scheduler/src/lib.rs \
  && FEATURES=$([ "$VARIANT" = cuda ] && echo "--features wick-backend-candle/nccl" || true) \
  && cargo build --release --bin wick --bin wick-shard --bin wick-router --bin wick-bench $FEATURES
 
@@ -51,4 +53,8 @@ ENV HF_HOME=/data \
 EXPOSE 80
 VOLUME /data
 USER wick
+# Healthy once the model is loaded and the router answers /health (bash's /dev/tcp: the slim
+# image has no HTTP client). The start period covers a model download.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${PORT} && printf 'GET /health HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
 ENTRYPOINT ["wick"]

@@ -1,6 +1,7 @@
-//! What operators deploy around wick, held to what wick really exports: the Grafana dashboard
+//! What operators deploy around wick, held to what wick really is: the Grafana dashboard
 //! (`deploy/grafana/wick-dashboard.json`) queries only metrics a real deployment's `/metrics`
-//! serves.
+//! serves; the Kubernetes manifests (`deploy/kubernetes`) validate and use only what wick
+//! reads.
 
 mod common;
 
@@ -88,5 +89,23 @@ async fn the_dashboard_queries_only_metrics_wick_exports() {
     assert!(
         missing.is_empty(),
         "the dashboard queries {missing:?}, which /metrics does not export:\n{metrics}"
+    );
+}
+
+/// `deploy/kubernetes`: valid for Kubernetes' schemas (strict) and for wick (probes on
+/// `/health`, only environment variables wick reads, a grace period covering the drain); see
+/// `scripts/check-manifests.sh`.
+#[test]
+fn the_kubernetes_manifests_are_valid_for_kubernetes_and_for_wick() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/check-manifests.sh");
+    let output = std::process::Command::new(script)
+        .arg(common::binary("wick"))
+        .output()
+        .expect("running scripts/check-manifests.sh");
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
     );
 }
