@@ -1,11 +1,12 @@
 //! The route table. Generation routes sit behind the API key (when one is set); health, info,
-//! metrics and the docs stay open.
+//! metrics, the docs and the playground page stay open (the page asks for the key).
 
 pub(crate) mod docs;
 mod generation;
 mod info;
 mod native;
 mod openai;
+mod playground;
 mod sse;
 mod stop;
 
@@ -68,6 +69,7 @@ pub fn router(state: AppState, api_key: Option<ApiKey>) -> Router {
         .route("/ping", get(info::health))
         .route("/info", get(info::info))
         .route("/metrics", get(info::metrics))
+        .route("/playground", get(playground::playground))
         .route("/v1/models", get(openai::models));
     let limits = docs::Limits {
         validation: state.validation.config().clone(),
