@@ -162,6 +162,16 @@ pub struct Args {
     #[arg(long, env = "PAYLOAD_LIMIT", default_value_t = 2_000_000)]
     pub payload_limit: usize,
 
+    /// Export traces over OTLP/gRPC to this collector (e.g. `http://otel-collector:4317`): a
+    /// span per request with children for validation, queue, prefill and decode; the caller's
+    /// W3C `traceparent` is their parent.
+    #[arg(long, env = "OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The `service.name` of the exported traces.
+    #[arg(long, env = "OTLP_SERVICE_NAME", default_value = "wick.router")]
+    pub otlp_service_name: String,
+
     /// Seconds a request may run from its arrival (queue included) before the router cancels
     /// it with a 504, or an error event on a stream. None by default.
     #[arg(long, env = "REQUEST_DEADLINE")]

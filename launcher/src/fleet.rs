@@ -155,6 +155,10 @@ pub fn router_args(args: &Args) -> Vec<OsString> {
     }
     push(&mut out, "--payload-limit", args.payload_limit.to_string());
     push_opt(&mut out, "--request-deadline", args.request_deadline);
+    if let Some(endpoint) = &args.otlp_endpoint {
+        push(&mut out, "--otlp-endpoint", endpoint);
+        push(&mut out, "--otlp-service-name", &args.otlp_service_name);
+    }
     out.push("--json-output".into());
     out
 }

@@ -105,6 +105,10 @@ pub fn parse_line(raw: &str, stream: Stream) -> Line {
         }
         text.push_str(&format!(" {key}={}", json_text(value)));
     }
+    // A line logged inside a traced request names its trace.
+    if let Some(trace_id) = event.get("span").and_then(|s| s.get("trace_id")) {
+        text.push_str(&format!(" trace_id={}", json_text(trace_id)));
+    }
     Line { level, text }
 }
 
@@ -177,6 +181,18 @@ mod tests {
         assert_eq!(line.level, Level::WARN);
         // Fields in key order.
         assert_eq!(line.text, "slow model=m rank=0");
+    }
+
+    #[test]
+    fn a_line_inside_a_traced_request_keeps_its_trace_id() {
+        let line = parse_line(
+            r#"{"level":"INFO","message":"POST /generate","status":200,"span":{"name":"request","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736"},"spans":[]}"#,
+            Stream::Stdout,
+        );
+        assert_eq!(
+            line.text,
+            "POST /generate status=200 trace_id=4bf92f3577b34da6a3ce929d0e0e4736"
+        );
     }
 
     #[test]

@@ -7,5 +7,6 @@ pub mod chat_template;
 pub mod error;
 pub mod routes;
 pub mod server;
+pub mod telemetry;
 pub mod types;
 pub mod validation;

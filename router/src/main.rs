@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use wick_router::server::{self, Config, ServerConfig, ValidationFlags};
+use wick_router::telemetry;
 use wick_scheduler::startup::{self, ShardSetup};
 
 /// wick's router: HTTP APIs, validation, queue, continuous batching, metrics.
@@ -104,6 +104,15 @@ struct Args {
     #[arg(long, env = "JSON_OUTPUT")]
     json_output: bool,
 
+    /// Export traces over OTLP/gRPC to this collector (e.g. `http://otel-collector:4317`): a
+    /// span per request, with its validation, queue, prefill and decode.
+    #[arg(long, env = "OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+
+    /// The `service.name` of the exported traces.
+    #[arg(long, env = "OTLP_SERVICE_NAME", default_value = "wick.router")]
+    otlp_service_name: String,
+
     /// Largest accepted request body in bytes (413 beyond).
     #[arg(long, env = "PAYLOAD_LIMIT", default_value_t = 2_000_000)]
     payload_limit: usize,
@@ -147,16 +156,6 @@ impl Args {
                 validation_workers: self.validation_workers,
             },
         }
-    }
-}
-
-fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
     }
 }
 
@@ -206,7 +205,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.json_output);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -217,13 +215,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(args)) {
+    let otlp = args.otlp_endpoint.clone().map(|endpoint| telemetry::Otlp {
+        endpoint,
+        service_name: args.otlp_service_name.clone(),
+    });
+    let traces = {
+        let _runtime = runtime.enter();
+        match telemetry::init(args.json_output, otlp.as_ref()) {
+            Ok(traces) => traces,
+            Err(e) => {
+                eprintln!("cannot set up logging and tracing: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let code = match runtime.block_on(serve(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    };
+    // The last spans leave before the runtime (which drives the exporter's channel) goes.
+    if let Some(traces) = traces {
+        if let Err(e) = traces.shutdown() {
+            eprintln!("exporting the last traces failed: {e}");
+        }
     }
+    code
 }
 
 /// A positive, finite number of seconds.

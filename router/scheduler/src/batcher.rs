@@ -305,6 +305,7 @@ fn send_responses(generation: pb::Generation, entry: &mut Entry) -> bool {
         // No token to attach an end to: the stream just stops (an incomplete generation).
         return generation.generated_text.is_some();
     };
+    entry.start_decode();
     let mut top_tokens = generation.top_tokens.into_iter();
     let mut generated_text = generation.generated_text;
     let mut ended = false;
@@ -317,13 +318,22 @@ fn send_responses(generation: pb::Generation, entry: &mut Entry) -> bool {
         let event = match end {
             Some(text) => {
                 ended = true;
+                let reason = finish_reason(text.finish_reason);
+                entry.finish(
+                    text.generated_tokens,
+                    match reason {
+                        pb::FinishReason::Length => "length",
+                        pb::FinishReason::EosToken => "eos_token",
+                        pb::FinishReason::StopSequence => "stop_sequence",
+                    },
+                );
                 InferStreamResponse::End {
                     token,
                     top_tokens,
                     generated_text: GeneratedText {
                         text: text.text,
                         generated_tokens: text.generated_tokens,
-                        finish_reason: finish_reason(text.finish_reason),
+                        finish_reason: reason,
                         stop_sequence_start: text.stop_sequence_start.map(|at| at as usize),
                         seed: text.seed,
                     },

@@ -35,16 +35,68 @@ pub struct Entry {
     pub batch_time: Option<Instant>,
     /// Its KV blocks, from the moment it is batched; dropping the entry frees them.
     pub block_allocation: Option<BlockAllocation>,
+    /// The span the request was queued in (the HTTP request's).
+    pub span: tracing::Span,
+    /// Its phase now, a child of `span`: `queue`, then `prefill` (until its first token), then
+    /// `decode`. Dropping the entry ends it.
+    pub phase: Phase,
+}
+
+/// A request's phase in the scheduler, as a span.
+#[derive(Debug)]
+pub enum Phase {
+    Queue(tracing::Span),
+    Prefill(tracing::Span),
+    Decode(tracing::Span),
 }
 
 impl Entry {
+    /// A request entering the queue now, in the current span.
     pub fn new(request: ValidRequest, response_tx: ResponseSender) -> Self {
+        let span = tracing::Span::current();
+        let phase = Phase::Queue(tracing::info_span!(parent: &span, "queue"));
         Self {
             request,
             response_tx,
             queue_time: Instant::now(),
             batch_time: None,
             block_allocation: None,
+            span,
+            phase,
+        }
+    }
+
+    /// The request joined a batch: its prompt (`chunk` of its tokens this step, `cached` from
+    /// the prefix cache) goes through the model.
+    pub fn start_prefill(&mut self, batch_size: usize, cached: u32) {
+        let span = tracing::info_span!(
+            parent: &self.span,
+            "prefill",
+            batch_size,
+            input_tokens = self.request.input_ids.len(),
+            cached_tokens = cached,
+        );
+        self.phase = Phase::Prefill(span);
+    }
+
+    /// The first token came: from now on the request decodes.
+    pub fn start_decode(&mut self) {
+        if let Phase::Prefill(_) | Phase::Queue(_) = self.phase {
+            let span = tracing::info_span!(
+                parent: &self.span,
+                "decode",
+                generated_tokens = tracing::field::Empty,
+                finish_reason = tracing::field::Empty,
+            );
+            self.phase = Phase::Decode(span);
+        }
+    }
+
+    /// The request ended with `generated_tokens` for `finish_reason`.
+    pub fn finish(&self, generated_tokens: u32, finish_reason: &str) {
+        if let Phase::Decode(span) = &self.phase {
+            span.record("generated_tokens", generated_tokens);
+            span.record("finish_reason", finish_reason);
         }
     }
 }
@@ -174,6 +226,7 @@ impl State {
         }
 
         let now = Instant::now();
+        let batch_size = batch.len();
         let mut requests = Vec::with_capacity(batch.len());
         let mut entries = HashMap::with_capacity(batch.len());
         let mut max_blocks = 0u32;
@@ -231,6 +284,7 @@ impl State {
             });
             entry.batch_time = Some(now);
             entry.block_allocation = Some(allocation);
+            entry.start_prefill(batch_size, cache_len);
             entries.insert(id, entry);
         }
         let size = requests.len() as u32;

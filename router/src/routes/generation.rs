@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use super::AppState;
 use crate::error::ApiError;
@@ -34,10 +36,14 @@ pub(crate) async fn admit(
     let arrived = Instant::now();
     ::metrics::counter!(metrics::REQUEST_COUNT).increment(1);
     let permit = state.infer.try_acquire_permit()?;
+    let span = tracing::info_span!("validation", input_tokens = Empty, max_new_tokens = Empty);
     let valid = state
         .validation
         .validate(inputs, add_special_tokens, parameters, stream)
+        .instrument(span.clone())
         .await?;
+    span.record("input_tokens", valid.input_length);
+    span.record("max_new_tokens", valid.request.stopping.max_new_tokens);
     let validation_time = arrived.elapsed();
     ::metrics::histogram!(metrics::REQUEST_VALIDATION_DURATION)
         .record(validation_time.as_secs_f64());

@@ -63,6 +63,8 @@ pub fn router(state: AppState, api_key: Option<ApiKey>) -> Router {
     if let Some(key) = api_key {
         generation = generation.layer(middleware::from_fn_with_state(key, require_api_key));
     }
+    // Outermost: a refused key is traced and logged too.
+    generation = generation.layer(middleware::from_fn(crate::telemetry::trace_request));
     let open = Router::new()
         .route("/", get(info::root_health))
         .route("/health", get(info::health))

@@ -275,12 +275,13 @@ async fn stream_response(state: AppState, request: GenerateRequest) -> Result<Re
     };
     let events = start(&state, admitted)?;
     let (tx, response) = sse::channel(state.compute_type.clone());
-    tokio::spawn(async move {
+    // The stream outlives the handler: it carries the request's span on.
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         if let Err(error) = stream_events(&request, admission, events, &tx).await {
             error.record();
             tx.json(&error.native_body()).await;
         }
-    });
+    }));
     Ok(response)
 }
 

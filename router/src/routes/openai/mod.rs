@@ -453,9 +453,10 @@ async fn respond(
             streams.push(start(&state, a)?);
         }
         let (tx, response) = sse::channel(state.compute_type.clone());
-        tokio::spawn(async move {
+        // The stream outlives the handler: it carries the request's span on.
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             stream_choices(job, gens, streams, tx).await;
-        });
+        }));
         return Ok(response);
     }
     let finished =
