@@ -153,15 +153,25 @@ impl Sampler {
         }
         let t = self.params.temperature;
         // temperature → 0 is the argmax; 0 (or junk) means greedy rather than a division by 0.
-        let greedy = !(self.params.do_sample && t > 0.0 && t.is_finite());
+        let mut greedy = !(self.params.do_sample && t > 0.0 && t.is_finite());
         let scaled = !greedy && t != 1.0;
         processed.clear();
         let logits: &[f32] = if self.penalties_active() || scaled {
             processed.extend_from_slice(row);
             self.apply_penalties(processed);
             if scaled {
-                for l in processed.iter_mut() {
-                    *l /= t;
+                // A temperature so small that the scaled logits overflow (1e-45, say) is the
+                // limit t → 0, the argmax: infinities would leave only NaN probabilities.
+                let largest = processed
+                    .iter()
+                    .filter(|l| l.is_finite())
+                    .fold(0f32, |m, l| m.max(l.abs()));
+                if (largest / t).is_finite() {
+                    for l in processed.iter_mut() {
+                        *l /= t;
+                    }
+                } else {
+                    greedy = true;
                 }
             }
             processed

@@ -166,6 +166,27 @@ fn tiny_temperature_behaves_like_argmax() {
 }
 
 #[test]
+fn a_temperature_whose_scaled_logits_overflow_is_greedy() {
+    // 1e-45 is the smallest f32 a request's 5e-324 narrows to: 1.2 / 1e-45 is infinite.
+    let logits = [1.0, 1.2, -0.5, 1.19];
+    for seed in 0..20 {
+        let params = SamplingParams {
+            temperature: 1e-45,
+            frequency_penalty: -1.5,
+            presence_penalty: -1.7,
+            ..sampling(seed)
+        };
+        let out = Sampler::new(params.clone(), &[]).next(&logits, 0);
+        assert_eq!(out.id, 1);
+        let mut s = Sampler::new(params, &[]);
+        for _ in 0..4 {
+            let out = s.next(&logits, 0);
+            assert!(out.logprob.is_finite(), "{out:?}");
+        }
+    }
+}
+
+#[test]
 fn top_k_one_and_tiny_top_p_equal_greedy() {
     for seed in 0..20 {
         let logits = random_logits(500, seed);
