@@ -201,6 +201,7 @@ fn state_bounds(doc: &mut Value, limits: &Limits) {
     ];
     let schemas = &mut doc["components"]["schemas"];
     unsigned_ranges(schemas);
+    nullable_logprobs(schemas);
     // The named property, when the document has it (indexing would insert a null).
     fn property<'a>(schemas: &'a mut Value, schema: &str, field: &str) -> &'a mut Value {
         schemas
@@ -334,6 +335,35 @@ fn unsigned_ranges(schemas: &mut Value) {
             };
             object.remove("format");
             object.entry("maximum").or_insert(max);
+        }
+    }
+}
+
+/// A logprob is null in JSON when it is -inf (a token its distribution did not allow: JSON has
+/// no infinity).
+fn nullable_logprobs(schemas: &mut Value) {
+    let Some(schemas) = schemas.as_object_mut() else {
+        return;
+    };
+    for schema in schemas.values_mut() {
+        let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for (name, property) in properties.iter_mut() {
+            if name == "logprob" && property["type"] == "number" {
+                property["type"] = json!(["number", "null"]);
+                property["description"] = json!("null for a token of probability 0 (-inf)");
+            }
+            // OpenAI's legacy `top_logprobs`: token → logprob maps.
+            if name == "top_logprobs" {
+                if let Some(values) = property
+                    .get_mut("items")
+                    .and_then(|items| items.get_mut("additionalProperties"))
+                    .filter(|values| values["type"] == "number")
+                {
+                    values["type"] = json!(["number", "null"]);
+                }
+            }
         }
     }
 }
