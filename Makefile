@@ -37,7 +37,7 @@ stress: model build
 	./target/release/wick-bench stress --model-id $(MODEL)
 
 # The API contract check's longer run (README, "API contract"): schemathesis against the default
-# model, 100 cases per operation, two seeds (about 25 minutes); `make test` runs a short one on
+# model, 100 cases per operation, two seeds (about 30 minutes); `make test` runs a short one on
 # a tiny model.
 contract: model build
 	for seed in 1 2; do scripts/contract-check.sh serve 100 $$seed || exit 1; done
