@@ -49,6 +49,18 @@ impl Route {
     }
 }
 
+/// Prompts of the deterministic requests: short, distinct, cheap to run alone first.
+pub const PROMPTS: [&str; 8] = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "List three prime numbers:",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Translate to German: good morning",
+    "Why is the sky blue?",
+    "1, 2, 3, 4,",
+];
+
 /// A deterministic request: greedy, or sampled with a fixed seed, so its text alone and in
 /// any batch must be the same.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,7 +71,9 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn body(&self, prompt: &str, max_tokens: u32) -> Value {
+    /// The request's body: its prompt is `PROMPTS[self.prompt]`.
+    pub fn body(&self, max_tokens: u32) -> Value {
+        let prompt = PROMPTS[self.prompt];
         let seed = 1000 + self.prompt as u64;
         if self.route.native() {
             let mut parameters = json!({"max_new_tokens": max_tokens});
@@ -92,17 +106,16 @@ impl Job {
 }
 
 impl Job {
-    /// Sends this job with `prompt` on its route (see [`send`]).
+    /// Sends this job on its route (see [`send`]).
     pub async fn run(
         &self,
         client: &reqwest::Client,
         base: &str,
-        prompt: &str,
         max_tokens: u32,
         hang_up_after: Option<usize>,
         timeout: Duration,
     ) -> Outcome {
-        let body = Payload::Json(self.body(prompt, max_tokens));
+        let body = Payload::Json(self.body(max_tokens));
         send(
             client,
             base,

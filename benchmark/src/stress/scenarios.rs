@@ -7,22 +7,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::load::{send, Job, Outcome, Payload, Route};
+use super::load::{send, Job, Outcome, Payload, Route, PROMPTS};
 use super::server::{open_fds, rss_kib, scrape, Metrics, Server};
 use super::{hostile, Scenario, ScenarioReport, StressArgs};
 use crate::arrivals::SplitMix64;
-
-/// Prompts of the deterministic requests: short, distinct, cheap to run alone first.
-const PROMPTS: [&str; 8] = [
-    "The capital of France is",
-    "Write a haiku about the sea.",
-    "List three prime numbers:",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-    "Translate to German: good morning",
-    "Why is the sky blue?",
-    "1, 2, 3, 4,",
-];
 
 /// How long the deployment gets to return to idle after the load (KV blocks, queue, permits).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,14 +67,7 @@ async fn references(
     let mut texts = HashMap::new();
     for job in jobs {
         let outcome = job
-            .run(
-                client,
-                &base,
-                PROMPTS[job.prompt],
-                args.max_tokens,
-                None,
-                args.request_timeout,
-            )
+            .run(client, &base, args.max_tokens, None, args.request_timeout)
             .await;
         match outcome {
             Outcome::Completed(text) => {
@@ -353,7 +334,6 @@ async fn mixed(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport>
                         job.run(
                             &client,
                             &base,
-                            PROMPTS[job.prompt],
                             args.max_tokens,
                             hang_up,
                             args.request_timeout,
@@ -439,7 +419,7 @@ async fn start_streams(
             };
             let (client, base) = (client.clone(), base.clone());
             tokio::spawn(async move {
-                let mut body = job.body(PROMPTS[job.prompt], max_tokens);
+                let mut body = job.body(max_tokens);
                 if job.route.native() {
                     body["parameters"]["details"] = serde_json::json!(false);
                 }
@@ -497,16 +477,9 @@ async fn drain(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport>
     };
     for _ in 0..4 {
         let fresh = reqwest::Client::new();
-        let outcome = send(
-            &fresh,
-            &server.url(""),
-            late.route,
-            late.route.path(),
-            Payload::Json(late.body(PROMPTS[0], 4)),
-            None,
-            Duration::from_secs(10),
-        )
-        .await;
+        let outcome = late
+            .run(&fresh, &server.url(""), 4, None, Duration::from_secs(10))
+            .await;
         match outcome {
             Outcome::Refused(503, _) => refused += 1,
             Outcome::Broken(e) if e.starts_with("transport") => refused += 1,
@@ -647,7 +620,7 @@ async fn slow(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport> 
         };
         let response = reqwest::Client::new()
             .post(format!("{base}{}", job.route.path()))
-            .json(&job.body(PROMPTS[job.prompt], long))
+            .json(&job.body(long))
             .send()
             .await?;
         stuck.push(response);
@@ -661,7 +634,7 @@ async fn slow(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport> 
                 sampled: false,
             };
             let url = format!("{base}{}", job.route.path());
-            let body = job.body(PROMPTS[job.prompt], args.max_tokens * 2);
+            let body = job.body(args.max_tokens * 2);
             tokio::spawn(async move {
                 let mut response = reqwest::Client::new()
                     .post(url)
@@ -688,14 +661,7 @@ async fn slow(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport> 
             let (client, base) = (client.clone(), base.clone());
             async move {
                 let outcome = job
-                    .run(
-                        &client,
-                        &base,
-                        PROMPTS[job.prompt],
-                        args.max_tokens,
-                        None,
-                        args.request_timeout,
-                    )
+                    .run(&client, &base, args.max_tokens, None, args.request_timeout)
                     .await;
                 (job, outcome)
             }
@@ -947,16 +913,7 @@ async fn soak(args: &StressArgs, wick: &Path) -> anyhow::Result<ScenarioReport> 
                 let mut requests = 0;
                 while start.elapsed() < duration {
                     let job = jobs[rng.next_u64() as usize % jobs.len()];
-                    let outcome = job
-                        .run(
-                            &client,
-                            &base,
-                            PROMPTS[job.prompt],
-                            max_tokens,
-                            None,
-                            timeout,
-                        )
-                        .await;
+                    let outcome = job.run(&client, &base, max_tokens, None, timeout).await;
                     tally.count(Planned::Whole(job), outcome, references.get(&job));
                     requests += 1;
                 }
