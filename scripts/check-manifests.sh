@@ -10,15 +10,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 wick=${1:-$root/target/debug/wick}
 deps="$root/target/pyk8s"
-pins="kubernetes-validate==1.37.0"
-
-if [ "$(cat "$deps/.pins" 2>/dev/null)" != "$pins" ]; then
-  rm -rf "$deps"
-  # --target never touches the system's packages.
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check \
-    --target "$deps" $pins >&2
-  echo "$pins" > "$deps/.pins"
-fi
+. "$root/scripts/lib.sh"
+pip_pinned "$deps" "kubernetes-validate==1.37.0"
 
 manifests=("$root"/deploy/kubernetes/*.yaml)
 PYTHONPATH="$deps" python3 -m kubernetes_validate --strict --quiet "${manifests[@]}"

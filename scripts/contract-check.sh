@@ -11,42 +11,19 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib.sh"
 examples=${2:-20}
 seed=${3:-1}
 deps="$root/target/pycontract"
-pins="schemathesis==4.32.5"
-
-if [ "$(cat "$deps/.pins" 2>/dev/null)" != "$pins" ]; then
-  rm -rf "$deps"
-  # --target never touches the system's packages.
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check \
-    --target "$deps" $pins >&2
-  echo "$pins" > "$deps/.pins"
-fi
+pip_pinned "$deps" "schemathesis==4.32.5"
 
 work=$(mktemp -d)
-wick=
-cleanup() {
-  [ -n "$wick" ] && { kill "$wick" 2>/dev/null; wait "$wick" 2>/dev/null || true; }
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
+trap 'stop_wick; rm -rf "$work"' EXIT
 url=${1:-serve}
 if [ "$url" = serve ]; then
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  "$root/target/release/wick" --model-id "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
-    --hostname 127.0.0.1 --port "$port" --shard-uds-path "$work/wick" --kv-cache-memory 256MiB \
-    --max-input-tokens 256 --max-total-tokens 320 --max-batch-prefill-tokens 512 \
-    --request-deadline 120 > "$work/wick.log" 2>&1 &
-  wick=$!
-  url="http://127.0.0.1:$port"
-  for _ in $(seq 240); do
-    python3 -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2)" \
-      "$url/health" 2> /dev/null && break
-    kill -0 "$wick" 2>/dev/null || { cat "$work/wick.log" >&2; exit 1; }
-    sleep 0.5
-  done
+  serve_default "$root" release "$work" --kv-cache-memory 256MiB --max-input-tokens 256 \
+    --max-total-tokens 320 --max-batch-prefill-tokens 512 --request-deadline 120
+  url=$WICK_URL
 fi
 
 cd "$work"
