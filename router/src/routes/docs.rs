@@ -1,6 +1,6 @@
 //! The OpenAPI document served at `/api-doc/openapi.json` (Swagger UI at `/docs`).
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
 use crate::validation::{rules, Range};
@@ -63,36 +63,60 @@ pub(crate) struct Limits {
 /// (OpenAPI's reading of a stream: each event an object whose `data` holds JSON of the
 /// documented schema, or OpenAI's closing `[DONE]`).
 pub(crate) fn document(limits: &Limits) -> Value {
-    use utoipa::openapi::RefOr;
-    let mut doc = ApiDoc::openapi();
-    for (path, item) in doc.paths.paths.iter_mut() {
-        for operation in [&mut item.get, &mut item.post].into_iter().flatten() {
-            for response in operation.responses.responses.values_mut() {
-                let RefOr::T(response) = response else {
-                    continue;
-                };
-                if let Some(RefOr::T(content)) = response.content.get_mut("text/event-stream") {
-                    if let Some(mut payload) = content.schema.take() {
-                        // An OpenAI stream that fails sends OpenAI's error body as an event.
-                        if path.starts_with("/v1/") {
-                            let error = RefOr::Ref(utoipa::openapi::Ref::from_schema_name(
-                                "OpenAiErrorResponse",
-                            ));
-                            let either = utoipa::openapi::schema::AnyOfBuilder::new()
-                                .item(payload)
-                                .item(error);
-                            payload = RefOr::T(either.into());
-                        }
-                        content.schema = Some(sse_event(payload).into());
-                    }
-                }
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+    describe_streams(&mut doc);
+    state_bounds(&mut doc, limits);
+    state_errors(&mut doc, limits);
+    doc
+}
+
+/// Calls `f` with each operation's path, method and responses.
+fn each_operation(doc: &mut Value, mut f: impl FnMut(&str, &str, &mut Map<String, Value>)) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(operations) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, operation) in operations.iter_mut() {
+            if let Some(responses) = operation["responses"].as_object_mut() {
+                f(path, method, responses);
             }
         }
     }
-    let mut json = serde_json::to_value(&doc).expect("the document serializes");
-    state_bounds(&mut json, limits);
-    state_errors(&mut json, limits);
-    json
+}
+
+/// Calls `f` with each property of each component schema, by name.
+fn each_property(schemas: &mut Value, mut f: impl FnMut(&str, &mut Value)) {
+    let Some(schemas) = schemas.as_object_mut() else {
+        return;
+    };
+    for schema in schemas.values_mut() {
+        if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+            for (name, property) in properties.iter_mut() {
+                f(name, property);
+            }
+        }
+    }
+}
+
+/// Every `text/event-stream` body as its events; an OpenAI stream that fails sends OpenAI's
+/// error body as an event.
+fn describe_streams(doc: &mut Value) {
+    each_operation(doc, |path, _, responses| {
+        for response in responses.values_mut() {
+            let Some(schema) = response.pointer_mut("/content/text~1event-stream/schema") else {
+                continue;
+            };
+            let mut payload = schema.take();
+            if path.starts_with("/v1/") {
+                let error = json!({"$ref": "#/components/schemas/OpenAiErrorResponse"});
+                payload = json!({"anyOf": [payload, error]});
+            }
+            *schema = sse_event(payload);
+        }
+    });
 }
 
 /// What a 422 means beyond the request schema: the rules no schema can state.
@@ -109,17 +133,10 @@ const UNPROCESSABLE: &str = "Input validation error: a value outside the bounds 
 /// 422 as [`UNPROCESSABLE`], 500 when generation stops without its end, 504 past
 /// `--request-deadline`.
 fn state_errors(doc: &mut Value, limits: &Limits) {
-    let Some(paths) = doc["paths"].as_object_mut() else {
-        return;
-    };
-    for (path, item) in paths.iter_mut() {
-        let Some(responses) = item
-            .get_mut("post")
-            .and_then(|post| post.get_mut("responses"))
-            .and_then(Value::as_object_mut)
-        else {
-            continue;
-        };
+    each_operation(doc, |path, method, responses| {
+        if method != "post" {
+            return;
+        }
         let body = if path.starts_with("/v1/") {
             "OpenAiErrorResponse"
         } else {
@@ -146,7 +163,7 @@ fn state_errors(doc: &mut Value, limits: &Limits) {
                 error("The request ran past this deployment's `--request-deadline`"),
             );
         }
-    }
+    });
 }
 
 /// The validator's value rules, by schema and field, as the document states them.
@@ -314,58 +331,38 @@ fn nullable(schema: Value) -> Value {
 /// Unsigned integers as their range: utoipa writes a u32 as `format: int32` and a u64 as
 /// `int64`, which are signed (2^31 would be out of range for a client, but wick takes it).
 fn unsigned_ranges(schemas: &mut Value) {
-    let Some(schemas) = schemas.as_object_mut() else {
-        return;
-    };
-    for schema in schemas.values_mut() {
-        let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
-            continue;
+    each_property(schemas, |_, property| {
+        let Some(object) = property.as_object_mut() else {
+            return;
         };
-        for property in properties.values_mut() {
-            let Some(object) = property.as_object_mut() else {
-                continue;
-            };
-            if object.get("minimum").and_then(Value::as_f64) != Some(0.0) {
-                continue;
-            }
-            let max = match object.get("format").and_then(Value::as_str) {
-                Some("int32") => Value::from(u32::MAX),
-                Some("int64") => Value::from(u64::MAX),
-                _ => continue,
-            };
-            object.remove("format");
-            object.entry("maximum").or_insert(max);
+        if object.get("minimum").and_then(Value::as_f64) != Some(0.0) {
+            return;
         }
-    }
+        let max = match object.get("format").and_then(Value::as_str) {
+            Some("int32") => Value::from(u32::MAX),
+            Some("int64") => Value::from(u64::MAX),
+            _ => return,
+        };
+        object.remove("format");
+        object.entry("maximum").or_insert(max);
+    });
 }
 
 /// A logprob is null in JSON when it is -inf (a token its distribution did not allow: JSON has
 /// no infinity).
 fn nullable_logprobs(schemas: &mut Value) {
-    let Some(schemas) = schemas.as_object_mut() else {
-        return;
-    };
-    for schema in schemas.values_mut() {
-        let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
-            continue;
-        };
-        for (name, property) in properties.iter_mut() {
-            if name == "logprob" && property["type"] == "number" {
-                property["type"] = json!(["number", "null"]);
-                property["description"] = json!("null for a token of probability 0 (-inf)");
-            }
-            // OpenAI's legacy `top_logprobs`: token → logprob maps.
-            if name == "top_logprobs" {
-                if let Some(values) = property
-                    .get_mut("items")
-                    .and_then(|items| items.get_mut("additionalProperties"))
-                    .filter(|values| values["type"] == "number")
-                {
-                    values["type"] = json!(["number", "null"]);
-                }
-            }
+    each_property(schemas, |name, property| {
+        if name == "logprob" && property["type"] == "number" {
+            property["type"] = json!(["number", "null"]);
+            property["description"] = json!("null for a token of probability 0 (-inf)");
         }
-    }
+        // OpenAI's legacy `top_logprobs`: token → logprob maps.
+        let map_values = property.pointer_mut("/items/additionalProperties");
+        if let Some(values) = map_values.filter(|v| name == "top_logprobs" && v["type"] == "number")
+        {
+            values["type"] = json!(["number", "null"]);
+        }
+    });
 }
 
 fn put_range(property: &mut Value, range: &Range) {
@@ -400,22 +397,17 @@ fn put_bound(property: &mut Value, key: &str, bound: f64) {
     };
 }
 
-/// One server-sent event carrying `payload` as JSON in its `data`.
-fn sse_event(payload: utoipa::openapi::RefOr<utoipa::openapi::Schema>) -> utoipa::openapi::Schema {
-    use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Type};
-    let string = || ObjectBuilder::new().schema_type(Type::String);
-    let json = string()
-        .content_media_type("application/json")
-        .content_schema(Some(payload));
-    let done = string().enum_values(Some(["[DONE]"]));
-    let data = AnyOfBuilder::new().item(json).item(done);
-    ObjectBuilder::new()
-        .property("data", data)
-        .required("data")
-        .property("event", string())
-        .property("id", string())
-        .property("retry", ObjectBuilder::new().schema_type(Type::Integer))
-        .into()
+/// One server-sent event carrying `payload` as JSON in its `data` (or OpenAI's `[DONE]`).
+fn sse_event(payload: Value) -> Value {
+    json!({"type": "object", "required": ["data"], "properties": {
+        "data": {"anyOf": [
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+            {"type": "string", "enum": ["[DONE]"]},
+        ]},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    }})
 }
 
 #[cfg(test)]
