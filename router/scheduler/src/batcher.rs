@@ -319,14 +319,7 @@ fn send_responses(generation: pb::Generation, entry: &mut Entry) -> bool {
             Some(text) => {
                 ended = true;
                 let reason = finish_reason(text.finish_reason);
-                entry.finish(
-                    text.generated_tokens,
-                    match reason {
-                        pb::FinishReason::Length => "length",
-                        pb::FinishReason::EosToken => "eos_token",
-                        pb::FinishReason::StopSequence => "stop_sequence",
-                    },
-                );
+                entry.finish(text.generated_tokens, reason);
                 InferStreamResponse::End {
                     token,
                     top_tokens,

@@ -66,8 +66,8 @@ impl Entry {
         }
     }
 
-    /// The request joined a batch: its prompt (`chunk` of its tokens this step, `cached` from
-    /// the prefix cache) goes through the model.
+    /// The request joined a new batch of `batch_size` requests: its prompt (less the `cached`
+    /// tokens the prefix cache holds) goes through the model.
     pub fn start_prefill(&mut self, batch_size: usize, cached: u32) {
         let span = tracing::info_span!(
             parent: &self.span,
@@ -92,11 +92,16 @@ impl Entry {
         }
     }
 
-    /// The request ended with `generated_tokens` for `finish_reason`.
-    pub fn finish(&self, generated_tokens: u32, finish_reason: &str) {
+    /// The request ended with `generated_tokens` for `reason` (spelt as TGI does).
+    pub fn finish(&self, generated_tokens: u32, reason: pb::FinishReason) {
         if let Phase::Decode(span) = &self.phase {
+            let reason = match reason {
+                pb::FinishReason::Length => "length",
+                pb::FinishReason::EosToken => "eos_token",
+                pb::FinishReason::StopSequence => "stop_sequence",
+            };
             span.record("generated_tokens", generated_tokens);
-            span.record("finish_reason", finish_reason);
+            span.record("finish_reason", reason);
         }
     }
 }
