@@ -34,6 +34,11 @@ pub struct MakeModelArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Positions the model declares (`llama.context_length`); default: the real model's (Llama
+    /// 3.2: 131072, SmolLM2-135M: 8192). A longer one lets a SmolLM2-shaped model measure
+    /// decode at depths past 8192.
+    #[arg(long)]
+    pub context: Option<usize>,
 }
 
 /// Named real shapes (hidden, layers, heads, KV heads, FFN, rope theta).
@@ -57,6 +62,7 @@ struct Dims {
     kv_heads: usize,
     ffn: usize,
     rope_theta: f32,
+    context: usize,
 }
 
 impl Shape {
@@ -69,6 +75,7 @@ impl Shape {
                 kv_heads: 8,
                 ffn: 8192,
                 rope_theta: 500_000.0,
+                context: 131_072,
             },
             Shape::Llama3_2_3b => Dims {
                 hidden: 3072,
@@ -77,6 +84,7 @@ impl Shape {
                 kv_heads: 8,
                 ffn: 8192,
                 rope_theta: 500_000.0,
+                context: 131_072,
             },
             Shape::Smollm2_135m => Dims {
                 hidden: 576,
@@ -85,6 +93,7 @@ impl Shape {
                 kv_heads: 3,
                 ffn: 1536,
                 rope_theta: 100_000.0,
+                context: 8192,
             },
         }
     }
@@ -178,7 +187,10 @@ pub fn run(args: MakeModelArgs) -> anyhow::Result<()> {
             "general.name".into(),
             Value::String(format!("random {:?} {}", args.shape, args.format)),
         ),
-        ("llama.context_length".into(), u32v(8192)),
+        (
+            "llama.context_length".into(),
+            u32v(args.context.unwrap_or(d.context)),
+        ),
         ("llama.embedding_length".into(), u32v(d.hidden)),
         ("llama.block_count".into(), u32v(d.layers)),
         ("llama.feed_forward_length".into(), u32v(d.ffn)),

@@ -54,6 +54,13 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// Whether a row's result is the same bits whatever the other rows (wick's kernels); the
+    /// dense f32 path switches from its GEMV to candle's GEMM past [`GEMV_MAX_ROWS`] rows, and
+    /// candle's quantized kernels make no such promise.
+    pub fn rows_independent(&self) -> bool {
+        matches!(self, Linear::Packed { .. } | Linear::Bf16 { .. })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
             Linear::Dense { weight, bias } => {

@@ -18,6 +18,11 @@ use wick_kernels::{format, Format, Level};
 
 /// Logits of every position of two packed sequences.
 fn logits(model: &LlamaModel) -> Vec<Vec<f32>> {
+    logits_of_rows(model, None)
+}
+
+/// Logits of `rows` (default: every position) of two packed sequences.
+fn logits_of_rows(model: &LlamaModel, rows: Option<Vec<u32>>) -> Vec<Vec<f32>> {
     let vocab = tiny_vocab_size() as u32;
     let (a, b): (Vec<u32>, Vec<u32>) = (
         (0..13).map(|i| (i * 7 + 3) % vocab).collect(),
@@ -44,7 +49,7 @@ fn logits(model: &LlamaModel) -> Vec<Vec<f32>> {
                 prompt: true,
             },
         ],
-        logit_rows: (0..(a.len() + b.len()) as u32).collect(),
+        logit_rows: rows.unwrap_or_else(|| (0..(a.len() + b.len()) as u32).collect()),
     };
     model.forward(&step, &mut cache).unwrap().to_vec2().unwrap()
 }
@@ -210,4 +215,47 @@ fn bf16_checkpoints_compute_in_bf16_alike_at_every_level_and_as_f32_does() {
     let worst = max_abs_diff(&logits, &f32_logits);
     eprintln!("bf16 kernels vs f32: max |Δlogit| {worst:.2e}");
     assert!(worst < 1e-4, "bf16 vs f32: max |Δlogit| {worst}");
+}
+
+/// A step that asks for the logits of a few rows (a prompt's last position) skips the last
+/// layer's o_proj and MLP for the others: the rows it returns are those of the whole step, bit
+/// for bit, for packed and bf16 weights alike.
+#[test]
+fn fewer_logit_rows_give_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let packed = dir.path().join("q4_0.gguf");
+    write_gguf_model(&packed, &small_spec(), GgmlDType::Q4_0).unwrap();
+    let bf16 = dir.path().join("bf16");
+    let options = WriteOptions {
+        dtype: DType::BF16,
+        shards: 1,
+    };
+    write_hf_model_with(&bf16, &small_spec(), options).unwrap();
+    let bf16_opts = LoadOptions {
+        dtype: DType::BF16,
+        ..LoadOptions::default()
+    };
+    for (path, opts) in [(&packed, LoadOptions::default()), (&bf16, bf16_opts)] {
+        let loaded = source::load(path.to_str().unwrap(), None, None, true, &opts).unwrap();
+        let model = LlamaModel::load(&loaded.config, &loaded.weights, &opts).unwrap();
+        let kernels = model.kernels();
+        assert!(
+            kernels.values().all(|k| k.starts_with("wick")),
+            "{kernels:?}"
+        );
+        let all = logits_of_rows(&model, None);
+        for rows in [vec![12, 18], vec![5], vec![0, 13, 14]] {
+            let some = logits_of_rows(&model, Some(rows.clone()));
+            assert_eq!(some.len(), rows.len());
+            for (got, &r) in some.iter().zip(&rows) {
+                let want = &all[r as usize];
+                let same = got
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{}: row {r} differs", path.display());
+            }
+        }
+        assert!(logits_of_rows(&model, Some(vec![])).is_empty());
+    }
 }

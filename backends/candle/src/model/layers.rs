@@ -27,6 +27,13 @@ pub(super) struct DecoderLayer {
 pub(super) const MLP_CHUNK_BYTES: usize = 16 << 20;
 
 impl DecoderLayer {
+    /// Whether o_proj and the MLP give a row the same bits in any subset of the step's rows.
+    pub(super) fn tail_rows_independent(&self) -> bool {
+        let mut linears = self.gate_up.linears();
+        linears.extend([&self.o_proj, &self.down_proj]);
+        linears.into_iter().all(Linear::rows_independent)
+    }
+
     /// `down(SiLU(gate(h)) · up(h))`, over row chunks whose gate/up output stays below
     /// [`MLP_CHUNK_BYTES`] (each row's result is the same whatever the chunk).
     pub(super) fn mlp(&self, h: &Tensor, level: wick_kernels::Level) -> Result<Tensor> {

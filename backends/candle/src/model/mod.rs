@@ -138,6 +138,16 @@ impl LlamaModel {
             _ => None,
         };
         let mut x = self.embed(&step.tokens)?;
+        // The logit rows, where they are fewer than the step's rows and the last layer's
+        // kernels give them the same bits alone (see the last layer).
+        let narrow = step.logit_rows.len() < n_tokens
+            && self
+                .layers
+                .last()
+                .is_some_and(|l| l.tail_rows_independent());
+        let kept_rows = narrow
+            .then(|| Tensor::from_slice(&step.logit_rows, step.logit_rows.len(), &self.device))
+            .transpose()?;
 
         // A layer's input norm, computed with the previous layer's residual add.
         let mut normed: Option<Tensor> = None;
@@ -182,6 +192,21 @@ impl LlamaModel {
                     self.attention(&q, &k, &v, step, &params, cache, l)
                 })?
             };
+            // After the last layer's attention (every row's K/V is in the cache by now), only
+            // the rows whose logits are asked for go on: a prompt chunk's other rows would pass
+            // through o_proj and the MLP for nothing. The kept rows' values are the same bits
+            // either way.
+            let last = l + 1 == self.layers.len();
+            let attn = if last && kept_rows.is_some() {
+                if step.logit_rows.is_empty() {
+                    break;
+                }
+                let rows = kept_rows.as_ref().expect("checked above");
+                x = x.index_select(rows, 0)?;
+                attn.index_select(rows, 0)?
+            } else {
+                attn
+            };
             let o = timed(&mut profile.linear_ns, || layer.o_proj.forward(&attn))?;
             let mut o = self.sum_over_ranks(o)?;
             if let Some(b) = &layer.o_bias {
@@ -205,8 +230,10 @@ impl LlamaModel {
         if step.logit_rows.is_empty() {
             return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);
         }
-        let rows = Tensor::from_slice(&step.logit_rows, step.logit_rows.len(), &self.device)?;
-        let x = x.index_select(&rows, 0)?;
+        if kept_rows.is_none() {
+            let rows = Tensor::from_slice(&step.logit_rows, step.logit_rows.len(), &self.device)?;
+            x = x.index_select(&rows, 0)?;
+        }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         let logits =
             timed(&mut profile.linear_ns, || self.lm_head.forward(&x))?.to_dtype(DType::F32)?;
