@@ -197,15 +197,13 @@ impl LlamaModel {
             // through o_proj and the MLP for nothing. The kept rows' values are the same bits
             // either way.
             let last = l + 1 == self.layers.len();
-            let attn = if last && kept_rows.is_some() {
-                if step.logit_rows.is_empty() {
-                    break;
+            let attn = match &kept_rows {
+                Some(_) if last && step.logit_rows.is_empty() => break,
+                Some(rows) if last => {
+                    x = x.index_select(rows, 0)?;
+                    attn.index_select(rows, 0)?
                 }
-                let rows = kept_rows.as_ref().expect("checked above");
-                x = x.index_select(rows, 0)?;
-                attn.index_select(rows, 0)?
-            } else {
-                attn
+                _ => attn,
             };
             let o = timed(&mut profile.linear_ns, || layer.o_proj.forward(&attn))?;
             let mut o = self.sum_over_ranks(o)?;
