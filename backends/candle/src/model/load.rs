@@ -122,6 +122,7 @@ impl LlamaModel {
         }
         let (gather_width, gather_columns) = gather_layout(c.vocab_size, &plan, &device)?;
         let (rope_cos, rope_sin) = rope_tables(c, &device)?;
+        let narrow_last_layer = layers.last().is_some_and(|l| l.tail_rows_independent());
         let model = Self {
             config: config.clone(),
             plan,
@@ -135,6 +136,7 @@ impl LlamaModel {
             rope_cos,
             rope_sin,
             kernel_level: opts.kernel_level,
+            narrow_last_layer,
             device,
         };
         for (format, kernel) in model.kernels() {

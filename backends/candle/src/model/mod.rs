@@ -42,6 +42,9 @@ pub struct LlamaModel {
     rope_sin: Tensor,
     /// The CPU level wick's kernels (linear layers and attention) run at.
     kernel_level: wick_kernels::Level,
+    /// Whether the last layer's o_proj and MLP give a row the same bits in any subset of the
+    /// step's rows, so they may run on the logit rows alone.
+    narrow_last_layer: bool,
 }
 
 /// Where a step's forward pass spent its time, in nanoseconds of the calling thread's wall
@@ -138,16 +141,9 @@ impl LlamaModel {
             _ => None,
         };
         let mut x = self.embed(&step.tokens)?;
-        // The logit rows, where they are fewer than the step's rows and the last layer's
-        // kernels give them the same bits alone (see the last layer).
-        let narrow = step.logit_rows.len() < n_tokens
-            && self
-                .layers
-                .last()
-                .is_some_and(|l| l.tail_rows_independent());
-        let kept_rows = narrow
-            .then(|| Tensor::from_slice(&step.logit_rows, step.logit_rows.len(), &self.device))
-            .transpose()?;
+        let logit_rows = Tensor::from_slice(&step.logit_rows, step.logit_rows.len(), &self.device)?;
+        // Whether the last layer goes on with the logit rows alone (see there).
+        let narrow = self.narrow_last_layer && step.logit_rows.len() < n_tokens;
 
         // A layer's input norm, computed with the previous layer's residual add.
         let mut normed: Option<Tensor> = None;
@@ -196,14 +192,14 @@ impl LlamaModel {
             // the rows whose logits are asked for go on: a prompt chunk's other rows would pass
             // through o_proj and the MLP for nothing. The kept rows' values are the same bits
             // either way.
-            let last = l + 1 == self.layers.len();
-            let attn = match &kept_rows {
-                Some(_) if last && step.logit_rows.is_empty() => break,
-                Some(rows) if last => {
-                    x = x.index_select(rows, 0)?;
-                    attn.index_select(rows, 0)?
+            let attn = if narrow && l + 1 == self.layers.len() {
+                if step.logit_rows.is_empty() {
+                    break;
                 }
-                _ => attn,
+                x = x.index_select(&logit_rows, 0)?;
+                attn.index_select(&logit_rows, 0)?
+            } else {
+                attn
             };
             let o = timed(&mut profile.linear_ns, || layer.o_proj.forward(&attn))?;
             let mut o = self.sum_over_ranks(o)?;
@@ -228,9 +224,8 @@ impl LlamaModel {
         if step.logit_rows.is_empty() {
             return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);
         }
-        if kept_rows.is_none() {
-            let rows = Tensor::from_slice(&step.logit_rows, step.logit_rows.len(), &self.device)?;
-            x = x.index_select(&rows, 0)?;
+        if !narrow {
+            x = x.index_select(&logit_rows, 0)?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         let logits =
