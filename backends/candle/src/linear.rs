@@ -104,6 +104,39 @@ impl Linear {
         }
     }
 
+    /// For a layer that stacks a gate projection on an up projection of the same width,
+    /// `SiLU(gate) · up` (`[rows, out / 2]`) computed as the product's tiles come out (the
+    /// product is never stored), where the kernel allows it: wick's packed and bf16 layouts,
+    /// whole panels per half, no bias. The same bits as [`Linear::forward`] followed by
+    /// [`wick_kernels::silu_mul`] at the layer's level. `None` where it does not apply.
+    pub fn forward_silu_mul(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self {
+            Linear::Packed {
+                weight,
+                level,
+                outliers,
+                bias: None,
+            } if weight.splits_into_gate_up() => Some(packed_with(
+                x,
+                weight.k(),
+                weight.n() / 2,
+                *level,
+                *outliers,
+                |q, y| weight.matmul_silu_mul(q, *level, y),
+            )?),
+            Linear::Bf16 {
+                weight,
+                level,
+                bias: None,
+            } if weight.splits_into_gate_up() => {
+                Some(bf16_with(x, weight.n() / 2, |x, rows, y| {
+                    weight.matmul_silu_mul(x, rows, *level, y)
+                })?)
+            }
+            _ => None,
+        })
+    }
+
     /// Output features.
     pub fn out_dim(&self) -> usize {
         match self {
@@ -228,30 +261,54 @@ thread_local! {
 
 /// `x · Wᵀ` on wick's kernels: the rows are quantized once, then one pass over the weight.
 fn packed(x: &Tensor, weight: &PackedMatrix, level: Level, outliers: Outliers) -> Result<Tensor> {
+    packed_with(x, weight.k(), weight.n(), level, outliers, |q, y| {
+        weight.matmul(q, level, y)
+    })
+}
+
+/// The rows of `x` quantized (in this thread's reused buffer) and handed with an output of
+/// `[rows, width]` to `product`.
+fn packed_with(
+    x: &Tensor,
+    k: usize,
+    width: usize,
+    level: Level,
+    outliers: Outliers,
+    product: impl FnOnce(&QuantizedRows, &mut [f32]),
+) -> Result<Tensor> {
     let rows = x.dims().first().copied().unwrap_or(0);
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let mut y = vec![0f32; rows * weight.n()];
+    let mut y = vec![0f32; rows * width];
     // Taken out of the cell, not borrowed: nothing stays borrowed while the pool runs.
     let mut q = QUANTIZED.take();
     {
         let (xs, xl) = x.storage_and_layout();
-        q.requantize(level, outliers, host_f32(&xs, xl)?, rows, weight.k());
-        weight.matmul(&q, level, &mut y);
+        q.requantize(level, outliers, host_f32(&xs, xl)?, rows, k);
+        product(&q, &mut y);
     }
     QUANTIZED.set(q);
-    Tensor::from_vec(y, (rows, weight.n()), x.device())
+    Tensor::from_vec(y, (rows, width), x.device())
 }
 
 /// `x · Wᵀ` on wick's bf16 kernels, from the f32 rows as they are.
 fn bf16(x: &Tensor, weight: &Bf16Matrix, level: Level) -> Result<Tensor> {
+    bf16_with(x, weight.n(), |x, rows, y| weight.matmul(x, rows, level, y))
+}
+
+/// The f32 rows of `x` handed with an output of `[rows, width]` to `product`.
+fn bf16_with(
+    x: &Tensor,
+    width: usize,
+    product: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<Tensor> {
     let rows = x.dims().first().copied().unwrap_or(0);
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let mut y = vec![0f32; rows * weight.n()];
+    let mut y = vec![0f32; rows * width];
     {
         let (xs, xl) = x.storage_and_layout();
-        weight.matmul(host_f32(&xs, xl)?, rows, level, &mut y);
+        product(host_f32(&xs, xl)?, rows, &mut y);
     }
-    Tensor::from_vec(y, (rows, weight.n()), x.device())
+    Tensor::from_vec(y, (rows, width), x.device())
 }
 
 /// `x · Wᵀ` for f32 `x: [rows, in]` and `W: [out, in]`.

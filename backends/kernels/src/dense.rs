@@ -132,6 +132,30 @@ impl Bf16Matrix {
             run_panel(level, panel, x, k, rows, tile)
         });
     }
+
+    /// Whether the matrix can be read as a gate projection stacked on an up projection by
+    /// [`Bf16Matrix::matmul_silu_mul`]: two halves of whole panels.
+    pub fn splits_into_gate_up(&self) -> bool {
+        self.n.is_multiple_of(2 * PANEL)
+    }
+
+    /// As [`crate::PackedMatrix::matmul_silu_mul`]: `SiLU(gate) · up` of the two halves of
+    /// this matrix's product, into row-major `out: [rows, n / 2]`, the same bits as
+    /// [`Bf16Matrix::matmul`] followed by [`crate::silu_mul`] at `level`.
+    pub fn matmul_silu_mul(&self, x: &[f32], rows: usize, level: Level, out: &mut [f32]) {
+        let k = self.k;
+        assert_eq!(x.len(), rows * k, "activation size");
+        assert!(
+            self.splits_into_gate_up(),
+            "{} features do not split into gate and up",
+            self.n
+        );
+        let level = level.capped();
+        crate::packed::for_each_gated_tile(rows, self.n / 2, level, out, |p, rows, tile| {
+            let panel = &self.data[p * PANEL * k..][..PANEL * k];
+            run_panel(level, panel, x, k, rows, tile)
+        });
+    }
 }
 
 /// One panel against `rows` of `x` at `level`, into `out` (a row of 16 per activation row).

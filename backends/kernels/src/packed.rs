@@ -449,12 +449,63 @@ impl PackedMatrix {
             run_panel(level, self.panel(p), x, rows, tile)
         });
     }
+
+    /// Whether the matrix can be read as a gate projection stacked on an up projection by
+    /// [`PackedMatrix::matmul_silu_mul`]: two halves of whole panels.
+    pub fn splits_into_gate_up(&self) -> bool {
+        self.n.is_multiple_of(2 * PANEL)
+    }
+
+    /// For a matrix stacking a gate projection on an up projection of the same width (see
+    /// [`PackedMatrix::splits_into_gate_up`]), `out[r][o] = SiLU(gate[r][o]) · up[r][o]` with
+    /// `gate`, `up` the two halves of this matrix's product; `out` is row-major
+    /// `[x.rows(), n / 2]`. The same bits as [`PackedMatrix::matmul`] followed by
+    /// [`crate::silu_mul`] at `level`, without the product ever being stored.
+    pub fn matmul_silu_mul(&self, x: &QuantizedRows, level: Level, out: &mut [f32]) {
+        assert_eq!(x.k(), self.k, "activation width");
+        assert!(
+            self.splits_into_gate_up(),
+            "{} features do not split into gate and up",
+            self.n
+        );
+        let level = level.capped();
+        for_each_gated_tile(x.rows(), self.n / 2, level, out, |p, rows, tile| {
+            run_panel(level, self.panel(p), x, rows, tile)
+        });
+    }
 }
 
-/// Runs `tile(panel, rows, out)` for every (row chunk, panel) of an `[m, n]` product on the
-/// current rayon pool and writes each tile into row-major `out`: tasks are runs of whole
-/// panels, enough of them for rayon to balance; a panel stays in cache while a task's rows
-/// sweep it.
+/// A task's results of one panel: a row of 16 per activation row.
+type PanelRows = [[f32; PANEL]; ROW_CHUNK];
+
+/// Calls `each(panel, rows, buffers)` for every (row chunk, panel) of `m` rows over `panels`
+/// panels on the current rayon pool: tasks are runs of whole panels, enough of them for rayon
+/// to balance; a panel stays in cache while a task's rows sweep it. Each task has three
+/// buffers of its own.
+fn sweep(m: usize, panels: usize, each: impl Fn(usize, Range<usize>, &mut [PanelRows; 3]) + Sync) {
+    if m == 0 || panels == 0 {
+        return;
+    }
+    let row_chunks = m.div_ceil(ROW_CHUNK);
+    let groups = (8 * rayon::current_num_threads())
+        .div_ceil(row_chunks)
+        .clamp(1, panels);
+    let per_group = panels.div_ceil(groups);
+    (0..row_chunks * groups).into_par_iter().for_each(|task| {
+        let rows = {
+            let c = task / groups;
+            c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(m)
+        };
+        let g = task % groups;
+        let mut buffers = [[[0f32; PANEL]; ROW_CHUNK]; 3];
+        for p in g * per_group..((g + 1) * per_group).min(panels) {
+            each(p, rows.clone(), &mut buffers);
+        }
+    });
+}
+
+/// Runs `tile(panel, rows, out)` for every (row chunk, panel) of an `[m, n]` product (see
+/// [`sweep`]) and writes each tile into row-major `out`.
 pub(crate) fn for_each_tile(
     m: usize,
     n: usize,
@@ -462,37 +513,69 @@ pub(crate) fn for_each_tile(
     tile: impl Fn(usize, Range<usize>, &mut [[f32; PANEL]]) + Sync,
 ) {
     assert_eq!(out.len(), m * n, "output size");
-    let panels = n.div_ceil(PANEL);
-    let row_chunks = m.div_ceil(ROW_CHUNK);
-    let groups = (8 * rayon::current_num_threads())
-        .div_ceil(row_chunks)
-        .clamp(1, panels);
-    let per_group = panels.div_ceil(groups);
     let out_ptr = SharedOut(out.as_mut_ptr());
-    (0..row_chunks * groups).into_par_iter().for_each(|task| {
-        let rows = {
-            let c = task / groups;
-            c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(m)
-        };
-        let g = task % groups;
-        let mut buf = [[0f32; PANEL]; ROW_CHUNK];
-        for p in g * per_group..((g + 1) * per_group).min(panels) {
-            let buf = &mut buf[..rows.len()];
-            tile(p, rows.clone(), buf);
-            let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
-            for (r, vals) in rows.clone().zip(buf.iter()) {
-                // SAFETY: tasks write disjoint (row chunk, panel) rectangles of `out`, whose
-                // size was checked above. A whole panel is a copy of constant size (one
-                // register), not a call to `memcpy` per row.
-                unsafe {
-                    let to = out_ptr.at(r * n + col0);
-                    if cols == PANEL {
-                        std::ptr::copy_nonoverlapping(vals.as_ptr(), to, PANEL);
-                    } else {
-                        std::ptr::copy_nonoverlapping(vals.as_ptr(), to, cols);
-                    }
+    sweep(m, n.div_ceil(PANEL), |p, rows, [buf, ..]| {
+        let buf = &mut buf[..rows.len()];
+        tile(p, rows.clone(), buf);
+        let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
+        for (r, vals) in rows.zip(buf.iter()) {
+            // SAFETY: tasks write disjoint (row chunk, panel) rectangles of `out`, whose
+            // size was checked above. A whole panel is a copy of constant size (one
+            // register), not a call to `memcpy` per row.
+            unsafe {
+                let to = out_ptr.at(r * n + col0);
+                if cols == PANEL {
+                    std::ptr::copy_nonoverlapping(vals.as_ptr(), to, PANEL);
+                } else {
+                    std::ptr::copy_nonoverlapping(vals.as_ptr(), to, cols);
                 }
             }
+        }
+    });
+}
+
+/// As [`for_each_tile`] for a matrix that stacks a gate projection on an up projection of
+/// `width` features each (`width` a multiple of [`PANEL`], so gate panel `p` and up panel
+/// `p + width / PANEL` hold the same features): writes `out[r][o] = SiLU(gate[r][o]) ·
+/// up[r][o]` into row-major `out: [m, width]` straight from each task's two panels, so the
+/// `[m, 2·width]` product is never stored. The same bits as the product followed by
+/// [`crate::silu_mul`] at `level`.
+pub(crate) fn for_each_gated_tile(
+    m: usize,
+    width: usize,
+    level: Level,
+    out: &mut [f32],
+    tile: impl Fn(usize, Range<usize>, &mut [[f32; PANEL]]) + Sync,
+) {
+    assert!(
+        width.is_multiple_of(PANEL),
+        "gate width {width} is not a multiple of {PANEL}"
+    );
+    assert_eq!(out.len(), m * width, "output size");
+    let half = width / PANEL;
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    sweep(m, half, |p, rows, [gate, up, act]| {
+        let n = rows.len();
+        let (gate, up, act) = (&mut gate[..n], &mut up[..n], &mut act[..n]);
+        tile(p, rows.clone(), gate);
+        tile(p + half, rows.clone(), up);
+        // One call for the chunk's rows: per row, the call cost as much as its 16 values.
+        crate::silu_mul(
+            level,
+            gate.as_flattened(),
+            up.as_flattened(),
+            act.as_flattened_mut(),
+        );
+        for (r, vals) in rows.zip(act.iter()) {
+            // SAFETY: as in `for_each_tile`: tasks write disjoint (row chunk, panel)
+            // rectangles of `out`, whose size was checked above.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    vals.as_ptr(),
+                    out_ptr.at(r * width + p * PANEL),
+                    PANEL,
+                )
+            };
         }
     });
 }

@@ -337,3 +337,69 @@ fn bf16_round_trips_stacks_and_rows_stand_alone() {
     let e = Bf16Matrix::from_bf16(&[0; 5], 2, 3).unwrap_err();
     assert!(e.contains("takes 6 values"), "{e}");
 }
+
+/// `SiLU(gate) · up` of the two halves of `product` (`[m, 2·width]`), the unfused way.
+fn silu_mul_of(product: &[f32], m: usize, width: usize, level: Level) -> Vec<f32> {
+    let mut out = vec![f32::NAN; m * width];
+    for (o, y) in out
+        .chunks_exact_mut(width)
+        .zip(product.chunks_exact(2 * width))
+    {
+        let (gate, up) = y.split_at(width);
+        crate::silu_mul(level, gate, up, o);
+    }
+    out
+}
+
+#[test]
+fn gate_up_products_fused_with_silu_give_the_unfused_bits() {
+    use crate::Bf16Matrix;
+    let mut rng = Rng(23);
+    // Row counts across the kernels' row tiles and the 64-row task chunks; widths of one and
+    // of several panels.
+    for (width, k) in [(16, 64), (48, 256), (80, 512)] {
+        let n = 2 * width;
+        let w = rng.vec(n * k, 0.05);
+        for m in [1, 3, 8, 13, 64, 65, 130] {
+            let x = rng.vec(m * k, 1.0);
+            let xq = QuantizedRows::quantize(&x, m, k);
+            for format in Format::ALL {
+                if !k.is_multiple_of(format.block_elems()) {
+                    continue;
+                }
+                let stored = quantize(format, &w, n, k);
+                let packed = PackedMatrix::from_ggml(format, &stored, n, k).unwrap();
+                assert!(packed.splits_into_gate_up());
+                for level in Level::supported() {
+                    let mut product = vec![f32::NAN; m * n];
+                    packed.matmul(&xq, level, &mut product);
+                    let want = silu_mul_of(&product, m, width, level);
+                    let mut got = vec![f32::NAN; m * width];
+                    packed.matmul_silu_mul(&xq, level, &mut got);
+                    assert!(
+                        same_bits(&got, &want),
+                        "{format:?} {level}: [{m}x{k}]·[{n}x{k}]ᵀ"
+                    );
+                }
+            }
+            let dense = Bf16Matrix::from_f32(&w, n, k).unwrap();
+            assert!(dense.splits_into_gate_up());
+            for level in Level::supported() {
+                let mut product = vec![f32::NAN; m * n];
+                dense.matmul(&x, m, level, &mut product);
+                let want = silu_mul_of(&product, m, width, level);
+                let mut got = vec![f32::NAN; m * width];
+                dense.matmul_silu_mul(&x, m, level, &mut got);
+                assert!(same_bits(&got, &want), "bf16 {level}: [{m}x{k}]·[{n}x{k}]ᵀ");
+            }
+        }
+    }
+    // Halves that are not whole panels cannot be split.
+    let w = rng.vec(40 * 64, 0.05);
+    let stored = quantize(Format::Q8_0, &w, 40, 64);
+    let packed = PackedMatrix::from_ggml(Format::Q8_0, &stored, 40, 64).unwrap();
+    assert!(!packed.splits_into_gate_up());
+    assert!(!Bf16Matrix::from_f32(&w, 40, 64)
+        .unwrap()
+        .splits_into_gate_up());
+}

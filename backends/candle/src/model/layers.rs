@@ -113,6 +113,9 @@ impl Projections {
                 return candle_nn::ops::silu(&gate)? * up;
             }
         };
+        if let Some(y) = linear.forward_silu_mul(x)? {
+            return Ok(y);
+        }
         let y = linear.forward(x)?.contiguous()?;
         let rows = y.dim(0)?;
         let mut out = vec![0f32; rows * width];
