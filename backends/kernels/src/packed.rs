@@ -17,6 +17,7 @@
 //! rows over it, the panel stays in L1/L2: each weight byte comes from memory once per step
 //! whatever the number of rows.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -475,14 +476,15 @@ impl PackedMatrix {
     }
 }
 
-/// A task's results of one panel: a row of 16 per activation row.
-type PanelRows = [[f32; PANEL]; ROW_CHUNK];
-
 /// Calls `each(panel, rows, buffers)` for every (row chunk, panel) of `m` rows over `panels`
 /// panels on the current rayon pool: tasks are runs of whole panels, enough of them for rayon
 /// to balance; a panel stays in cache while a task's rows sweep it. Each task has three
-/// buffers of its own.
-fn sweep(m: usize, panels: usize, each: impl Fn(usize, Range<usize>, &mut [PanelRows; 3]) + Sync) {
+/// buffers of its own, a row of 16 per row of its chunk.
+fn sweep(
+    m: usize,
+    panels: usize,
+    each: impl Fn(usize, Range<usize>, &mut [&mut [[f32; PANEL]]; 3]) + Sync,
+) {
     if m == 0 || panels == 0 {
         return;
     }
@@ -497,7 +499,18 @@ fn sweep(m: usize, panels: usize, each: impl Fn(usize, Range<usize>, &mut [Panel
             c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(m)
         };
         let g = task % groups;
-        let mut buffers = [[[0f32; PANEL]; ROW_CHUNK]; 3];
+        // Only the chunk's rows are initialized: a decode task has one row, and zeroing
+        // three whole 64-row buffers per task cost a decode step more than 1 ms on SmolLM2.
+        let mut storage = [const { MaybeUninit::<[f32; PANEL]>::uninit() }; 3 * ROW_CHUNK];
+        let mut parts = storage.chunks_exact_mut(ROW_CHUNK).map(|part| {
+            let part = &mut part[..rows.len()];
+            for row in part.iter_mut() {
+                row.write([0.0; PANEL]);
+            }
+            // SAFETY: every element of `part` was just written.
+            unsafe { &mut *(part as *mut [MaybeUninit<[f32; PANEL]>] as *mut [[f32; PANEL]]) }
+        });
+        let mut buffers = std::array::from_fn(|_| parts.next().expect("three buffers"));
         for p in g * per_group..((g + 1) * per_group).min(panels) {
             each(p, rows.clone(), &mut buffers);
         }
@@ -515,7 +528,6 @@ pub(crate) fn for_each_tile(
     assert_eq!(out.len(), m * n, "output size");
     let out_ptr = SharedOut(out.as_mut_ptr());
     sweep(m, n.div_ceil(PANEL), |p, rows, [buf, ..]| {
-        let buf = &mut buf[..rows.len()];
         tile(p, rows.clone(), buf);
         let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
         for (r, vals) in rows.zip(buf.iter()) {
@@ -555,8 +567,6 @@ pub(crate) fn for_each_gated_tile(
     let half = width / PANEL;
     let out_ptr = SharedOut(out.as_mut_ptr());
     sweep(m, half, |p, rows, [gate, up, act]| {
-        let n = rows.len();
-        let (gate, up, act) = (&mut gate[..n], &mut up[..n], &mut act[..n]);
         tile(p, rows.clone(), gate);
         tile(p + half, rows.clone(), up);
         // One call for the chunk's rows: per row, the call cost as much as its 16 values.
