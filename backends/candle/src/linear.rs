@@ -108,12 +108,8 @@ impl Linear {
     /// `SiLU(gate) · up` (`[rows, out / 2]`) computed as the product's tiles come out (the
     /// product is never stored), where the kernel allows it: wick's packed and bf16 layouts,
     /// whole panels per half, no bias. The same bits as [`Linear::forward`] followed by
-    /// [`wick_kernels::silu_mul`] at the layer's level. `None` where it does not apply, and for
-    /// steps of fewer than [`FUSED_SILU_MIN_ROWS`] rows.
+    /// [`wick_kernels::silu_mul`] at the layer's level. `None` where it does not apply.
     pub fn forward_silu_mul(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if x.dims().first().copied().unwrap_or(0) < FUSED_SILU_MIN_ROWS {
-            return Ok(None);
-        }
         Ok(match self {
             Linear::Packed {
                 weight,
@@ -262,12 +258,6 @@ thread_local! {
     /// four times per layer.
     static QUANTIZED: std::cell::Cell<QuantizedRows> = std::cell::Cell::new(QuantizedRows::default());
 }
-
-/// Rows from which [`Linear::forward_silu_mul`] fuses: a step of fewer rows streams the weights
-/// from memory, and reading the gate and up halves as two interleaved streams made the 1B
-/// shape's one-row decode step 13% slower (its small product costs nothing to store); from a
-/// full row tile on, the product is compute-bound and storing it is what costs.
-const FUSED_SILU_MIN_ROWS: usize = 8;
 
 /// `x · Wᵀ` on wick's kernels: the rows are quantized once, then one pass over the weight.
 fn packed(x: &Tensor, weight: &PackedMatrix, level: Level, outliers: Outliers) -> Result<Tensor> {

@@ -32,6 +32,9 @@ pub const PANEL: usize = 16;
 /// Activation rows one task sweeps over a panel before moving on.
 const ROW_CHUNK: usize = 64;
 
+/// Rows from which [`for_each_gated_tile`] applies SiLU·up to each task's panels (see there).
+const GATED_MIN_ROWS: usize = 8;
+
 /// 32-element sub-blocks per unit.
 #[inline(always)]
 pub(crate) const fn subs(format: Format) -> usize {
@@ -478,12 +481,12 @@ impl PackedMatrix {
 
 /// Calls `each(panel, rows, buffers)` for every (row chunk, panel) of `m` rows over `panels`
 /// panels on the current rayon pool: tasks are runs of whole panels, enough of them for rayon
-/// to balance; a panel stays in cache while a task's rows sweep it. Each task has three
-/// buffers of its own, a row of 16 per row of its chunk.
-fn sweep(
+/// to balance; a panel stays in cache while a task's rows sweep it. Each task has `B` buffers
+/// of its own, a row of 16 per row of its chunk.
+fn sweep<const B: usize>(
     m: usize,
     panels: usize,
-    each: impl Fn(usize, Range<usize>, &mut [&mut [[f32; PANEL]]; 3]) + Sync,
+    each: impl Fn(usize, Range<usize>, &mut [&mut [[f32; PANEL]]; B]) + Sync,
 ) {
     if m == 0 || panels == 0 {
         return;
@@ -499,18 +502,18 @@ fn sweep(
             c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(m)
         };
         let g = task % groups;
-        // Only the chunk's rows are initialized: a decode task has one row, and zeroing
-        // three whole 64-row buffers per task cost a decode step more than 1 ms on SmolLM2.
-        let mut storage = [const { MaybeUninit::<[f32; PANEL]>::uninit() }; 3 * ROW_CHUNK];
-        let mut parts = storage.chunks_exact_mut(ROW_CHUNK).map(|part| {
-            let part = &mut part[..rows.len()];
-            for row in part.iter_mut() {
+        // Only the chunk's rows are initialized: a decode task has one row, and zeroing whole
+        // 64-row buffers per task cost SmolLM2's one-row decode step 0.3–0.5 ms.
+        let mut storage =
+            [const { [const { MaybeUninit::<[f32; PANEL]>::uninit() }; ROW_CHUNK] }; B];
+        let mut buffers = storage.each_mut().map(|buffer| {
+            let buffer = &mut buffer[..rows.len()];
+            for row in buffer.iter_mut() {
                 row.write([0.0; PANEL]);
             }
-            // SAFETY: every element of `part` was just written.
-            unsafe { &mut *(part as *mut [MaybeUninit<[f32; PANEL]>] as *mut [[f32; PANEL]]) }
+            // SAFETY: every element of `buffer` was just written.
+            unsafe { &mut *(buffer as *mut [MaybeUninit<[f32; PANEL]>] as *mut [[f32; PANEL]]) }
         });
-        let mut buffers = std::array::from_fn(|_| parts.next().expect("three buffers"));
         for p in g * per_group..((g + 1) * per_group).min(panels) {
             each(p, rows.clone(), &mut buffers);
         }
@@ -527,7 +530,7 @@ pub(crate) fn for_each_tile(
 ) {
     assert_eq!(out.len(), m * n, "output size");
     let out_ptr = SharedOut(out.as_mut_ptr());
-    sweep(m, n.div_ceil(PANEL), |p, rows, [buf, ..]| {
+    sweep(m, n.div_ceil(PANEL), |p, rows, [buf]| {
         tile(p, rows.clone(), buf);
         let (col0, cols) = (p * PANEL, PANEL.min(n - p * PANEL));
         for (r, vals) in rows.zip(buf.iter()) {
@@ -552,6 +555,11 @@ pub(crate) fn for_each_tile(
 /// up[r][o]` into row-major `out: [m, width]` straight from each task's two panels, so the
 /// `[m, 2·width]` product is never stored. The same bits as the product followed by
 /// [`crate::silu_mul`] at `level`.
+///
+/// Below [`GATED_MIN_ROWS`] rows the product is computed and stored first: such a step streams
+/// the weights from memory, and reading the gate and up halves as two interleaved streams
+/// made the 1B shape's one-row decode step 13% slower, while its small product costs nothing
+/// to store. From a full row tile on the product is compute-bound and storing it is the cost.
 pub(crate) fn for_each_gated_tile(
     m: usize,
     width: usize,
@@ -564,6 +572,18 @@ pub(crate) fn for_each_gated_tile(
         "gate width {width} is not a multiple of {PANEL}"
     );
     assert_eq!(out.len(), m * width, "output size");
+    if m < GATED_MIN_ROWS {
+        let mut product = vec![0f32; m * 2 * width];
+        for_each_tile(m, 2 * width, &mut product, tile);
+        for (o, y) in out
+            .chunks_exact_mut(width)
+            .zip(product.chunks_exact(2 * width))
+        {
+            let (gate, up) = y.split_at(width);
+            crate::silu_mul(level, gate, up, o);
+        }
+        return;
+    }
     let half = width / PANEL;
     let out_ptr = SharedOut(out.as_mut_ptr());
     sweep(m, half, |p, rows, [gate, up, act]| {
