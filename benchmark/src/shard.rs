@@ -192,6 +192,7 @@ impl Shards {
             c.prefill(PrefillRequest {
                 batch: Some(batch.clone()),
                 cached_batch: None,
+                run_ahead: false,
             })
         });
         let r = try_join_all(calls).await?.swap_remove(0).into_inner();
@@ -205,6 +206,7 @@ impl Shards {
         let calls = self.0.iter_mut().map(|c| {
             c.decode(DecodeRequest {
                 batches: vec![batch.clone()],
+                run_ahead: false,
             })
         });
         let r = try_join_all(calls).await?.swap_remove(0).into_inner();

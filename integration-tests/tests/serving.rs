@@ -218,6 +218,19 @@ async fn check_health_and_metrics(client: &reqwest::Client, wick: &Wick) {
         linear > 0.0 && attention > 0.0 && linear + attention <= forward,
         "linear {linear} s + attention {attention} s against forward {forward} s"
     );
+    // Requests stepped one at a time with nothing queued: the shard computed steps ahead, and
+    // its waits between the steps of a running batch are measured.
+    let value = |line_prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line_prefix} in /metrics:\n{text}"))
+    };
+    assert!(value("wick_batch_run_ahead_total ") >= 1.0, "{text}");
+    assert!(
+        value("wick_batch_shard_idle_duration_count{method=\"decode\"} ") >= 1.0,
+        "{text}"
+    );
     let validation_failures = text
         .lines()
         .any(|l| l.starts_with("tgi_request_failure") && l.contains("validation"));

@@ -215,6 +215,94 @@ fn filtered_requests_leave_and_the_rest_are_unchanged() {
     assert_no_leak(&engine);
 }
 
+/// Invariant 1 with steps computed ahead (the router's `run_ahead`): a step computed before it
+/// is asked for gives the tokens of the step run in turn, and a filter, a merge with new or
+/// other running requests, or a clear that comes first is answered as if it had not run.
+#[test]
+fn steps_run_ahead_give_the_tokens_of_steps_run_in_turn() {
+    let requests = mixed_requests();
+    let alone = alone_tokens(&requests);
+    let mut engine = engine();
+    let mut tokens = HashMap::new();
+    let mut finished = HashMap::new();
+    let mut by_id: HashMap<u64, NewRequest> = requests.into_iter().map(|r| (r.id, r)).collect();
+    let mut take = |ids: &[u64]| {
+        ids.iter()
+            .map(|id| by_id.remove(id).unwrap())
+            .collect::<Vec<_>>()
+    };
+
+    let out = engine.prefill(1, take(&[0, 1, 2]), None).unwrap();
+    collect(&out, &mut tokens, &mut finished);
+    // The decode takes the step computed ahead.
+    engine.run_ahead(1);
+    let out = engine.decode(&[1]).unwrap();
+    assert_eq!(out.generations.len(), 3);
+    collect(&out, &mut tokens, &mut finished);
+    // Request 0 is cancelled while the next step runs ahead: the filter answers with the batch
+    // as it was before that step, and the step's results lose request 0.
+    engine.run_ahead(1);
+    let filtered = engine.filter(1, &[1, 2]).unwrap().unwrap();
+    assert_eq!(filtered.request_ids, vec![1, 2]);
+    assert_eq!(filtered.current_tokens, 2);
+    // Request 1: 17 + 12 - 1 positions, two blocks; request 2: 5 + 3 - 1, one.
+    assert_eq!(filtered.max_tokens as usize, 3 * BLOCK_SIZE);
+    let out = engine.decode(&[1]).unwrap();
+    // Request 2 ends in the step that ran ahead (its third token).
+    assert_eq!(out.generations.len(), 2);
+    assert!(out.generations.iter().all(|g| g.request_id != 0));
+    assert!(!out.batch.as_ref().unwrap().request_ids.contains(&0));
+    collect(&out, &mut tokens, &mut finished);
+    // New requests join the batch whose step ran ahead (request 3 chunked): they step on
+    // their own and the answer joins both under the cached id.
+    engine.run_ahead(1);
+    let out = engine.prefill(2, take(&[3, 4]), Some(1)).unwrap();
+    assert_eq!(out.batch.as_ref().unwrap().id, 1);
+    collect(&out, &mut tokens, &mut finished);
+    // A separate batch, merged by a decode that lists the batch that ran ahead second.
+    engine.run_ahead(1);
+    let out = engine.prefill(3, take(&[5, 6]), None).unwrap();
+    collect(&out, &mut tokens, &mut finished);
+    let out = engine.decode(&[3, 1]).unwrap();
+    let mut batch = out.batch.clone();
+    assert_eq!(batch.as_ref().unwrap().id, 3);
+    collect(&out, &mut tokens, &mut finished);
+    engine.run_ahead(3);
+    let out = engine.prefill(4, take(&[7]), Some(3)).unwrap();
+    batch = out.batch.clone();
+    collect(&out, &mut tokens, &mut finished);
+    // To the end, every step computed ahead.
+    while let Some(b) = batch {
+        engine.run_ahead(b.id);
+        let out = engine.decode(&[b.id]).unwrap();
+        batch = out.batch.clone();
+        collect(&out, &mut tokens, &mut finished);
+    }
+    assert_eq!(finished.len(), 7);
+    for (id, expected) in &alone {
+        let got = &tokens[id];
+        if *id == 0 {
+            assert!(!finished.contains_key(id), "request 0 was filtered out");
+            assert!(expected.starts_with(got), "request 0");
+        } else {
+            assert_eq!(got, expected, "request {id}: ahead differs from alone");
+        }
+    }
+    assert_no_leak(&engine);
+
+    // A clear drops a step computed ahead with its batch.
+    engine
+        .prefill(5, vec![request(8, prompt(5, 8), 4, greedy())], None)
+        .unwrap();
+    engine.run_ahead(5);
+    engine.clear(Some(5));
+    assert_no_leak(&engine);
+    assert!(matches!(
+        engine.decode(&[5]),
+        Err(EngineError::BatchNotFound(5))
+    ));
+}
+
 #[test]
 fn chunked_prefill_equals_one_prefill() {
     let mut engine = engine();

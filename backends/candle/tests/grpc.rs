@@ -96,6 +96,9 @@ async fn shard_serves_the_protocol() {
         .prefill(pb::PrefillRequest {
             batch: Some(batch(1, vec![with_details, text_request])),
             cached_batch: None,
+            // The shard computes the next step while this answer travels: the decodes below
+            // take it.
+            run_ahead: true,
         })
         .await
         .unwrap()
@@ -131,6 +134,9 @@ async fn shard_serves_the_protocol() {
         .prefill(pb::PrefillRequest {
             batch: Some(batch(2, vec![request(3, vec![11, 12, 13], 10)])),
             cached_batch: None,
+            // The join below comes while this batch's next step runs ahead: the new request
+            // steps on its own and the answer joins the two, as if the step had waited.
+            run_ahead: true,
         })
         .await
         .unwrap()
@@ -144,6 +150,8 @@ async fn shard_serves_the_protocol() {
         .prefill(pb::PrefillRequest {
             batch: Some(batch(3, vec![joining])),
             cached_batch: Some(running.clone()),
+            // And the filter below comes while the next step runs ahead.
+            run_ahead: true,
         })
         .await
         .unwrap()
@@ -191,6 +199,7 @@ async fn shard_serves_the_protocol() {
         .prefill(pb::PrefillRequest {
             batch: Some(batch(4, vec![bad])),
             cached_batch: None,
+            run_ahead: false,
         })
         .await
         .unwrap_err();
@@ -207,6 +216,7 @@ async fn shard_serves_the_protocol() {
             .prefill(pb::PrefillRequest {
                 batch: Some(batch(4, vec![bad])),
                 cached_batch: None,
+                run_ahead: false,
             })
             .await
             .unwrap_err();
@@ -219,6 +229,7 @@ async fn shard_serves_the_protocol() {
                 id: 77,
                 ..Default::default()
             }],
+            run_ahead: false,
         })
         .await
         .unwrap_err();
@@ -227,6 +238,7 @@ async fn shard_serves_the_protocol() {
         .prefill(pb::PrefillRequest {
             batch: Some(batch(5, vec![request(6, vec![1, 2, 3], 3)])),
             cached_batch: None,
+            run_ahead: true,
         })
         .await
         .unwrap()
@@ -239,6 +251,7 @@ async fn shard_serves_the_protocol() {
     let err = client
         .decode(pb::DecodeRequest {
             batches: vec![resp.batch.unwrap()],
+            run_ahead: false,
         })
         .await
         .unwrap_err();

@@ -70,6 +70,8 @@ impl Set {
                 c.prefill(pb::PrefillRequest {
                     batch: Some(b),
                     cached_batch: None,
+                    // Every rank computes the next step ahead, in lock-step.
+                    run_ahead: true,
                 })
                 .await
                 .map(tonic::Response::into_inner)
@@ -82,10 +84,13 @@ impl Set {
         join_all(self.clients.iter().map(|c| {
             let (mut c, b) = (c.clone(), b.clone());
             async move {
-                c.decode(pb::DecodeRequest { batches: vec![b] })
-                    .await
-                    .unwrap()
-                    .into_inner()
+                c.decode(pb::DecodeRequest {
+                    batches: vec![b],
+                    run_ahead: true,
+                })
+                .await
+                .unwrap()
+                .into_inner()
             }
         }))
         .await

@@ -6,6 +6,11 @@
 //! removed (its blocks freed on drop) and filtered out of the shard batch before the next step.
 //! A shard error fails every request of the batch, clears it on the shards, marks the backend
 //! unhealthy, and the loop goes on with the queue.
+//!
+//! When nothing waits in the queue as a step is sent, the step asks the shards to run ahead:
+//! they compute the batch's next decode as soon as this step ends, while the answer travels and
+//! the loop delivers it, so the shards do not sit idle through the round trip. The loop's next
+//! call for that batch is then a plain decode (a request queued meanwhile joins one step later).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +25,8 @@ use crate::metrics::{
     BATCH_CONCAT, BATCH_CONCAT_DURATION, BATCH_CURRENT_MAX_TOKENS, BATCH_CURRENT_SIZE,
     BATCH_DECODE_DURATION, BATCH_FILTER_DURATION, BATCH_FORWARD_ATTENTION_DURATION,
     BATCH_FORWARD_DURATION, BATCH_FORWARD_LINEAR_DURATION, BATCH_INFERENCE_COUNT,
-    BATCH_INFERENCE_DURATION, BATCH_INFERENCE_FAILURE, BATCH_INFERENCE_SUCCESS,
+    BATCH_INFERENCE_DURATION, BATCH_INFERENCE_FAILURE, BATCH_INFERENCE_SUCCESS, BATCH_RUN_AHEAD,
+    BATCH_SHARD_IDLE_DURATION,
 };
 use crate::queue::{Entry, Queue};
 use crate::request::{GeneratedText, InferError, InferStreamResponse, Token};
@@ -69,7 +75,9 @@ pub async fn batching_task(
             )
             .await
         {
-            let mut cached = batcher.prefill(batch, None, &mut entries).await;
+            // Whether the step just sent lets the shards compute the next one ahead.
+            let mut run_ahead = queue.is_empty();
+            let mut cached = batcher.prefill(batch, None, run_ahead, &mut entries).await;
             let mut waiting_tokens = 1;
             while let Some(batch) = cached {
                 let batch_size = batch.size as usize;
@@ -100,10 +108,17 @@ pub async fn batching_task(
 
                 let mut batches = Vec::with_capacity(2);
                 let mut running = Some(batch);
-                if let Some((mut new_entries, new_batch)) = queue
-                    .next_batch(min_size, max_size, prefill_budget, token_budget)
-                    .await
-                {
+                // After a step that ran ahead the shards are already computing this one: a
+                // plain decode takes it, and queued requests join at the next step.
+                let admitted = match run_ahead {
+                    true => None,
+                    false => {
+                        queue
+                            .next_batch(min_size, max_size, prefill_budget, token_budget)
+                            .await
+                    }
+                };
+                if let Some((mut new_entries, new_batch)) = admitted {
                     let reason = match (config.support_chunking, min_size) {
                         (true, _) => "chunking",
                         (false, Some(_)) => "backpressure",
@@ -114,16 +129,20 @@ pub async fn batching_task(
                         // One forward pass: new prompts (or their first chunk) and one decode
                         // step of the running requests; the result keeps the running batch id.
                         entries.extend(new_entries);
+                        run_ahead = queue.is_empty();
                         let merged = batcher
-                            .prefill(new_batch, running.take(), &mut entries)
+                            .prefill(new_batch, running.take(), run_ahead, &mut entries)
                             .await;
                         if merged.is_none() {
                             break;
                         }
                         merged
                     } else {
-                        // The running requests wait while the new ones are prefilled alone.
-                        let new_cached = batcher.prefill(new_batch, None, &mut new_entries).await;
+                        // The running requests wait while the new ones are prefilled alone
+                        // (and the next step merges the two batches: nothing runs ahead).
+                        let new_cached = batcher
+                            .prefill(new_batch, None, false, &mut new_entries)
+                            .await;
                         if new_cached.is_some() {
                             entries.extend(new_entries);
                         }
@@ -135,7 +154,8 @@ pub async fn batching_task(
                 } else {
                     batches.extend(running.take());
                 }
-                cached = batcher.decode(batches, &mut entries).await;
+                run_ahead = queue.is_empty();
+                cached = batcher.decode(batches, run_ahead, &mut entries).await;
                 waiting_tokens += 1;
             }
             metrics::gauge!(BATCH_CURRENT_SIZE).set(0.0);
@@ -149,17 +169,32 @@ struct Batcher {
     health: Arc<AtomicBool>,
 }
 
+/// How a step was asked for.
+#[derive(Clone, Copy)]
+struct Sent {
+    method: &'static str,
+    /// It stepped a running batch (so the shards' wait before it is the loop's overhead).
+    running: bool,
+    run_ahead: bool,
+}
+
 impl Batcher {
     /// Starts `batch` (merged into `cached` when given) and delivers the first tokens.
     async fn prefill(
         &self,
         batch: pb::Batch,
         cached: Option<pb::CachedBatch>,
+        run_ahead: bool,
         entries: &mut Entries,
     ) -> Option<pb::CachedBatch> {
         let involved = [Some(batch.id), cached.as_ref().map(|b| b.id)];
-        let result = self.client.prefill(batch, cached).await;
-        self.step("prefill", result, involved, entries).await
+        let sent = Sent {
+            method: "prefill",
+            running: cached.is_some(),
+            run_ahead,
+        };
+        let result = self.client.prefill(batch, cached, run_ahead).await;
+        self.step(sent, result, involved, entries).await
     }
 
     /// One step of every request of `batches` (merged into the first on the shards); the loop
@@ -167,23 +202,30 @@ impl Batcher {
     async fn decode(
         &self,
         batches: Vec<pb::CachedBatch>,
+        run_ahead: bool,
         entries: &mut Entries,
     ) -> Option<pb::CachedBatch> {
         debug_assert!(batches.len() <= 2);
         let involved = [batches.first().map(|b| b.id), batches.get(1).map(|b| b.id)];
-        let result = self.client.decode(batches).await;
-        self.step("decode", result, involved, entries).await
+        let sent = Sent {
+            method: "decode",
+            running: true,
+            run_ahead,
+        };
+        let result = self.client.decode(batches, run_ahead).await;
+        self.step(sent, result, involved, entries).await
     }
 
     /// Delivers a step's generations and filters the batch, or fails the whole batch.
     async fn step(
         &self,
-        method: &'static str,
+        sent: Sent,
         result: Result<StepResult, ClientError>,
         involved: [Option<u64>; 2],
         entries: &mut Entries,
     ) -> Option<pb::CachedBatch> {
         let start = Instant::now();
+        let method = sent.method;
         metrics::counter!(BATCH_INFERENCE_COUNT, "method" => method).increment(1);
         let outcome = match result {
             Ok((generations, next, timings)) => {
@@ -206,6 +248,13 @@ impl Batcher {
                     .record(ns(timings.attention_ns));
                 metrics::histogram!(BATCH_DECODE_DURATION, "method" => method)
                     .record(ns(timings.decode_ns));
+                if let (true, Some(idle)) = (sent.running, timings.idle_ns) {
+                    metrics::histogram!(BATCH_SHARD_IDLE_DURATION, "method" => method)
+                        .record(ns(idle));
+                }
+                if sent.run_ahead && next.is_some() {
+                    metrics::counter!(BATCH_RUN_AHEAD).increment(1);
+                }
                 if let Some(concat) = timings.concat_ns {
                     metrics::histogram!(BATCH_CONCAT_DURATION, "method" => method)
                         .record(ns(concat));

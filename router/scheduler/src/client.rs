@@ -44,6 +44,7 @@ macro_rules! step_answer {
             decode_ns: a.decode_ns,
             total_ns: a.total_ns,
             concat_ns: a.concat_ns,
+            idle_ns: a.idle_ns,
         };
         (a.generations, a.batch, timings)
     }};
@@ -59,6 +60,8 @@ pub struct StepTimings {
     pub decode_ns: u64,
     pub total_ns: u64,
     pub concat_ns: Option<u64>,
+    /// How long the shard waited for this step after its previous one.
+    pub idle_ns: Option<u64>,
 }
 
 impl StepTimings {
@@ -70,6 +73,7 @@ impl StepTimings {
             decode_ns: self.decode_ns.max(other.decode_ns),
             total_ns: self.total_ns.max(other.total_ns),
             concat_ns: self.concat_ns.max(other.concat_ns),
+            idle_ns: self.idle_ns.max(other.idle_ns),
         }
     }
 }
@@ -241,14 +245,18 @@ impl ShardedClient {
     }
 
     /// Starts `batch`; with `cached_batch`, its running requests step in the same forward pass.
+    /// With `run_ahead`, the next call about the returned batch is its decode alone (see
+    /// `pb::DecodeRequest::run_ahead`).
     pub async fn prefill(
         &self,
         batch: pb::Batch,
         cached_batch: Option<pb::CachedBatch>,
+        run_ahead: bool,
     ) -> Result<StepResult> {
         let request = pb::PrefillRequest {
             batch: Some(batch),
             cached_batch,
+            run_ahead,
         };
         let _order = self.steps.lock().await;
         let answers = self
@@ -257,13 +265,17 @@ impl ShardedClient {
         Ok(merge(answers.into_iter().map(|a| step_answer!(a))))
     }
 
-    /// One step of every request of `batches` (merged into the first on the shards).
-    pub async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepResult> {
+    /// One step of every request of `batches` (merged into the first on the shards); see
+    /// [`ShardedClient::prefill`] for `run_ahead`.
+    pub async fn decode(
+        &self,
+        batches: Vec<pb::CachedBatch>,
+        run_ahead: bool,
+    ) -> Result<StepResult> {
         let _order = self.steps.lock().await;
+        let request = pb::DecodeRequest { batches, run_ahead };
         let answers = self
-            .all(pb::DecodeRequest { batches }, |mut c, r| async move {
-                c.decode(r).await
-            })
+            .all(request, |mut c, r| async move { c.decode(r).await })
             .await?;
         Ok(merge(answers.into_iter().map(|a| step_answer!(a))))
     }

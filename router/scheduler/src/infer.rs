@@ -173,7 +173,7 @@ impl Infer {
             max_tokens: block_size,
             max_blocks: 1,
         };
-        match self.client.prefill(batch, None).await {
+        match self.client.prefill(batch, None, false).await {
             Ok((_, None, _)) => true,
             // A one-token request finishes at once; should anything be left, it is cleared.
             Ok((_, Some(_), _)) => self.client.clear_cache(Some(LIVENESS_ID)).await.is_ok(),

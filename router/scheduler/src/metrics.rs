@@ -34,6 +34,11 @@ pub const BATCH_CONCAT_DURATION: &str = "tgi_batch_concat_duration";
 /// The parts of the forward pass in the linear layers and in attention (label `method`).
 pub const BATCH_FORWARD_LINEAR_DURATION: &str = "wick_batch_forward_linear_duration";
 pub const BATCH_FORWARD_ATTENTION_DURATION: &str = "wick_batch_forward_attention_duration";
+/// How long the shards waited for a step of a running batch after finishing its previous one:
+/// the router's and the transport's share of the step (label `method`).
+pub const BATCH_SHARD_IDLE_DURATION: &str = "wick_batch_shard_idle_duration";
+/// Steps the shards computed ahead, while the router delivered the previous one (counter).
+pub const BATCH_RUN_AHEAD: &str = "wick_batch_run_ahead_total";
 /// Prompt tokens served from the prefix cache instead of being computed (counter).
 pub const PREFIX_CACHE_HIT_TOKENS: &str = "wick_prefix_cache_hit_tokens_total";
 /// Prompt tokens scheduled for prefill in total (counter), to read the hit ratio against.
@@ -154,6 +159,15 @@ pub fn describe() {
         BATCH_FORWARD_ATTENTION_DURATION,
         Unit::Seconds,
         "Part of the shard forward pass in attention (KV cache writes included), by method"
+    );
+    describe_histogram!(
+        BATCH_SHARD_IDLE_DURATION,
+        Unit::Seconds,
+        "Shard time waiting between steps of a running batch (router and transport), by method"
+    );
+    describe_counter!(
+        BATCH_RUN_AHEAD,
+        "Steps the shards started before the router asked for them"
     );
     describe_histogram!(
         BATCH_DECODE_DURATION,

@@ -153,6 +153,24 @@ struct Grammars {
     thread: rayon::ThreadPool,
 }
 
+/// A decode step computed before it was asked for (see [`Engine::run_ahead`]).
+struct Ahead {
+    batch_id: u64,
+    /// The batch's requests before that step: what the router still knows of the batch, and
+    /// what a filter arriving before the step is taken answers with.
+    before: Vec<BeforeAhead>,
+    result: Result<StepOutput>,
+}
+
+/// One request of a batch as it was before a step computed ahead.
+struct BeforeAhead {
+    id: u64,
+    /// KV slots its blocks hold.
+    slots: u32,
+    /// Tokens that step computes for it.
+    tokens: u32,
+}
+
 /// Batches keyed by id over one model and one paged KV cache.
 pub struct Engine {
     model: Box<dyn StepModel>,
@@ -164,6 +182,10 @@ pub struct Engine {
     batches: HashMap<u64, BatchState>,
     /// Structured output; set up with the first request that has a grammar.
     grammars: Option<Grammars>,
+    /// The next decode of one batch, computed ahead of its call.
+    ahead: Option<Ahead>,
+    /// When the last step ended.
+    last_step_end: Option<Instant>,
 }
 
 impl Engine {
@@ -189,6 +211,8 @@ impl Engine {
             block_size: options.block_size,
             batches: HashMap::new(),
             grammars: None,
+            ahead: None,
+            last_step_end: None,
         }
     }
 
@@ -204,9 +228,15 @@ impl Engine {
         self.block_size
     }
 
-    /// Ids of the batches the engine holds.
+    /// Ids of the batches the engine holds (with one whose step ran ahead and finished it).
     pub fn batch_ids(&self) -> Vec<u64> {
-        self.batches.keys().copied().collect()
+        let mut ids: Vec<u64> = self.batches.keys().copied().collect();
+        if let Some(a) = &self.ahead {
+            if !ids.contains(&a.batch_id) {
+                ids.push(a.batch_id);
+            }
+        }
+        ids
     }
 
     /// Starts `requests` as batch `batch_id` and runs its first step; with `cached`, that batch's
@@ -219,7 +249,7 @@ impl Engine {
     ) -> Result<StepOutput> {
         let start = Instant::now();
         if let Some(c) = cached {
-            if !self.batches.contains_key(&c) {
+            if !self.batches.contains_key(&c) && !self.is_ahead(c) {
                 return Err(EngineError::BatchNotFound(c));
             }
         }
@@ -228,10 +258,14 @@ impl Engine {
                 "batch {batch_id} already exists"
             )));
         }
-        let mut ids: HashSet<u64> = cached
-            .and_then(|c| self.batches.get(&c))
-            .map(|b| b.requests.iter().map(|r| r.id).collect())
-            .unwrap_or_default();
+        let mut ids: HashSet<u64> = match cached {
+            Some(c) if self.is_ahead(c) => self.ahead_ids().collect(),
+            Some(c) => self
+                .batches
+                .get(&c)
+                .map_or_else(HashSet::new, |b| b.requests.iter().map(|r| r.id).collect()),
+            None => HashSet::new(),
+        };
         for r in &requests {
             if !ids.insert(r.id) {
                 return Err(EngineError::InvalidRequest(format!(
@@ -253,6 +287,16 @@ impl Engine {
             .map(|(r, c)| self.admit(r, c))
             .collect();
 
+        if let Some(c) = cached.filter(|&c| self.is_ahead(c)) {
+            // The cached batch's step already ran: the new requests take theirs now, on their
+            // own, and join it.
+            let earlier = self.take_ahead()?;
+            let mut state = BatchState {
+                requests: new_states,
+            };
+            let now = self.run_step(c, &mut state, start, None)?;
+            return Ok(self.joined(c, earlier, now));
+        }
         let concat_start = Instant::now();
         let (id, mut state, concat_ns) = match cached {
             Some(c) => {
@@ -280,24 +324,122 @@ impl Engine {
             ));
         };
         for id in batch_ids {
-            if !self.batches.contains_key(id) {
+            if !self.batches.contains_key(id) && !self.is_ahead(*id) {
                 return Err(EngineError::BatchNotFound(*id));
             }
         }
+        let ahead = batch_ids.iter().copied().find(|&id| self.is_ahead(id));
+        let earlier = match ahead {
+            Some(_) => Some(self.take_ahead()?),
+            None => None,
+        };
         let concat_start = Instant::now();
         let mut state = BatchState::default();
-        for id in batch_ids {
+        for id in batch_ids.iter().filter(|&&id| Some(id) != ahead) {
             if let Some(b) = self.batches.remove(id) {
                 state.requests.extend(b.requests);
             }
         }
         let concat_ns = (batch_ids.len() > 1).then(|| concat_start.elapsed().as_nanos() as u64);
-        self.run_step(first, &mut state, start, concat_ns)
+        let (Some(ahead), Some(mut earlier)) = (ahead, earlier) else {
+            return self.run_step(first, &mut state, start, concat_ns);
+        };
+        // The batch whose step ran ahead joins the first id; the others step now, on their
+        // own, and join it.
+        if ahead != first {
+            if let Some(b) = self.batches.remove(&ahead) {
+                self.store(first, b);
+            }
+            if let Some(b) = earlier.batch.as_mut() {
+                b.id = first;
+            }
+        }
+        if state.requests.is_empty() {
+            return Ok(earlier);
+        }
+        let now = self.run_step(first, &mut state, start, concat_ns)?;
+        Ok(self.joined(first, earlier, now))
+    }
+
+    /// Computes the next decode step of batch `id` now, before it is asked for: the router
+    /// said its next step for this batch is a decode of it alone (`run_ahead`), so the shard
+    /// need not sit idle while the answer travels and the router works. The next
+    /// [`Engine::decode`] of `id` returns it. A filter, a clear or a merge that comes first is
+    /// answered as if the step had not run: a filter drops the requests from the step's
+    /// results too, a clear drops them, and a merge runs the other requests' step on its own
+    /// and joins the two. Tensor-parallel ranks run ahead on the same calls, so their forward
+    /// passes stay in lock-step. Does nothing for a missing batch or while another step waits.
+    pub fn run_ahead(&mut self, id: u64) {
+        if self.ahead.is_some() {
+            return;
+        }
+        let Some(batch) = self.batches.get(&id) else {
+            return;
+        };
+        let before = batch
+            .requests
+            .iter()
+            .map(|r| BeforeAhead {
+                id: r.id,
+                slots: (r.blocks.len() * self.block_size) as u32,
+                tokens: r.next_tokens() as u32,
+            })
+            .collect();
+        let result = self.decode(&[id]);
+        self.ahead = Some(Ahead {
+            batch_id: id,
+            before,
+            result,
+        });
+    }
+
+    fn is_ahead(&self, id: u64) -> bool {
+        self.ahead.as_ref().is_some_and(|a| a.batch_id == id)
+    }
+
+    /// The requests of the batch whose step ran ahead, as the router knows them.
+    fn ahead_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ahead
+            .iter()
+            .flat_map(|a| a.before.iter().map(|r| r.id))
+    }
+
+    /// The step computed ahead (its error if it failed: its batch is stored as the failure
+    /// left it, for the router to clear).
+    fn take_ahead(&mut self) -> Result<StepOutput> {
+        match self.ahead.take() {
+            Some(a) => a.result,
+            None => Err(EngineError::InvalidRequest("no step ran ahead".into())),
+        }
+    }
+
+    /// One answer for two steps whose requests are now stored together under `id`.
+    fn joined(&self, id: u64, earlier: StepOutput, now: StepOutput) -> StepOutput {
+        let mut generations = earlier.generations;
+        generations.extend(now.generations);
+        let profile = StepProfile {
+            linear_ns: earlier.profile.linear_ns + now.profile.linear_ns,
+            attention_ns: earlier.profile.attention_ns + now.profile.attention_ns,
+        };
+        StepOutput {
+            generations,
+            batch: self.batches.get(&id).map(|b| self.info(id, b)),
+            forward_ns: earlier.forward_ns + now.forward_ns,
+            profile,
+            decode_ns: earlier.decode_ns + now.decode_ns,
+            total_ns: earlier.total_ns + now.total_ns,
+            // Batches were merged: `store` appended the requests of one to the other's.
+            concat_ns: Some(now.concat_ns.unwrap_or_default()),
+            idle_ns: earlier.idle_ns,
+        }
     }
 
     /// Keeps only `keep` of batch `batch_id`; the others leave and their engine blocks are freed.
     /// `None` when nothing is kept (the batch is gone).
     pub fn filter(&mut self, batch_id: u64, keep: &[u64]) -> Result<Option<CachedBatchInfo>> {
+        if self.is_ahead(batch_id) {
+            return self.filter_ahead(batch_id, keep);
+        }
         let batch = self
             .batches
             .get(&batch_id)
@@ -322,6 +464,43 @@ impl Engine {
         Ok(Some(info))
     }
 
+    /// [`Engine::filter`] of the batch whose next step ran ahead: the requests leave the batch
+    /// and that step's results, and the answer is the batch as it was before that step.
+    fn filter_ahead(&mut self, batch_id: u64, keep: &[u64]) -> Result<Option<CachedBatchInfo>> {
+        let ahead = self.ahead.as_mut().expect("checked by the caller");
+        if let Some(missing) = keep
+            .iter()
+            .find(|id| !ahead.before.iter().any(|r| r.id == **id))
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "request {missing} is not in batch {batch_id}"
+            )));
+        }
+        ahead.before.retain(|r| keep.contains(&r.id));
+        if ahead.before.is_empty() {
+            self.ahead = None;
+            self.batches.remove(&batch_id);
+            return Ok(None);
+        }
+        let before = CachedBatchInfo {
+            id: batch_id,
+            request_ids: ahead.before.iter().map(|r| r.id).collect(),
+            size: ahead.before.len() as u32,
+            max_tokens: ahead.before.iter().map(|r| r.slots).sum(),
+            current_tokens: ahead.before.iter().map(|r| r.tokens).sum(),
+        };
+        if let Some(mut batch) = self.batches.remove(&batch_id) {
+            batch.requests.retain(|r| keep.contains(&r.id));
+            self.store(batch_id, batch);
+        }
+        let after = self.batches.get(&batch_id).map(|b| self.info(batch_id, b));
+        if let Some(Ok(out)) = self.ahead.as_mut().map(|a| &mut a.result) {
+            out.generations.retain(|g| keep.contains(&g.request_id));
+            out.batch = after;
+        }
+        Ok(Some(before))
+    }
+
     /// Why the model can no longer run, once it can't (see [`StepModel::failure`]).
     pub fn model_failure(&self) -> Option<String> {
         self.model.failure()
@@ -332,8 +511,14 @@ impl Engine {
         match id {
             Some(id) => {
                 self.batches.remove(&id);
+                if self.is_ahead(id) {
+                    self.ahead = None;
+                }
             }
-            None => self.batches.clear(),
+            None => {
+                self.batches.clear();
+                self.ahead = None;
+            }
         }
     }
 

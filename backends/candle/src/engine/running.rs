@@ -103,31 +103,43 @@ impl Engine {
         start: Instant,
         concat_ns: Option<u64>,
     ) -> Result<StepOutput> {
+        let idle_ns = self
+            .last_step_end
+            .map(|end| start.saturating_duration_since(end).as_nanos() as u64);
         let result = self.step(state);
+        self.last_step_end = Some(Instant::now());
         let (generations, finished, forward_ns, profile, decode_ns) = match result {
             Ok(r) => r,
             Err(e) => {
-                self.batches.insert(id, std::mem::take(state));
+                self.store(id, std::mem::take(state));
                 return Err(e);
             }
         };
         state.requests.retain(|r| !finished.contains(&r.id));
-        let batch = if state.requests.is_empty() {
-            None
-        } else {
-            let info = self.info(id, state);
-            self.batches.insert(id, std::mem::take(state));
-            Some(info)
-        };
+        self.store(id, std::mem::take(state));
         Ok(StepOutput {
             generations,
-            batch,
+            batch: self.batches.get(&id).map(|b| self.info(id, b)),
             forward_ns,
             profile,
             decode_ns,
             total_ns: start.elapsed().as_nanos() as u64,
             concat_ns,
+            idle_ns,
         })
+    }
+
+    /// Keeps `state`'s requests under batch `id`, after those already stored there (a step
+    /// computed ahead left them there, see [`Engine::run_ahead`]); an empty batch is not kept.
+    pub(super) fn store(&mut self, id: u64, state: BatchState) {
+        if state.requests.is_empty() {
+            return;
+        }
+        self.batches
+            .entry(id)
+            .or_default()
+            .requests
+            .extend(state.requests);
     }
 
     /// One packed forward pass over every request, then sampling for those that produce a token.

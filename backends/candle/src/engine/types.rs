@@ -87,6 +87,9 @@ pub struct StepOutput {
     pub total_ns: u64,
     /// Time spent merging batches, when batches were merged.
     pub concat_ns: Option<u64>,
+    /// How long the engine waited between its previous step's end and this step's start
+    /// (`None` for its first step).
+    pub idle_ns: Option<u64>,
 }
 
 /// What warmup found the shard can hold.

@@ -154,6 +154,7 @@ macro_rules! step_response {
             decode_ns: out.decode_ns,
             total_ns: out.total_ns,
             concat_ns: out.concat_ns,
+            idle_ns: out.idle_ns,
         }
     }};
 }

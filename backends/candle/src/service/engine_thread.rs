@@ -31,10 +31,13 @@ pub(super) enum Command {
         batch_id: u64,
         requests: Vec<NewRequest>,
         cached: Option<u64>,
+        /// Compute the returned batch's next decode once the answer is sent.
+        run_ahead: bool,
         reply: oneshot::Sender<EngineResult<StepOutput>>,
     },
     Decode {
         batch_ids: Vec<u64>,
+        run_ahead: bool,
         reply: oneshot::Sender<EngineResult<StepOutput>>,
     },
 }
@@ -77,14 +80,40 @@ impl Command {
                 batch_id,
                 requests,
                 cached,
+                run_ahead,
                 reply,
             } => {
-                let _ = reply.send(engine.prefill(batch_id, requests, cached));
+                let out = engine.prefill(batch_id, requests, cached);
+                answer_step(engine, out, run_ahead, reply);
             }
-            Command::Decode { batch_ids, reply } => {
-                let _ = reply.send(engine.decode(&batch_ids));
+            Command::Decode {
+                batch_ids,
+                run_ahead,
+                reply,
+            } => {
+                let out = engine.decode(&batch_ids);
+                answer_step(engine, out, run_ahead, reply);
             }
         }
+    }
+}
+
+/// Sends a step's answer, then, when the router asked for it, computes the returned batch's
+/// next step while the answer travels (see [`Engine::run_ahead`]). Whether a step runs ahead
+/// depends only on the call, never on timing, so tensor-parallel ranks run the same passes.
+fn answer_step(
+    engine: &mut Engine,
+    out: EngineResult<StepOutput>,
+    run_ahead: bool,
+    reply: oneshot::Sender<EngineResult<StepOutput>>,
+) {
+    let next = match &out {
+        Ok(step) if run_ahead => step.batch.as_ref().map(|b| b.id),
+        _ => None,
+    };
+    let _ = reply.send(out);
+    if let Some(id) = next {
+        engine.run_ahead(id);
     }
 }
 

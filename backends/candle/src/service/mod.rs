@@ -245,6 +245,7 @@ impl TextGenerationService for ShardService {
             .batch
             .ok_or_else(|| Status::invalid_argument("prefill needs a batch"))?;
         let cached = r.cached_batch.map(|b| b.id);
+        let run_ahead = r.run_ahead;
         let batch_id = batch.id;
         let requests = new_requests(batch).map_err(status)?;
         let out = self
@@ -253,6 +254,7 @@ impl TextGenerationService for ShardService {
                 batch_id,
                 requests,
                 cached,
+                run_ahead,
                 reply,
             })
             .await?
@@ -264,11 +266,13 @@ impl TextGenerationService for ShardService {
         &self,
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
-        let ids: Vec<u64> = request.into_inner().batches.iter().map(|b| b.id).collect();
+        let r = request.into_inner();
+        let ids: Vec<u64> = r.batches.iter().map(|b| b.id).collect();
         let out = self
             .engine
             .call(|reply| Command::Decode {
                 batch_ids: ids,
+                run_ahead: r.run_ahead,
                 reply,
             })
             .await?

@@ -81,7 +81,8 @@ pub fn batch(id: u64, requests: Vec<pb::Request>) -> pb::Batch {
     }
 }
 
-/// Decodes `batch` until every request finished; returns the generations.
+/// Decodes `batch` until every request finished, each step computed ahead of its call;
+/// returns the generations.
 pub async fn decode_to_end(
     client: &mut ShardClient,
     mut batch: Option<pb::CachedBatch>,
@@ -89,7 +90,10 @@ pub async fn decode_to_end(
     let mut generations = Vec::new();
     while let Some(b) = batch {
         let resp = client
-            .decode(pb::DecodeRequest { batches: vec![b] })
+            .decode(pb::DecodeRequest {
+                batches: vec![b],
+                run_ahead: true,
+            })
             .await
             .unwrap()
             .into_inner();
