@@ -9,8 +9,7 @@
 //!
 //! When nothing waits in the queue as a step is sent, the step asks the shards to run ahead:
 //! they compute the batch's next decode as soon as this step ends, while the answer travels and
-//! the loop delivers it, so the shards do not sit idle through the round trip. The loop's next
-//! call for that batch is then a plain decode (a request queued meanwhile joins one step later).
+//! the loop delivers it, so the shards do not sit idle through the round trip.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,8 +74,8 @@ pub async fn batching_task(
             )
             .await
         {
-            // Whether the step just sent lets the shards compute the next one ahead.
-            let mut run_ahead = queue.is_empty();
+            // Each step runs ahead when nothing is waiting to join the next one.
+            let run_ahead = queue.is_empty();
             let mut cached = batcher.prefill(batch, None, run_ahead, &mut entries).await;
             let mut waiting_tokens = 1;
             while let Some(batch) = cached {
@@ -108,17 +107,13 @@ pub async fn batching_task(
 
                 let mut batches = Vec::with_capacity(2);
                 let mut running = Some(batch);
-                // After a step that ran ahead the shards are already computing this one: a
-                // plain decode takes it, and queued requests join at the next step.
-                let admitted = match run_ahead {
-                    true => None,
-                    false => {
-                        queue
-                            .next_batch(min_size, max_size, prefill_budget, token_budget)
-                            .await
-                    }
-                };
-                if let Some((mut new_entries, new_batch)) = admitted {
+                // Requests queued while a step ran ahead join at once: the shards then run
+                // their prompts as a step of their own and join the two answers (holding them
+                // back a step instead cost more time in the queue than that extra pass).
+                if let Some((mut new_entries, new_batch)) = queue
+                    .next_batch(min_size, max_size, prefill_budget, token_budget)
+                    .await
+                {
                     let reason = match (config.support_chunking, min_size) {
                         (true, _) => "chunking",
                         (false, Some(_)) => "backpressure",
@@ -129,7 +124,7 @@ pub async fn batching_task(
                         // One forward pass: new prompts (or their first chunk) and one decode
                         // step of the running requests; the result keeps the running batch id.
                         entries.extend(new_entries);
-                        run_ahead = queue.is_empty();
+                        let run_ahead = queue.is_empty();
                         let merged = batcher
                             .prefill(new_batch, running.take(), run_ahead, &mut entries)
                             .await;
@@ -154,7 +149,7 @@ pub async fn batching_task(
                 } else {
                     batches.extend(running.take());
                 }
-                run_ahead = queue.is_empty();
+                let run_ahead = queue.is_empty();
                 cached = batcher.decode(batches, run_ahead, &mut entries).await;
                 waiting_tokens += 1;
             }
