@@ -36,6 +36,12 @@ pub struct ShardArgs {
     /// Tokens generated per request (EOS ignored).
     #[arg(short = 'd', long, default_value_t = 8)]
     pub decode_length: u32,
+    /// Prompt tokens each request takes as already in the KV cache (as a prefix-cache hit
+    /// would): decode runs at a depth of `sequence-length` tokens while the prefill computes
+    /// only the rest. Their K/V are whatever the cache holds, so this measures speed, not
+    /// output.
+    #[arg(long, default_value_t = 0)]
+    pub cached_length: u32,
     /// Measured runs per batch size.
     #[arg(short = 'r', long, default_value_t = 10)]
     pub runs: usize,
@@ -239,6 +245,14 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
     let tokenizer = Tokenizer::from_bytes(info.tokenizer_json.as_bytes())
         .map_err(|e| anyhow::anyhow!("shard tokenizer: {e}"))?;
     let ids = prompt_ids(&tokenizer, args.sequence_length)?;
+    if args.cached_length >= args.sequence_length {
+        bail!(
+            "--cached-length ({}) must be below --sequence-length ({})",
+            args.cached_length,
+            args.sequence_length
+        );
+    }
+    let computed_length = args.sequence_length - args.cached_length;
     let parameters = NextTokenChooserParameters {
         temperature: args.temperature.unwrap_or(1.0),
         top_k: args.top_k.unwrap_or(0),
@@ -286,6 +300,7 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
                         min_new_tokens: 0,
                     }),
                     top_n_tokens: args.top_n_tokens.unwrap_or(0),
+                    cache_len: args.cached_length,
                     ..Default::default()
                 })
                 .collect();
@@ -329,7 +344,7 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
                 continue;
             }
             prefill_ms.push(prefill * 1e3);
-            prefill_tps.push((size * args.sequence_length) as f64 / prefill);
+            prefill_tps.push((size * computed_length) as f64 / prefill);
             if steps > 0 {
                 token_ms.push(decode * 1e3 / steps as f64);
                 total_ms.push(decode * 1e3);
@@ -363,12 +378,14 @@ pub async fn run(args: ShardArgs) -> anyhow::Result<ShardReport> {
 /// TGI-style markdown tables: latency (ms) and throughput (tokens/s) per batch size.
 pub fn markdown(report: &ShardReport) -> String {
     let mut out = format!(
-        "model `{}` ({}, {}), {} shard(s), prompt {} tokens, decode {} tokens, {} runs\n\n",
+        "model `{}` ({}, {}), {} shard(s), prompt {} tokens ({} of them taken as cached), \
+         decode {} tokens, {} runs\n\n",
         report.model_id,
         report.dtype,
         report.quantize,
         report.world_size,
         report.parameters.sequence_length,
+        report.parameters.cached_length,
         report.parameters.decode_length,
         report.parameters.runs
     );
