@@ -57,6 +57,12 @@ fn collect(
     }
 }
 
+/// Hands out `requests` by id, each once.
+fn taker(requests: Vec<NewRequest>) -> impl FnMut(&[u64]) -> Vec<NewRequest> {
+    let mut by_id: HashMap<u64, NewRequest> = requests.into_iter().map(|r| (r.id, r)).collect();
+    move |ids| ids.iter().map(|id| by_id.remove(id).unwrap()).collect()
+}
+
 fn alone_tokens(requests: &[NewRequest]) -> HashMap<u64, Vec<u32>> {
     let mut engine = engine();
     requests
@@ -109,12 +115,7 @@ fn batched_tokens_equal_alone_tokens() {
     let mut engine = engine();
     let mut tokens = HashMap::new();
     let mut finished = HashMap::new();
-    let mut by_id: HashMap<u64, NewRequest> = requests.into_iter().map(|r| (r.id, r)).collect();
-    let mut take = |ids: &[u64]| {
-        ids.iter()
-            .map(|id| by_id.remove(id).unwrap())
-            .collect::<Vec<_>>()
-    };
+    let mut take = taker(requests);
 
     let out = engine.prefill(1, take(&[0, 1, 2]), None).unwrap();
     collect(&out, &mut tokens, &mut finished);
@@ -225,12 +226,7 @@ fn steps_run_ahead_give_the_tokens_of_steps_run_in_turn() {
     let mut engine = engine();
     let mut tokens = HashMap::new();
     let mut finished = HashMap::new();
-    let mut by_id: HashMap<u64, NewRequest> = requests.into_iter().map(|r| (r.id, r)).collect();
-    let mut take = |ids: &[u64]| {
-        ids.iter()
-            .map(|id| by_id.remove(id).unwrap())
-            .collect::<Vec<_>>()
-    };
+    let mut take = taker(requests);
 
     let out = engine.prefill(1, take(&[0, 1, 2]), None).unwrap();
     collect(&out, &mut tokens, &mut finished);
