@@ -245,8 +245,8 @@ impl ShardedClient {
     }
 
     /// Starts `batch`; with `cached_batch`, its running requests step in the same forward pass.
-    /// With `run_ahead`, the next call about the returned batch is its decode alone (see
-    /// `pb::DecodeRequest::run_ahead`).
+    /// With `run_ahead`, the shards compute the returned batch's next decode as soon as they
+    /// have answered (see `pb::DecodeRequest::run_ahead`).
     pub async fn prefill(
         &self,
         batch: pb::Batch,

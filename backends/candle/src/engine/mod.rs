@@ -287,15 +287,15 @@ impl Engine {
             .map(|(r, c)| self.admit(r, c))
             .collect();
 
-        if let Some(c) = cached.filter(|&c| self.is_ahead(c)) {
+        if let Some(ahead) = cached.and_then(|c| self.ahead.take_if(|a| a.batch_id == c)) {
             // The cached batch's step already ran: the new requests take theirs now, on their
             // own, and join it.
-            let earlier = self.take_ahead()?;
+            let earlier = ahead.result?;
             let mut state = BatchState {
                 requests: new_states,
             };
-            let now = self.run_step(c, &mut state, start, None)?;
-            return Ok(self.joined(c, earlier, now));
+            let now = self.run_step(ahead.batch_id, &mut state, start, None)?;
+            return Ok(self.joined(ahead.batch_id, earlier, now));
         }
         let concat_start = Instant::now();
         let (id, mut state, concat_ns) = match cached {
@@ -328,37 +328,41 @@ impl Engine {
                 return Err(EngineError::BatchNotFound(*id));
             }
         }
-        let ahead = batch_ids.iter().copied().find(|&id| self.is_ahead(id));
-        let earlier = match ahead {
-            Some(_) => Some(self.take_ahead()?),
-            None => None,
+        let Some(ahead) = self.ahead.take_if(|a| batch_ids.contains(&a.batch_id)) else {
+            return self.step_batches(batch_ids, start);
         };
+        let earlier = ahead.result?;
+        let others: Vec<u64> = batch_ids
+            .iter()
+            .copied()
+            .filter(|&id| id != ahead.batch_id)
+            .collect();
+        let Some(&other) = others.first() else {
+            return Ok(earlier);
+        };
+        // The other batches step now, on their own, and both parts join the first id.
+        let now = self.step_batches(&others, start)?;
+        let parts: Vec<BatchState> = [ahead.batch_id, other]
+            .iter()
+            .filter_map(|id| self.batches.remove(id))
+            .collect();
+        for part in parts {
+            self.store(first, part);
+        }
+        Ok(self.joined(first, earlier, now))
+    }
+
+    /// One step of every request of `batch_ids`, merged into the first id.
+    fn step_batches(&mut self, batch_ids: &[u64], start: Instant) -> Result<StepOutput> {
         let concat_start = Instant::now();
         let mut state = BatchState::default();
-        for id in batch_ids.iter().filter(|&&id| Some(id) != ahead) {
+        for id in batch_ids {
             if let Some(b) = self.batches.remove(id) {
                 state.requests.extend(b.requests);
             }
         }
         let concat_ns = (batch_ids.len() > 1).then(|| concat_start.elapsed().as_nanos() as u64);
-        let (Some(ahead), Some(mut earlier)) = (ahead, earlier) else {
-            return self.run_step(first, &mut state, start, concat_ns);
-        };
-        // The batch whose step ran ahead joins the first id; the others step now, on their
-        // own, and join it.
-        if ahead != first {
-            if let Some(b) = self.batches.remove(&ahead) {
-                self.store(first, b);
-            }
-            if let Some(b) = earlier.batch.as_mut() {
-                b.id = first;
-            }
-        }
-        if state.requests.is_empty() {
-            return Ok(earlier);
-        }
-        let now = self.run_step(first, &mut state, start, concat_ns)?;
-        Ok(self.joined(first, earlier, now))
+        self.run_step(batch_ids[0], &mut state, start, concat_ns)
     }
 
     /// Computes the next decode step of batch `id` now, before it is asked for: the router
@@ -404,16 +408,9 @@ impl Engine {
             .flat_map(|a| a.before.iter().map(|r| r.id))
     }
 
-    /// The step computed ahead (its error if it failed: its batch is stored as the failure
-    /// left it, for the router to clear).
-    fn take_ahead(&mut self) -> Result<StepOutput> {
-        match self.ahead.take() {
-            Some(a) => a.result,
-            None => Err(EngineError::InvalidRequest("no step ran ahead".into())),
-        }
-    }
-
-    /// One answer for two steps whose requests are now stored together under `id`.
+    /// One answer for two steps whose requests are now stored together under `id`. (A step
+    /// computed ahead that failed is answered with its error; its batch stays as the failure
+    /// left it, for the router to clear.)
     fn joined(&self, id: u64, earlier: StepOutput, now: StepOutput) -> StepOutput {
         let mut generations = earlier.generations;
         generations.extend(now.generations);
