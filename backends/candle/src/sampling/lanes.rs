@@ -32,14 +32,22 @@ leveled!(
     pub(super) fn exp_sum, exp_sum_at(logits: &[f32], max: f32) -> f64 = exp_sum_lanes
 );
 
+/// A chunk of [`LANES`] values as an array: loops over it index fixed lanes, which the compiler
+/// keeps in vector registers (iterator adapters over the slice were left as calls, per chunk,
+/// in the functions compiled for a level).
+#[inline(always)]
+fn lanes(chunk: &[f32]) -> &[f32; LANES] {
+    chunk.try_into().expect("chunks of LANES")
+}
+
 #[inline(always)]
 fn exp_sum_lanes(logits: &[f32], max: f32) -> f64 {
     let mut acc = [0.0f32; LANES];
     let chunks = logits.chunks_exact(LANES);
     let rest = chunks.remainder();
-    for chunk in chunks {
-        for (a, &l) in acc.iter_mut().zip(chunk) {
-            *a += exp_nonpositive(l - max);
+    for chunk in chunks.map(lanes) {
+        for i in 0..LANES {
+            acc[i] += exp_nonpositive(chunk[i] - max);
         }
     }
     acc.iter()
@@ -54,9 +62,9 @@ fn max_of_lanes(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
-    for chunk in chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a = a.max(x);
+    for chunk in chunks.map(lanes) {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(chunk[i]);
         }
     }
     let mut max = rest.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -84,7 +92,20 @@ fn first_index_of_lanes(xs: &[f32], value: f32) -> u32 {
 
 #[inline(always)]
 fn exp_shifted_lanes(logits: &[f32], max: f32, out: &mut [f32]) {
-    for (o, &l) in out.iter_mut().zip(logits) {
+    let n = out.len().min(logits.len());
+    let (out, logits) = (&mut out[..n], &logits[..n]);
+    let mut outs = out.chunks_exact_mut(LANES);
+    for (o, l) in (&mut outs).zip(logits.chunks_exact(LANES).map(lanes)) {
+        let o: &mut [f32; LANES] = o.try_into().expect("chunks of LANES");
+        for i in 0..LANES {
+            o[i] = exp_nonpositive(l[i] - max);
+        }
+    }
+    for (o, &l) in outs
+        .into_remainder()
+        .iter_mut()
+        .zip(&logits[n / LANES * LANES..])
+    {
         *o = exp_nonpositive(l - max);
     }
 }
@@ -127,9 +148,9 @@ fn sum_f64_lanes(xs: &[f32]) -> f64 {
     let mut acc = [0.0f32; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
-    for chunk in chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a += x;
+    for chunk in chunks.map(lanes) {
+        for i in 0..LANES {
+            acc[i] += chunk[i];
         }
     }
     acc.iter().chain(rest).map(|&x| x as f64).sum()
@@ -180,9 +201,13 @@ pub(super) fn mass_where(keys: &[f32], weights: &[f32], inside: impl Fn(f32) -> 
 /// compiler turns into vector code, folded in f64 at the end.
 pub(super) fn lane_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f64 {
     let mut acc = [0.0f32; LANES];
-    for (ca, cb) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
-        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
-            *s += term(x, y);
+    for (ca, cb) in a
+        .chunks_exact(LANES)
+        .map(lanes)
+        .zip(b.chunks_exact(LANES).map(lanes))
+    {
+        for i in 0..LANES {
+            acc[i] += term(ca[i], cb[i]);
         }
     }
     let tail = a.len().min(b.len()) / LANES * LANES;
