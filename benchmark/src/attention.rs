@@ -7,8 +7,8 @@ use clap::Args;
 use rayon::prelude::*;
 use serde::Serialize;
 use wick_kernels::{
-    attend, attend_chunk, AttendScratch, ChunkQueries, ChunkScratch, HeadGroup, KvDtype, KvElement,
-    Level, PagedKv, Q8Block, CHUNK_TILE,
+    attend, attend_chunk, AttendScratch, ChunkQueries, ChunkScratch, HeadGroup, KvBuffer, KvDtype,
+    KvElement, Level, PagedKv, Q8Block, CHUNK_TILE,
 };
 
 use crate::kernels::{read_bandwidth, time, Setup};
@@ -156,7 +156,8 @@ fn step<T: KvElement>(args: &AttentionArgs, level: Level, sequences: usize, cont
     let value = |i: usize| ((i * 7919 % 1013) as f32 - 506.0) / 506.0;
     // Stored a piece at a time: the caches can be hundreds of MiB.
     let stored = |shift: usize| {
-        let mut elements = T::zeroed(values / T::VALUES);
+        // Mapped as the shard maps its cache (on huge pages where the kernel allows).
+        let mut elements = KvBuffer::<T>::zeroed(values / T::VALUES);
         let piece = 1 << 16;
         elements
             .par_chunks_mut(piece)

@@ -7,7 +7,7 @@
 
 use candle_core::{bail, Result};
 use half::{bf16, f16};
-use wick_kernels::{KvDtype, KvElement, Q8Block};
+use wick_kernels::{KvBuffer, KvDtype, KvElement, Q8Block};
 use wick_model::config::ModelConfig;
 
 use crate::attention::{self, AttentionParams};
@@ -42,16 +42,16 @@ pub trait KvStore: Send {
 }
 
 /// One layer's K and V, each `num_blocks * kv_heads * block_size * head_dim` values.
-struct LayerKv<T> {
-    k: Vec<T>,
-    v: Vec<T>,
+struct LayerKv<T: KvElement> {
+    k: KvBuffer<T>,
+    v: KvBuffer<T>,
 }
 
 impl<T: KvElement> LayerKv<T> {
     fn zeroed(n: usize) -> Self {
         Self {
-            k: T::zeroed(n),
-            v: T::zeroed(n),
+            k: KvBuffer::zeroed(n),
+            v: KvBuffer::zeroed(n),
         }
     }
 }

@@ -26,6 +26,7 @@ mod dense;
 mod elementwise;
 pub mod format;
 mod level;
+mod memory;
 mod packed;
 mod prefill;
 #[cfg(target_arch = "x86_64")]
@@ -40,6 +41,7 @@ pub use dense::{bf16_from_f32, bf16_to_f32, Bf16Matrix};
 pub use elementwise::{add_rms_norm, silu_mul};
 pub use format::{Format, BLOCK};
 pub use level::{cpu_features, cpu_model, present_cpu_features, Level};
+pub use memory::KvBuffer;
 pub use packed::{PackedMatrix, PANEL};
 pub use prefill::{attend_chunk, ChunkQueries, ChunkScratch, TILE as CHUNK_TILE};
 
