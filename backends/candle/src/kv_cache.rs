@@ -111,7 +111,7 @@ impl KvCache {
     ) -> Self {
         let n = num_blocks * block_size * kv_heads * config.head_dim;
         fn layers<T: KvElement>(count: usize, values: usize) -> Vec<LayerKv<T>> {
-            // Zeroed allocations: pages are only touched when written.
+            // Zeroed and faulted in at once (see `KvBuffer::zeroed`).
             (0..count)
                 .map(|_| LayerKv::zeroed(values / T::VALUES))
                 .collect()
