@@ -115,13 +115,23 @@ fn populate(start: *mut u8, len: usize) {
         // visible.
         let done = unsafe { libc::madvise(at as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
         if done != 0 {
-            for page in (at..at + n).step_by(4096) {
-                // SAFETY: inside the mapping; its bytes are zero already, so this changes
-                // nothing but which pages exist.
-                unsafe { (page as *mut u8).write_volatile(0) };
-            }
+            // SAFETY: as above.
+            unsafe { touch_pages(at as *mut u8, n) };
         }
     });
+}
+
+/// Writes a zero to every 4 KiB page of the `len` bytes at `start`, faulting them in.
+///
+/// # Safety
+/// The range must be inside one writable mapping whose bytes are all zero.
+#[cfg(target_os = "linux")]
+unsafe fn touch_pages(start: *mut u8, len: usize) {
+    for at in (0..len).step_by(4096) {
+        // SAFETY: inside the mapping (the caller's promise); the byte is zero already, so this
+        // changes nothing but which pages exist.
+        unsafe { start.add(at).write_volatile(0) };
+    }
 }
 
 impl<T: KvElement> Drop for KvBuffer<T> {
@@ -186,19 +196,55 @@ mod tests {
         {
             // Every page is resident from the start.
             let buf = KvBuffer::<f32>::zeroed(5 << 20);
-            let pages = (std::mem::size_of_val(&*buf)).div_ceil(4096);
-            let mut resident = vec![0u8; pages];
-            // SAFETY: the range is the buffer's (page-aligned start), `resident` one byte a page.
-            let ok = unsafe {
-                libc::mincore(
-                    buf.as_ptr() as *mut libc::c_void,
-                    std::mem::size_of_val(&*buf),
-                    resident.as_mut_ptr(),
-                )
-            };
-            assert_eq!(ok, 0, "{}", std::io::Error::last_os_error());
-            assert!(resident.iter().all(|r| r & 1 == 1), "pages not faulted in");
+            let bytes = std::mem::size_of_val(&*buf);
+            assert_eq!(
+                resident(buf.as_ptr() as *const u8, bytes),
+                bytes / 4096,
+                "pages not faulted in"
+            );
         }
+    }
+
+    /// Pages of `len` bytes at `at` that are resident.
+    #[cfg(target_os = "linux")]
+    fn resident(at: *const u8, len: usize) -> usize {
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `at` is page-aligned and `at..at + len` mapped; one byte a page.
+        let ok = unsafe { libc::mincore(at as *mut libc::c_void, len, pages.as_mut_ptr()) };
+        assert_eq!(ok, 0, "{}", std::io::Error::last_os_error());
+        pages.iter().filter(|r| *r & 1 == 1).count()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_fallback_for_kernels_without_populate_faults_every_page_in() {
+        let len = 8 << 20;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        let at = map as *mut u8;
+        assert_eq!(resident(at, len), 0);
+        // SAFETY: the whole mapping, zero since it was made.
+        unsafe { touch_pages(at, len) };
+        assert_eq!(resident(at, len), len / 4096);
+        // SAFETY: as above; nothing borrows it.
+        let bytes = unsafe { std::slice::from_raw_parts(at, len) };
+        assert!(bytes.iter().all(|&b| b == 0));
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(map, len) };
+    }
+
+    #[test]
+    fn q8_and_f32_buffers_start_zeroed() {
         let blocks = KvBuffer::<Q8Block>::zeroed(5000);
         assert!(blocks.iter().all(|b| *b == Q8Block::default()));
         let floats = KvBuffer::<f32>::zeroed(12345);
