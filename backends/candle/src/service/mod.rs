@@ -337,6 +337,12 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
         config.kv_cache_dtype,
     );
     let kv_bytes_per_token = KvCache::bytes_per_slot(c, plan.kv_heads.len(), options.kv_dtype);
+    // The cache is claimed when it is made: past what the machine has, say so now rather than
+    // be killed for it.
+    check_kv_fits(
+        (options.num_blocks * options.block_size * kv_bytes_per_token) as u64,
+        available_memory(),
+    )?;
     let info = ShardInfo {
         model_id: loaded.model_id.clone(),
         architecture: format!("{:?}", c.architecture).to_lowercase(),
@@ -385,6 +391,29 @@ pub fn load_engine(config: &ShardConfig) -> anyhow::Result<(Engine, ShardInfo)> 
     );
     let engine = Engine::new(Box::new(model), loaded.config, loaded.tokenizer, options);
     Ok((engine, info))
+}
+
+/// The memory Linux says a new allocation can take without swapping (`MemAvailable` in
+/// `/proc/meminfo`), in bytes; `None` where it cannot be read.
+fn available_memory() -> Option<u64> {
+    parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Fails when a KV cache of `kv_bytes` would not fit in `available` bytes.
+fn check_kv_fits(kv_bytes: u64, available: Option<u64>) -> anyhow::Result<()> {
+    match available {
+        Some(available) if kv_bytes > available => anyhow::bail!(
+            "the KV cache takes {kv_bytes} bytes (--kv-cache-memory) but only {available} bytes \
+             of memory are available after loading the model; lower --kv-cache-memory"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Loads the model, then serves `generate.v1` on `{uds_path}-{rank}` until `shutdown` resolves,
@@ -448,4 +477,32 @@ pub async fn serve_on(
     let _ = std::fs::remove_file(path);
     result?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kv_cache_larger_than_the_available_memory_is_refused_at_load() {
+        let meminfo = "MemTotal:       24683700 kB\nMemFree:        20264244 kB\n\
+                       MemAvailable:   23998888 kB\nBuffers:           12345 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(23_998_888 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots\n"), None);
+
+        let available = Some(8 << 30);
+        assert!(check_kv_fits(2 << 30, available).is_ok());
+        assert!(check_kv_fits(8 << 30, available).is_ok());
+        let err = check_kv_fits((8 << 30) + 1, available)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lower --kv-cache-memory"), "{err}");
+        assert!(err.contains(&(8u64 << 30).to_string()), "{err}");
+        // Where the memory cannot be read, nothing is refused.
+        assert!(check_kv_fits(u64::MAX, None).is_ok());
+        // This machine's own figure reads.
+        #[cfg(target_os = "linux")]
+        assert!(available_memory().is_some_and(|b| b > 0));
+    }
 }
