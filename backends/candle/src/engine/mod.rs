@@ -332,22 +332,21 @@ impl Engine {
             return self.step_batches(batch_ids, start);
         };
         let earlier = ahead.result?;
+        if batch_ids.iter().all(|&id| id == ahead.batch_id) {
+            // The usual step: the batch's own decode, computed ahead.
+            return Ok(earlier);
+        }
+        // The other batches step now, on their own, and both parts join the first id.
         let others: Vec<u64> = batch_ids
             .iter()
             .copied()
             .filter(|&id| id != ahead.batch_id)
             .collect();
-        let Some(&other) = others.first() else {
-            return Ok(earlier);
-        };
-        // The other batches step now, on their own, and both parts join the first id.
         let now = self.step_batches(&others, start)?;
-        let parts: Vec<BatchState> = [ahead.batch_id, other]
-            .iter()
-            .filter_map(|id| self.batches.remove(id))
-            .collect();
-        for part in parts {
-            self.store(first, part);
+        for id in [ahead.batch_id, others[0]] {
+            if let Some(part) = self.batches.remove(&id) {
+                self.store(first, part);
+            }
         }
         Ok(self.joined(first, earlier, now))
     }
