@@ -93,19 +93,18 @@ fn first_index_of_lanes(xs: &[f32], value: f32) -> u32 {
 #[inline(always)]
 fn exp_shifted_lanes(logits: &[f32], max: f32, out: &mut [f32]) {
     let n = out.len().min(logits.len());
-    let (out, logits) = (&mut out[..n], &logits[..n]);
-    let mut outs = out.chunks_exact_mut(LANES);
-    for (o, l) in (&mut outs).zip(logits.chunks_exact(LANES).map(lanes)) {
-        let o: &mut [f32; LANES] = o.try_into().expect("chunks of LANES");
+    let whole = n / LANES * LANES;
+    let (out, tail_out) = out[..n].split_at_mut(whole);
+    let (logits, tail) = logits[..n].split_at(whole);
+    // Indexed, not zipped: a zip of the two chunk iterators stays a call per chunk too.
+    for at in (0..whole).step_by(LANES) {
+        let l = lanes(&logits[at..at + LANES]);
+        let o: &mut [f32; LANES] = (&mut out[at..at + LANES]).try_into().expect("LANES");
         for i in 0..LANES {
             o[i] = exp_nonpositive(l[i] - max);
         }
     }
-    for (o, &l) in outs
-        .into_remainder()
-        .iter_mut()
-        .zip(&logits[n / LANES * LANES..])
-    {
+    for (o, &l) in tail_out.iter_mut().zip(tail) {
         *o = exp_nonpositive(l - max);
     }
 }
@@ -197,20 +196,18 @@ pub(super) fn mass_where(keys: &[f32], weights: &[f32], inside: impl Fn(f32) -> 
     lane_sum(keys, weights, |k, w| if inside(k) { w } else { 0.0 })
 }
 
-/// Σ `term(a[i], b[i])`: f32 sums in independent lanes (zips, so no bounds checks), which the
-/// compiler turns into vector code, folded in f64 at the end.
+/// Σ `term(a[i], b[i])`: f32 sums in independent lanes, which the compiler turns into vector
+/// code, folded in f64 at the end.
 pub(super) fn lane_sum(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f64 {
     let mut acc = [0.0f32; LANES];
-    for (ca, cb) in a
-        .chunks_exact(LANES)
-        .map(lanes)
-        .zip(b.chunks_exact(LANES).map(lanes))
-    {
+    let tail = a.len().min(b.len()) / LANES * LANES;
+    // Indexed, not zipped (see `exp_shifted_lanes`).
+    for at in (0..tail).step_by(LANES) {
+        let (ca, cb) = (lanes(&a[at..at + LANES]), lanes(&b[at..at + LANES]));
         for i in 0..LANES {
             acc[i] += term(ca[i], cb[i]);
         }
     }
-    let tail = a.len().min(b.len()) / LANES * LANES;
     let rest: f64 = a[tail..]
         .iter()
         .zip(&b[tail..])
