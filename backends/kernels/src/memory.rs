@@ -18,8 +18,9 @@ pub struct KvBuffer<T: KvElement> {
     /// The mapping that holds the elements (start, bytes); none when `len` is 0.
     #[cfg(target_os = "linux")]
     map: Option<(*mut libc::c_void, usize)>,
+    /// The allocation `ptr` points into, owned for its lifetime.
     #[cfg(not(target_os = "linux"))]
-    vec: Vec<T>,
+    _vec: Vec<T>,
 }
 
 // SAFETY: the buffer owns its elements as a `Vec<T>` would.
@@ -94,7 +95,7 @@ impl<T: KvElement> KvBuffer<T> {
         Self {
             ptr: std::ptr::NonNull::new(vec.as_mut_ptr()).expect("a Vec's pointer is not null"),
             len,
-            vec,
+            _vec: vec,
         }
     }
 }
